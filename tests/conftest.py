@@ -1,0 +1,40 @@
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+os.environ.setdefault("PYTHONPATH", str(ROOT))
+# petastorm on pyarrow 14 uses the legacy ParquetDataset API; silence exactly those FutureWarnings.
+warnings.filterwarnings("ignore", category=FutureWarning, module="petastorm")
+warnings.filterwarnings("ignore", category=FutureWarning, module="pyarrow")
+
+
+@pytest.fixture(scope="session")
+def spark(tmp_path_factory):
+    """One real local[2] Spark session for the whole test run (UI off, temp dirs under pytest's tmp)."""
+    from pyspark.sql import SparkSession
+    local = tmp_path_factory.mktemp("spark-local")
+    s = (SparkSession.builder.master("local[2]").appName("esmm-tests")
+         .config("spark.ui.enabled", "false")
+         .config("spark.ui.showConsoleProgress", "false")
+         .config("spark.sql.shuffle.partitions", "4")
+         .config("spark.default.parallelism", "4")
+         .config("spark.local.dir", str(local))
+         .config("spark.sql.warehouse.dir", str(local / "wh"))
+         .config("spark.driver.memory", "2g")
+         .config("spark.sql.execution.arrow.pyspark.enabled", "true")
+         .getOrCreate())
+    s.sparkContext.setLogLevel("ERROR")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="session")
+def cfg():
+    from esmm.config import load_config
+    return load_config(ROOT / "conf" / "test.yaml")
