@@ -189,7 +189,7 @@ class ExperimentConfig:
     repeats: int = 10                            # paper: 10
     aman_rates: tuple = (0.1, 0.2, 0.5, 1.0)     # paper's search grid
     oversampling_ks: tuple = (2, 3, 5, 10)       # paper's search grid
-    figure_rates: tuple = (0.01, 0.1, 0.2, 0.5, 1.0)
+    figure_rates: tuple = ()                     # empty = every etl.sampling_rates entry
 
     def validate(self, key: str) -> None:
         bad = [m for m in self.methods if m not in METHODS]

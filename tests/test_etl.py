@@ -1,0 +1,163 @@
+"""ETL on hand-written raw lines: parsing, encoding, quarantine, accounting, manifest, atomic/idempotent output."""
+import json
+
+import numpy as np
+import pytest
+from pyspark.sql import functions as F
+
+import schemas as S
+from esmm.config import load_config
+from esmm.etl import EtlError, run_etl, sample_tier, sample_tier_py
+from esmm.features import FeatureLayout, encode_line_features
+
+E, I, V = S.ENTRY_SEP, S.ID_SEP, S.VALUE_SEP
+KA, KB, KC, KD, KX = "a" * 16, "b" * 16, "c" * 16, "d" * 16, "e" * 16
+
+
+def fl(entries):
+    return E.join(f"{f}{I}{i}{V}{v}" for f, i, v in entries)
+
+
+def common(key, entries, num=None):
+    return f"{key},{len(entries) if num is None else num},{fl(entries)}"
+
+
+def skel(sid, click, conv, key, entries, num=None):
+    return f"{sid},{click},{conv},{key},{len(entries) if num is None else num},{fl(entries)}"
+
+
+A_ENT = [("101", 11, "1.0"), ("109_14", 5, "3.0"), ("109_14", 6, "1.0"), ("109_14", 7, "2.0"), ("124", 2, "1.0")]
+S1 = [("205", 1001, "1.0"), ("210", 77, "1.0"), ("210", 78, "1.0"), ("301", 2, "1.0"), ("508", 900, "3.0")]
+
+
+def write_raw(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    commons = [common(KA, A_ENT), common(KB, [("101", 12, "1.0")]), common(KC, [("101", 13, "1.0")]),
+               common(KC, [("101", 14, "1.0")]), common(KD, [("101", 15, "1.0")], num=3)]
+    skels = [
+        skel(1, 1, 1, KA, S1),                                   # good, multi-valued 210
+        skel(2, 0, 0, KB, [("205", 1002, "1.0")]),               # good
+        "3,0,0," + KA + ",1",                                    # 5 columns
+        skel(4, 0, 0, KA, [("205", 1003, "1.0")], num=2),        # feature_num mismatch
+        skel(5, 0, 0, KA, [("205", "x1", "1.0")]),               # unparsable feature id
+        skel(6, 0, 0, KX, [("205", 1004, "1.0")]),               # unknown common key
+        skel(7, 0, 1, KA, [("205", 1005, "1.0")]),               # conversion without click
+        skel(8, 1, 0, KC, [("205", 1006, "1.0")]),               # duplicated common key
+        skel(9, 1, 0, KD, [("205", 1007, "1.0")]),               # its common line is malformed
+        "",                                                      # empty line
+        skel(11, 2, 0, KB, [("205", 1008, "1.0")]),              # click not 0/1
+        f"12,0,0,{KB},1,205{I}1009",                             # entry without value separator
+    ]
+    (raw / "common_features_train.csv").write_text("\n".join(commons) + "\n")
+    (raw / "sample_skeleton_train.csv").write_text("\n".join(skels) + "\n")
+    (raw / "common_features_test.csv").write_text(common(KA, A_ENT) + "\n")
+    (raw / "sample_skeleton_test.csv").write_text(skel(100, 1, 0, KA, [("205", 1001, "1.0")]) + "\n")
+    return raw
+
+
+@pytest.fixture(scope="module")
+def etl_out(spark, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("etl")
+    raw = write_raw(tmp)
+    cfg = load_config(None, ["etl.max_quarantine_share=1.0", "etl.sampling_rates=[0.5, 1.0]"])
+    out = tmp / "dataset"
+    manifest = run_etl(spark, cfg, str(raw), str(out))
+    return cfg, raw, out, manifest
+
+
+def test_rows_and_accounting(spark, etl_out):
+    cfg, raw, out, m = etl_out
+    r = m["rows"]
+    assert r["skeleton_read"] == 12 + 1
+    assert r["written"] == 3
+    assert r["skeleton_quarantined"] == 10
+    assert r["common_read"] == 6 and r["common_quarantined"] == 3  # both copies of KC, and KD
+    train = spark.read.parquet(str(out / "train")).orderBy(S.SAMPLE_ID).collect()
+    assert [row[S.SAMPLE_ID] for row in train] == [1, 2]
+    assert [(row[S.CLICK], row[S.CONVERSION]) for row in train] == [(1, 1), (0, 0)]
+    assert m["splits"]["train"]["rows"] == 2 and m["splits"]["test"]["rows"] == 1
+    assert m["splits"]["train"]["clicks"] == 1 and m["splits"]["train"]["conversions"] == 1
+
+
+def test_quarantine_reasons_name_the_problem(spark, etl_out):
+    _, _, out, _ = etl_out
+    q = spark.read.parquet(str(out / S.QUARANTINE)).collect()
+    by_line = {row[S.Q_LINE].split(",")[0] if row[S.Q_KIND] == "skeleton" else row[S.Q_LINE][:16] + row[S.Q_KIND]:
+               row[S.Q_REASON] for row in q}
+    assert "expected 6 comma-separated columns, got 5" in by_line["3"]
+    assert "feature_num=2 but feature_list has 1 entries" in by_line["4"]
+    assert "feature_list entry 1" in by_line["5"] and "x1" in by_line["5"]
+    assert KX in by_line["6"] and "no valid common features line" in by_line["6"]
+    assert by_line["7"] == "conversion=1 with click=0"
+    assert KC in by_line["8"] and KD in by_line["9"]
+    assert "got 1" in by_line[""]
+    assert "click: expected 0 or 1" in by_line["11"]
+    assert "feature_list entry 1: expected" in by_line["12"] and "205^B1009" in by_line["12"]
+    assert "appears on 2 lines" in by_line[KC + "common"]
+    assert "feature_num=3 but feature_list has 1 entries" in by_line[KD + "common"]
+    assert all(row[S.Q_FILE].endswith(".csv") for row in q)
+
+
+def test_encoding_matches_python_reference(spark, etl_out):
+    cfg, _, out, m = etl_out
+    layout = FeatureLayout.from_config(cfg.features)
+    row = spark.read.parquet(str(out / "train")).where(F.col(S.SAMPLE_ID) == 1).first()
+    entries = [(f, int(i), float(v)) for f, i, v in A_ENT + S1]
+    ids, wts = encode_line_features(layout, entries)
+    assert list(row[S.FEAT_IDS]) == ids
+    assert list(row[S.FEAT_WTS]) == pytest.approx(wts, abs=1e-6)
+    assert len(ids) == layout.num_slots == m["layout"]["num_slots"]
+    # hand-check the history field: top values 3.0, 2.0, 1.0 -> weights 1/2, 1/3, 1/6
+    k = layout.field_index("109_14")
+    s = layout.slot_starts[k]
+    assert list(row[S.FEAT_WTS])[s:s + 3] == pytest.approx([0.5, 1 / 3, 1 / 6], abs=1e-6)
+    # multi-valued 210 keeps both values, equal weights
+    j = layout.field_index("210")
+    s = layout.slot_starts[j]
+    assert list(row[S.FEAT_WTS])[s:s + 3] == pytest.approx([0.5, 0.5, 0.0])
+
+
+def test_manifest_idempotent_rerun_and_overwrite(spark, etl_out, tmp_path):
+    cfg, raw, out, m = etl_out
+    on_disk = json.loads((out / S.MANIFEST).read_text())
+    assert on_disk["rows"] == m["rows"]
+    assert on_disk["config"]["etl"]["sampling_rates"] == [0.5, 1.0]
+    files = sorted(p.name for p in (out / "train").rglob("*.parquet"))
+    again = run_etl(spark, cfg, str(raw), str(out))          # same inputs + config: kept as is
+    assert again["rows"] == m["rows"]
+    assert sorted(p.name for p in (out / "train").rglob("*.parquet")) == files
+    other = load_config(None, ["etl.max_quarantine_share=1.0"])
+    with pytest.raises(EtlError, match="--overwrite"):
+        run_etl(spark, other, str(raw), str(out))
+    assert not list(out.parent.glob("dataset.tmp-*"))
+
+
+def test_quarantine_threshold_fails_without_committing(spark, etl_out, tmp_path):
+    cfg, raw, _, _ = etl_out
+    strict = load_config(None, ["etl.max_quarantine_share=0.5"])
+    out = tmp_path / "strict"
+    with pytest.raises(EtlError, match=r"76\.92% of skeleton lines were quarantined"):
+        run_etl(spark, strict, str(raw), str(out))
+    assert not out.exists()
+
+
+def test_missing_common_file_is_a_clear_error(spark, tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "sample_skeleton_train.csv").write_text(skel(1, 0, 0, KA, [("205", 1, "1.0")]) + "\n")
+    with pytest.raises(EtlError, match="common_features_train.csv"):
+        run_etl(spark, load_config(None), str(raw), str(tmp_path / "out"))
+
+
+def test_sampling_tiers_are_nested_and_near_rate(spark):
+    rates = (0.01, 0.1, 0.2, 0.5, 1.0)
+    n = 200_000
+    tiers = (spark.range(n).select(F.col("id").alias("sid"), sample_tier(F.col("id"), rates).alias("t"))
+             .groupBy("t").count().collect())
+    counts = {r.t: r["count"] for r in tiers}
+    cum = np.cumsum([counts.get(t, 0) for t in range(len(rates))]) / n
+    for got, want in zip(cum, rates):
+        assert abs(got - want) < 4 * np.sqrt(want * (1 - want) / n) + 1e-9
+    some = spark.range(50).select(F.col("id"), sample_tier(F.col("id"), rates).alias("t")).collect()
+    assert [sample_tier_py(r.id, rates) for r in some] == [r.t for r in some]
