@@ -1,0 +1,147 @@
+"""ESMM and its competitors' networks as plain ``nn.Module``s (no I/O, no loss, no distributed code).
+
+Every network is the paper's BASE structure: field embeddings (sum-pooled per field with the slot weights,
+concatenated) -> MLP tower -> one logit. A 2-way softmax output is the same as one sigmoid logit.
+Forward passes take ``(ids, wts)`` and return logits only; losses live in ``esmm.losses``.
+
+Shape legend: B = batch, L = slots per impression, F = fields, D = embedding dim.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from esmm.features import FeatureLayout
+
+EMBEDDING_INIT_STD = 0.01
+
+# Architectures a method can ask for (``Method.model_kind`` in esmm.methods).
+SINGLE = "single"      # embedding + one tower -> one logit
+ESMM_SHARED = "esmm"   # two towers over one shared embedding table
+ESMM_NS = "esmm_ns"    # two towers, each with its own embedding table
+MODEL_KINDS = (SINGLE, ESMM_SHARED, ESMM_NS)
+
+
+class FieldEmbedding(nn.Module):
+    """Weighted sum-pooling of each field's slots in one global embedding table.
+
+    Every field owns a fixed slot range, so the bag boundaries are the same for every impression: bag ``b*F + f``
+    starts at flat slot ``b*L + slot_starts[f]``. forward(ids (B, L) int64, wts (B, L)) -> (B, F*D).
+    The table is ``sparse=True``: its gradient is a sparse tensor over the touched rows (for SparseAdam).
+    """
+
+    def __init__(self, layout: FeatureLayout, dim: int):
+        super().__init__()
+        self.num_fields = layout.num_fields
+        self.num_slots = layout.num_slots
+        self.dim = dim
+        self.bag = nn.EmbeddingBag(layout.num_embeddings, dim, mode="sum", sparse=True)
+        nn.init.normal_(self.bag.weight, std=EMBEDDING_INIT_STD)
+        # Derived from the layout, so not part of the state dict.
+        self.register_buffer("slot_starts", torch.tensor(layout.slot_starts, dtype=torch.long), persistent=False)
+
+    @property
+    def out_dim(self) -> int:
+        return self.num_fields * self.dim
+
+    def forward(self, ids: torch.Tensor, wts: torch.Tensor) -> torch.Tensor:
+        b = ids.shape[0]
+        row_starts = torch.arange(b, device=ids.device, dtype=torch.long) * self.num_slots
+        offsets = (row_starts[:, None] + self.slot_starts[None, :]).reshape(-1)        # (B*F,)
+        pooled = self.bag(ids.reshape(-1), offsets, per_sample_weights=wts.reshape(-1).to(self.bag.weight.dtype))
+        return pooled.view(b, self.out_dim)                                              # (B*F, D) -> (B, F*D)
+
+
+class Tower(nn.Module):
+    """MLP: (Linear + ReLU) per hidden width, then Linear -> 1. forward((B, in_dim)) -> (B,) logits."""
+
+    def __init__(self, in_dim: int, hidden: tuple = (200, 80)):
+        super().__init__()
+        layers: list[nn.Module] = []
+        for width in hidden:
+            layers += [nn.Linear(in_dim, width), nn.ReLU()]
+            in_dim = width
+        layers.append(nn.Linear(in_dim, 1))
+        self.mlp = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x).squeeze(-1)
+
+
+class Logits(NamedTuple):
+    """ESMM outputs: ``ctr`` and ``cvr`` logits, each (B,)."""
+    ctr: torch.Tensor
+    cvr: torch.Tensor
+
+
+def probs(logits: Logits) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(p_ctr, p_cvr, p_ctcvr), each (B,); p_ctcvr = p_ctr * p_cvr (paper Eq. 1), so it stays in [0, 1]."""
+    p_ctr = torch.sigmoid(logits.ctr)
+    p_cvr = torch.sigmoid(logits.cvr)
+    return p_ctr, p_cvr, p_ctr * p_cvr
+
+
+class ESMM(nn.Module):
+    """Entire Space Multi-task Model: ``ctr_tower`` and ``cvr_tower`` over field embeddings.
+
+    shared=True (ESMM): one embedding table feeds both towers, so the CVR tower's features also learn from the
+    far more numerous click labels. shared=False (ESMM-NS): ``cvr_embedding`` is a second, separate table.
+    forward(ids (B, L), wts (B, L)) -> Logits(ctr (B,), cvr (B,)).
+    """
+
+    def __init__(self, layout: FeatureLayout, model_cfg, shared: bool = True):
+        super().__init__()
+        self.shared = shared
+        self.embedding = FieldEmbedding(layout, model_cfg.embedding_dim)
+        self.cvr_embedding = None if shared else FieldEmbedding(layout, model_cfg.embedding_dim)
+        self.ctr_tower = Tower(self.embedding.out_dim, tuple(model_cfg.hidden))
+        self.cvr_tower = Tower(self.embedding.out_dim, tuple(model_cfg.hidden))
+
+    def forward(self, ids: torch.Tensor, wts: torch.Tensor) -> Logits:
+        x_ctr = self.embedding(ids, wts)                                                 # (B, F*D)
+        x_cvr = x_ctr if self.cvr_embedding is None else self.cvr_embedding(ids, wts)
+        return Logits(ctr=self.ctr_tower(x_ctr), cvr=self.cvr_tower(x_cvr))
+
+
+class SingleTask(nn.Module):
+    """The BASE structure: field embeddings -> one tower -> one logit.
+
+    Used as the CVR model of BASE/AMAN/OVERSAMPLING/UNBIAS, the reference CTR network and DIVISION's CTCVR network.
+    forward(ids (B, L), wts (B, L)) -> (B,) logits.
+    """
+
+    def __init__(self, layout: FeatureLayout, model_cfg):
+        super().__init__()
+        self.embedding = FieldEmbedding(layout, model_cfg.embedding_dim)
+        self.tower = Tower(self.embedding.out_dim, tuple(model_cfg.hidden))
+
+    def forward(self, ids: torch.Tensor, wts: torch.Tensor) -> torch.Tensor:
+        return self.tower(self.embedding(ids, wts))
+
+
+def build_model(method: str, layout: FeatureLayout, model_cfg) -> nn.Module:
+    """The network a method trains (``esmm.methods.METHODS[method].model_kind`` picks the architecture)."""
+    from esmm.methods import get_method  # esmm.methods imports this module; resolve the registry at call time
+    kind = get_method(method).model_kind
+    if kind == SINGLE:
+        return SingleTask(layout, model_cfg)
+    if kind in (ESMM_SHARED, ESMM_NS):
+        return ESMM(layout, model_cfg, shared=kind == ESMM_SHARED)
+    raise ValueError(f"unknown model kind {kind!r}; expected one of {MODEL_KINDS}")
+
+
+def _is_sparse(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.sparse
+
+
+def sparse_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Weights of the sparse-gradient embedding tables (for ``torch.optim.SparseAdam``)."""
+    return [p for m in model.modules() if _is_sparse(m) for p in m.parameters(recurse=False)]
+
+
+def dense_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Every other parameter (towers; for ``torch.optim.Adam``)."""
+    sparse = {id(p) for p in sparse_parameters(model)}
+    return [p for p in model.parameters() if id(p) not in sparse]
