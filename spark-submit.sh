@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Run any job under jobs/ with the project's venv:
+#   ./spark-submit.sh jobs/etl.py --conf conf/demo.yaml [--set key=value ...]
+# Master: --master URL (first argument) or SPARK_MASTER; default local[*]. For a cluster master (yarn, k8s://,
+# spark://) the code (esmm/ + schemas/ as a zip), the configs (--files) and a packed venv (--archives, venv-pack)
+# are shipped with the job, and the executors' Python is the packed venv's.
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")" && pwd)"
+MASTER="${SPARK_MASTER:-local[*]}"
+if [ "${1:-}" = "--master" ]; then MASTER="$2"; shift 2; fi
+JOB="${1:?usage: ./spark-submit.sh [--master URL] jobs/<job>.py [job args]}"; shift
+[ -f "$JOB" ] || { echo "spark-submit.sh: no such job: $JOB" >&2; exit 2; }
+
+bash "$ROOT/scripts/install.sh"
+VENV="$ROOT/.venv"
+SUBMIT="$VENV/bin/spark-submit"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+EXTRA=(--conf spark.ui.showConsoleProgress=false --driver-memory "${SPARK_DRIVER_MEMORY:-2g}")
+
+case "$MASTER" in
+  local*)
+    export PYSPARK_PYTHON="$VENV/bin/python" PYSPARK_DRIVER_PYTHON="$VENV/bin/python"
+    exec "$SUBMIT" --master "$MASTER" "${EXTRA[@]}" "$JOB" "$@" ;;
+  *)
+    BUILD="$ROOT/dist"; mkdir -p "$BUILD"
+    (cd "$ROOT" && rm -f "$BUILD/esmm.zip" && "$VENV/bin/python" -m zipfile -c "$BUILD/esmm.zip" esmm schemas jobs)
+    if [ ! -f "$BUILD/venv.tar.gz" ] || [ "$VENV/bin/python" -nt "$BUILD/venv.tar.gz" ]; then
+      "$VENV/bin/venv-pack" -p "$VENV" -o "$BUILD/venv.tar.gz" --force -q
+    fi
+    CONFS=$(ls "$ROOT"/conf/*.yaml | paste -sd, -)
+    export PYSPARK_DRIVER_PYTHON="$VENV/bin/python"
+    exec "$SUBMIT" --master "$MASTER" "${EXTRA[@]}" \
+      --py-files "$BUILD/esmm.zip" --files "$CONFS" --archives "$BUILD/venv.tar.gz#environment" \
+      --conf spark.pyspark.python=./environment/bin/python \
+      --conf spark.executorEnv.PYSPARK_PYTHON=./environment/bin/python \
+      --conf spark.yarn.appMasterEnv.PYSPARK_PYTHON=./environment/bin/python \
+      "$JOB" "$@" ;;
+esac
