@@ -165,7 +165,7 @@ class TrainConfig:
     workers: int = 1                 # Horovod processes (spark launcher)
     threads: int = 1                 # torch threads per worker
     shuffle_buffer: int = 20_000     # rows
-    reader_workers: int = 2          # petastorm reader threads
+    reader_workers: int = 1          # petastorm reader threads (1 = deterministic row-group order)
     checkpoint_every: int = 500      # steps
     log_every: int = 50              # steps
     seed: int = 7

@@ -1,0 +1,130 @@
+"""Parquet -> training batches: a Petastorm reader per Horovod rank, a seeded shuffle buffer, typed ``Batch``es.
+
+Sharding and epochs (what one "epoch" means across ranks):
+- rank r of W reads the row groups ``r, r+W, r+2W, ...`` of the chosen subset (``cur_shard``/``shard_count``; the
+  subset at sampling rate ``rates[t]`` is the partition filter ``sample_tier <= t``), in an order shuffled with a
+  seed, cycling forever (``num_epochs=None``, reshuffled every pass);
+- every rank runs the same ``steps_per_epoch = ceil(rows / (batch_size * W))`` steps (rows from the ETL manifest),
+  so uneven shards never leave one rank waiting in an allreduce;
+- one epoch therefore processes ``steps * batch_size * W >= rows`` samples; with balanced shards each row is seen
+  once per epoch, plus a few wrapped-around rows to fill the last step. A rank whose shard is larger than its share
+  carries the rest into the next epoch (nothing is skipped: the stream continues).
+The stream is deterministic for a given seed, rank and world size when ``reader_workers == 1`` (Petastorm's thread
+pool returns row groups in completion order when it has more than one worker), which is also what makes resuming
+exact: a restarted run replays the stream and skips the batches it had already trained on.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import warnings
+from typing import Iterator
+
+import numpy as np
+
+import schemas as S
+from esmm.batch import Batch
+
+log = logging.getLogger(__name__)
+READ_COLUMNS = [S.SAMPLE_ID, S.CLICK, S.CONVERSION, S.FEAT_IDS, S.FEAT_WTS]
+
+
+class DataError(RuntimeError):
+    """The dataset cannot be read as asked (missing split, empty shard, unknown rate)."""
+
+
+def dataset_url(path: str) -> str:
+    return path if "://" in path else "file://" + os.path.abspath(path)
+
+
+def tier_for_rate(manifest: dict, rate: float) -> int:
+    rates = manifest["sampling_rates"]
+    if rate not in rates:
+        raise DataError(f"sampling rate {rate} is not one of the dataset's rates {rates}")
+    return rates.index(rate)
+
+
+def subset_rows(manifest: dict, split: str, rate: float) -> int:
+    return int(manifest["splits"][split]["subsets"][str(rate)]["rows"])
+
+
+def steps_per_epoch(rows: int, batch_size: int, world: int) -> int:
+    return max(1, math.ceil(rows / (batch_size * world)))
+
+
+def _chunks(path: str, tier: int | None, rank: int, world: int, seed: int, workers: int,
+            num_epochs: int | None) -> Iterator[dict]:
+    """Row-group-sized numpy chunks of this rank's shard, as dicts of column arrays."""
+    from petastorm import make_batch_reader
+    from petastorm.errors import NoDataAvailableError
+    filters = [(S.SAMPLE_TIER, "<=", tier)] if tier is not None else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        try:
+            reader = make_batch_reader(dataset_url(path), schema_fields=READ_COLUMNS, filters=filters,
+                                       cur_shard=rank if world > 1 else None, shard_count=world if world > 1 else None,
+                                       shuffle_row_groups=True, seed=seed, num_epochs=num_epochs,
+                                       workers_count=workers, reader_pool_type="thread")
+        except NoDataAvailableError as e:
+            raise DataError(f"rank {rank}/{world} has no row groups of {path} (tier <= {tier}): the subset has fewer "
+                            f"row groups than workers; lower etl.row_group_mb or use fewer workers ({e})") from e
+    with reader:
+        for chunk in reader:
+            yield {c: getattr(chunk, c) for c in READ_COLUMNS}
+
+
+def _to_batch(cols: dict, idx: np.ndarray | slice) -> Batch:
+    return Batch.from_numpy(np.ascontiguousarray(cols[S.FEAT_IDS][idx], dtype=np.int64),
+                            np.ascontiguousarray(cols[S.FEAT_WTS][idx], dtype=np.float32),
+                            cols[S.CLICK][idx].astype(np.float32), cols[S.CONVERSION][idx].astype(np.float32),
+                            sample_id=np.ascontiguousarray(cols[S.SAMPLE_ID][idx]))
+
+
+def shuffled_batches(chunks: Iterator[dict], batch_size: int, buffer_rows: int, seed: int) -> Iterator[Batch]:
+    """Re-batch chunks to ``batch_size`` through a shuffle buffer (vectorized; no per-row Python).
+
+    Rows accumulate in a pool; once it holds ``buffer_rows + batch_size`` rows, it is permuted and every full batch
+    beyond ``buffer_rows`` rows is emitted, the rest stays to mix with the next chunks. ``buffer_rows=0`` keeps the
+    reader's order. At the end the pool drains in full batches, then one short batch.
+    """
+    rng = np.random.default_rng(seed)
+    pool: dict | None = None
+    for chunk in chunks:
+        pool = chunk if pool is None else {k: np.concatenate([pool[k], chunk[k]]) for k in chunk}
+        n = len(pool[S.SAMPLE_ID])
+        if n < buffer_rows + batch_size:
+            continue
+        order = rng.permutation(n) if buffer_rows > 0 else np.arange(n)
+        k = (n - buffer_rows) // batch_size
+        for b in range(k):
+            yield _to_batch(pool, order[b * batch_size:(b + 1) * batch_size])
+        rest = order[k * batch_size:]
+        pool = {c: v[rest] for c, v in pool.items()}
+    if pool is not None and len(pool[S.SAMPLE_ID]):
+        n = len(pool[S.SAMPLE_ID])
+        order = rng.permutation(n) if buffer_rows > 0 else np.arange(n)
+        for b in range(0, n, batch_size):
+            yield _to_batch(pool, order[b:b + batch_size])
+
+
+def train_stream(path: str, manifest: dict, rate: float, rank: int, world: int, batch_size: int,
+                 buffer_rows: int, seed: int, reader_workers: int = 1) -> Iterator[Batch]:
+    """Endless stream of this rank's training batches (see module docs for the epoch contract)."""
+    tier = tier_for_rate(manifest, rate)
+    chunks = _chunks(path, tier, rank, world, seed=seed * 1000 + rank, workers=reader_workers, num_epochs=None)
+    return shuffled_batches(chunks, batch_size, buffer_rows, seed=seed * 1000 + rank)
+
+
+def scan(path: str, batch_size: int, tier: int | None = None, rank: int = 0, world: int = 1) -> Iterator[Batch]:
+    """One ordered pass over a split (no shuffling), for scoring and tests."""
+    from petastorm import make_batch_reader
+    filters = [(S.SAMPLE_TIER, "<=", tier)] if tier is not None else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        reader = make_batch_reader(dataset_url(path), schema_fields=READ_COLUMNS, filters=filters,
+                                   cur_shard=rank if world > 1 else None, shard_count=world if world > 1 else None,
+                                   shuffle_row_groups=False, num_epochs=1, workers_count=1)
+    with reader:
+        chunks = ({c: getattr(ch, c) for c in READ_COLUMNS} for ch in reader)
+        yield from shuffled_batches(chunks, batch_size, 0, 0)

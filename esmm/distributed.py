@@ -1,0 +1,72 @@
+"""Horovod at the edge: rank/size read once, optimizer wrapping, broadcasts. Model code never imports Horovod.
+
+One process (plain ``python -m jobs.train``) runs with Horovod initialized at size 1, so there is one code path.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init(threads: int = 1) -> Dist:
+    """Initialize Horovod (Gloo on CPU, NCCL when built with it and a GPU is present); pin the device and threads."""
+    import horovod.torch as hvd
+    hvd.init()
+    torch.set_num_threads(threads)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(hvd.local_rank())
+        device = torch.device("cuda", hvd.local_rank())
+    else:
+        device = torch.device("cpu")
+    return Dist(hvd.rank(), hvd.size(), hvd.local_rank(), device)
+
+
+def distributed_optimizer(opt: torch.optim.Optimizer, named: list, prefix: str) -> torch.optim.Optimizer:
+    """Wrap ``opt`` so gradients are averaged across ranks; tensor names are prefixed to stay unique across
+    optimizers (Horovod refuses two tensors with one name). Sparse gradients go through Horovod's allgather path."""
+    import horovod.torch as hvd
+    if hvd.size() == 1:
+        return opt
+    return hvd.DistributedOptimizer(opt, named_parameters=[(f"{prefix}.{n}", p) for n, p in named])
+
+
+def broadcast_parameters(model: torch.nn.Module) -> None:
+    import horovod.torch as hvd
+    if hvd.size() > 1:
+        hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+
+
+def broadcast_object(obj, name: str):
+    """Rank 0's ``obj`` on every rank (used for the resume checkpoint, so only rank 0 needs the file)."""
+    import horovod.torch as hvd
+    if hvd.size() == 1:
+        return obj
+    return hvd.broadcast_object(obj, root_rank=0, name=name)
+
+
+def allreduce_sum(values: list[float], name: str) -> list[float]:
+    import horovod.torch as hvd
+    if hvd.size() == 1:
+        return values
+    return hvd.allreduce(torch.tensor(values, dtype=torch.float64), op=hvd.Sum, name=name).tolist()
+
+
+def under_horovodrun() -> bool:
+    return "HOROVOD_RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ

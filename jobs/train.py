@@ -1,0 +1,37 @@
+"""Train one method (or several) with Horovod workers.
+
+    ./spark-submit.sh jobs/train.py --conf conf/demo.yaml --set train.method=esmm --set train.workers=2
+    horovodrun -np 2 python -m jobs.train --conf conf/demo.yaml --set train.method=esmm
+    python -m jobs.train --conf conf/demo.yaml --set train.method=esmm            # one process
+
+Output: <paths.runs>/<method>/ (checkpoint.pt, model.pt, train_summary.json), or --out DIR.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from esmm import cli  # noqa: E402
+
+
+def main(argv=None) -> list:
+    p = cli.parser(__doc__)
+    p.add_argument("--dataset", default=None, help="ETL output (default: paths.dataset)")
+    p.add_argument("--out", default=None, help="run directory (default: <paths.runs>/<method>)")
+    args, cfg = cli.parse(p, argv)
+    from esmm import distributed
+    from esmm.train import launch
+    dataset = args.dataset or cfg.paths.dataset
+    out = args.out or os.path.join(cfg.paths.runs, cfg.train.method)
+    spark = None
+    if cfg.train.workers > 1 and not distributed.under_horovodrun():
+        from esmm.spark import get_spark
+        spark = get_spark(cfg.spark, "esmm-train")
+    summaries = launch([(cfg, dataset, out)], cfg.train.workers, spark)
+    for s in summaries:
+        print(f"{s['method']}: {s['steps']} steps, {s['samples_per_s']:,.0f} samples/s, last loss {s['last'].get('loss', float('nan')):.4f}")
+    return summaries
+
+
+if __name__ == "__main__":
+    main()
