@@ -3,7 +3,7 @@
 Sharding and epochs (what one "epoch" means across ranks):
 - rank r of W reads the row groups ``r, r+W, r+2W, ...`` of the chosen subset (``cur_shard``/``shard_count``; the
   subset at sampling rate ``rates[t]`` is the partition filter ``sample_tier <= t``), in an order shuffled with a
-  seed, cycling forever (``num_epochs=None``, reshuffled every pass);
+  seed, cycling forever (pass p reads all of them in an order seeded by (seed, rank, p));
 - every rank runs the same ``steps_per_epoch = ceil(rows / (batch_size * W))`` steps (rows from the ETL manifest),
   so uneven shards never leave one rank waiting in an allreduce;
 - one epoch therefore processes ``steps * batch_size * W >= rows`` samples; with balanced shards each row is seen
@@ -108,11 +108,22 @@ def shuffled_batches(chunks: Iterator[dict], batch_size: int, buffer_rows: int, 
             yield _to_batch(pool, order[b:b + batch_size])
 
 
+def _passes(path: str, tier: int, rank: int, world: int, seed: int, workers: int) -> Iterator[dict]:
+    """Endless chunks: one full pass over the shard after another, each pass with its own seeded order.
+    (Petastorm's own ``num_epochs=None`` reshuffles with an unseeded RNG after the first pass.)"""
+    p = 0
+    while True:
+        yield from _chunks(path, tier, rank, world, seed=(seed * 1000 + rank) * 1000 + p, workers=workers,
+                           num_epochs=1)
+        p += 1
+
+
 def train_stream(path: str, manifest: dict, rate: float, rank: int, world: int, batch_size: int,
                  buffer_rows: int, seed: int, reader_workers: int = 1) -> Iterator[Batch]:
-    """Endless stream of this rank's training batches (see module docs for the epoch contract)."""
+    """Endless stream of this rank's training batches (see module docs for the epoch contract).
+    Close it (``.close()``) when done so the reader thread stops."""
     tier = tier_for_rate(manifest, rate)
-    chunks = _chunks(path, tier, rank, world, seed=seed * 1000 + rank, workers=reader_workers, num_epochs=None)
+    chunks = _passes(path, tier, rank, world, seed, reader_workers)
     return shuffled_batches(chunks, batch_size, buffer_rows, seed=seed * 1000 + rank)
 
 

@@ -147,11 +147,23 @@ def load_ctr_net(cfg: Config, device) -> torch.nn.Module:
     return model
 
 
+def world_size() -> int:
+    import horovod.torch as hvd
+    return hvd.size()
+
+
 def train_step(state: TrainState, method, raw, cfg: Config, gen: torch.Generator, ctr_net) -> dict:
     ctr_probs = predict("ctr", ctr_net, raw)[P_CTR] if ctr_net is not None else None
     batch = method.prepare(raw, cfg.train, gen, ctr_probs)
     out = state.model(batch.ids, batch.wts)
     loss, parts = loss_for(method, out, batch)
+    if world_size() > 1:
+        # Horovod averages per-rank gradients; when ranks select different numbers of rows (BASE keeps clicks only)
+        # the average of per-rank means is not the mean over the global batch. Rescale each rank's mean by its
+        # share of the global weight so the update equals the 1-process update on the same global batch.
+        local = float(batch.weight.sum())
+        total = D.allreduce_sum([local], "selected_weight")[0]
+        loss = loss * (local * world_size() / total if total > 0 else 0.0)
     state.opt_sparse.zero_grad()
     state.opt_dense.zero_grad()
     loss.backward()
@@ -161,9 +173,11 @@ def train_step(state: TrainState, method, raw, cfg: Config, gen: torch.Generator
     return parts
 
 
-def train(cfg: Config, dataset: str, out_dir: str, dist: D.Dist | None = None) -> dict:
+def train(cfg: Config, dataset: str, out_dir: str, dist: D.Dist | None = None, stop_at_step: int | None = None) -> dict:
     """Train ``cfg.train.method`` on the train split of ``dataset``; write checkpoints/export under ``out_dir``.
 
+    A run directory that already holds a checkpoint resumes from it. ``stop_at_step`` stops after that global step
+    as a preempted job would (no final checkpoint, no export), for time-boxed runs and resume tests.
     Returns the summary (steps, samples, seconds, samples/s, last losses) on every rank.
     """
     dist = dist or D.init(cfg.train.threads)
@@ -180,21 +194,25 @@ def train(cfg: Config, dataset: str, out_dir: str, dist: D.Dist | None = None) -
     ctr_net = load_ctr_net(cfg, dist.device) if method.needs_ctr_probs else None
     stream = train_stream(os.path.join(dataset, TRAIN), manifest, t.sampling_rate, dist.rank, dist.size,
                           t.batch_size, t.shuffle_buffer, t.seed, t.reader_workers)
-    for _ in range(state.step):  # exact resume: replay the deterministic stream up to where the checkpoint was
-        next(stream)
     if dist.is_main:
         log.info("training %s on %d rows (rate %s) x %d epochs: %d steps/epoch of %d x %d workers, from step %d",
                  t.method, rows, t.sampling_rate, t.epochs, per_epoch, t.batch_size, dist.size, state.step)
-    summary = _loop(state, method, stream, cfg, dist, total, out_dir, ctr_net)
+    try:
+        for _ in range(state.step):  # exact resume: replay the deterministic stream up to the checkpoint
+            next(stream)
+        summary = _loop(state, method, stream, cfg, dist, total, out_dir, ctr_net, stop_at_step)
+    finally:
+        stream.close()
     summary.update({"rows": rows, "steps_per_epoch": per_epoch, "world_size": dist.size})
-    if dist.is_main:
+    if dist.is_main and state.step == total:
         export_model(state.model, t.method, cfg, layout, os.path.join(out_dir, EXPORT))
         with open(os.path.join(out_dir, SUMMARY), "w") as f:
             json.dump(summary, f, indent=2)
     return summary
 
 
-def _loop(state: TrainState, method, stream, cfg: Config, dist: D.Dist, total: int, out_dir: str, ctr_net) -> dict:
+def _loop(state: TrainState, method, stream, cfg: Config, dist: D.Dist, total: int, out_dir: str, ctr_net,
+          stop_at_step: int | None = None) -> dict:
     t = cfg.train
     gen = torch.Generator(device=dist.device)
     progress = _progress(dist, total, state.step)
@@ -211,6 +229,8 @@ def _loop(state: TrainState, method, stream, cfg: Config, dist: D.Dist, total: i
             state.history.append({"step": state.step, "samples_per_s": round(rate, 1),
                                   **{k: round(v, 6) for k, v in parts.items()}})
             progress(state.step, rate, parts)
+        if state.step == stop_at_step:
+            break
         if dist.is_main and (state.step % t.checkpoint_every == 0 or state.step == total):
             atomic_save(state.checkpoint(cfg), os.path.join(out_dir, CHECKPOINT))
     seconds = time.time() - start

@@ -38,3 +38,15 @@ def spark(tmp_path_factory):
 def cfg():
     from esmm.config import load_config
     return load_config(ROOT / "conf" / "test.yaml")
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(spark, cfg, tmp_path_factory):
+    """Generated raw log (conf/test.yaml) -> ETL dataset, built once per test session. Returns (raw, dataset)."""
+    from esmm.etl import run_etl
+    from esmm.generator import generate
+    root = tmp_path_factory.mktemp("tiny")
+    raw, ds = str(root / "raw"), str(root / "dataset")
+    generate(spark, cfg, raw)
+    run_etl(spark, cfg, raw, ds)
+    return raw, ds

@@ -1,0 +1,48 @@
+"""Run under horovodrun (or alone): train K steps on fixed global batches, each rank taking its slice.
+
+usage: hvd_equivalence.py DATASET CONF OUT_PREFIX GLOBAL_BATCH STEPS METHOD
+Writes OUT_PREFIX.rank<r>.pt with the final parameters of each rank.
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+import torch  # noqa: E402
+
+import schemas as S  # noqa: E402
+from esmm import distributed as D  # noqa: E402
+from esmm.batch import Batch  # noqa: E402
+from esmm.config import load_config  # noqa: E402
+from esmm.methods import get_method  # noqa: E402
+from esmm.train import build_state, layout_from_manifest, read_manifest, train_step  # noqa: E402
+
+
+def main(dataset, conf, out, global_batch, steps, method):
+    global_batch, steps = int(global_batch), int(steps)
+    cfg = load_config(conf, [f"train.method={method}"])
+    dist = D.init(1)
+    table = pq.read_table(f"{dataset}/train", columns=[S.SAMPLE_ID, S.CLICK, S.CONVERSION, S.FEAT_IDS, S.FEAT_WTS])
+    table = table.sort_by(S.SAMPLE_ID)
+    ids = np.stack(table[S.FEAT_IDS].to_numpy(zero_copy_only=False))
+    wts = np.stack(table[S.FEAT_WTS].to_numpy(zero_copy_only=False))
+    click, conv = table[S.CLICK].to_numpy(), table[S.CONVERSION].to_numpy()
+    state = build_state(cfg, layout_from_manifest(read_manifest(dataset)), dist)
+    D.broadcast_parameters(state.model)
+    if dist.rank == 0:
+        torch.save({n: p.detach().clone() for n, p in state.model.state_dict().items()}, f"{out}.init.pt")
+    gen = torch.Generator()
+    local = global_batch // dist.size
+    for k in range(steps):
+        lo = k * global_batch + dist.rank * local
+        sl = slice(lo, lo + local)
+        raw = Batch.from_numpy(ids[sl], wts[sl], click[sl], conv[sl])
+        gen.manual_seed(k)
+        train_step(state, get_method(method), raw, cfg, gen, None)
+    torch.save({n: p.detach().clone() for n, p in state.model.state_dict().items()}, f"{out}.rank{dist.rank}.pt")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

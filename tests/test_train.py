@@ -1,0 +1,151 @@
+"""Training on real Petastorm readers and real Horovod processes, on the tiny generated dataset."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import schemas as S
+from esmm.config import load_config
+from esmm.data import _chunks, shuffled_batches, steps_per_epoch, subset_rows, tier_for_rate
+from esmm.train import CHECKPOINT, EXPORT, SUMMARY, launch, load_export, read_manifest, train
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+
+
+def small(cfg_path, **sets):
+    over = [f"{k}={v}" for k, v in sets.items()]
+    return load_config(cfg_path, over)
+
+
+@pytest.fixture(scope="module")
+def conf():
+    return ROOT / "conf" / "test.yaml"
+
+
+def test_shards_cover_the_subset_exactly_once(tiny_dataset):
+    _, ds = tiny_dataset
+    m = read_manifest(ds)
+    for rate in (0.5, 1.0):
+        tier = tier_for_rate(m, rate)
+        seen = []
+        for rank in range(2):
+            ids = np.concatenate([c[S.SAMPLE_ID] for c in _chunks(f"{ds}/train", tier, rank, 2, seed=3, workers=1,
+                                                                    num_epochs=1)])
+            seen.append(ids)
+        assert len(seen[0]) > 0 and len(seen[1]) > 0
+        assert not set(seen[0]) & set(seen[1])                      # disjoint shards
+        assert len(seen[0]) + len(seen[1]) == subset_rows(m, "train", rate)
+        assert len(set(np.concatenate(seen))) == subset_rows(m, "train", rate)
+
+
+def test_shuffle_buffer_keeps_every_row_once_and_mixes():
+    chunks = [{S.SAMPLE_ID: np.arange(i * 100, (i + 1) * 100), S.CLICK: np.zeros(100, np.int32),
+               S.CONVERSION: np.zeros(100, np.int32), S.FEAT_IDS: np.tile(np.arange(i * 100, (i + 1) * 100)[:, None], 3),
+               S.FEAT_WTS: np.ones((100, 3), np.float32)} for i in range(7)]
+    batches = list(shuffled_batches(iter(chunks), 64, 150, seed=1))
+    ids = torch.cat([b.sample_id for b in batches]).numpy()
+    assert sorted(ids.tolist()) == list(range(700))
+    assert [len(b) for b in batches[:-1]] == [64] * (len(batches) - 1)
+    assert all((b.ids[:, 0] == b.sample_id).all() for b in batches)   # rows stay intact
+    assert not np.array_equal(ids, np.arange(700))                     # and get mixed
+    again = torch.cat([b.sample_id for b in shuffled_batches(iter(chunks), 64, 150, seed=1)]).numpy()
+    assert np.array_equal(ids, again)
+
+
+def test_fixed_steps_per_epoch():
+    assert steps_per_epoch(1000, 100, 2) == 5
+    assert steps_per_epoch(1001, 100, 2) == 6
+    assert steps_per_epoch(10, 100, 4) == 1
+
+
+def _params(path):
+    model, blob = load_export(path)
+    return {k: v.clone() for k, v in model.state_dict().items()}, blob
+
+
+def test_same_seed_same_parameters_and_export_contents(tiny_dataset, conf, tmp_path):
+    _, ds = tiny_dataset
+    cfg = small(conf, **{"train.method": "esmm"})
+    a = train(cfg, ds, str(tmp_path / "a"))
+    b = train(cfg, ds, str(tmp_path / "b"))
+    pa, blob = _params(tmp_path / "a" / EXPORT)
+    pb, _ = _params(tmp_path / "b" / EXPORT)
+    assert a["steps"] == b["steps"] == steps_per_epoch(subset_rows(read_manifest(ds), "train", 1.0), 256, 1)
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    assert blob["method"] == "esmm" and blob["config"]["train"]["method"] == "esmm"
+    assert blob["layout"]["num_embeddings"] == read_manifest(ds)["layout"]["num_embeddings"]
+    summary = json.loads((tmp_path / "a" / SUMMARY).read_text())
+    assert summary["history"] and np.isfinite(summary["last"]["loss"])
+
+
+def test_resume_after_interruption_equals_uninterrupted(tiny_dataset, conf, tmp_path):
+    _, ds = tiny_dataset
+    cfg = small(conf, **{"train.method": "aman", "train.checkpoint_every": 4, "train.epochs": 2})
+    full = train(cfg, ds, str(tmp_path / "full"))
+    part = train(cfg, ds, str(tmp_path / "cut"), stop_at_step=7)       # "crash" after step 7: last checkpoint is 4
+    assert part["steps"] == 7 and not (tmp_path / "cut" / EXPORT).exists()
+    ck = torch.load(tmp_path / "cut" / CHECKPOINT, weights_only=True)
+    assert ck["step"] == 4
+    resumed = train(cfg, ds, str(tmp_path / "cut"))
+    assert resumed["steps"] == full["steps"] and resumed["steps_this_run"] == full["steps"] - 4
+    pf, _ = _params(tmp_path / "full" / EXPORT)
+    pr, _ = _params(tmp_path / "cut" / EXPORT)
+    assert all(torch.equal(pf[k], pr[k]) for k in pf)
+
+
+def test_unbias_needs_the_reference_ctr_network(tiny_dataset, conf, tmp_path):
+    _, ds = tiny_dataset
+    cfg = small(conf, **{"train.method": "unbias", "paths.runs": str(tmp_path)})
+    with pytest.raises(Exception, match="reference CTR network"):
+        train(cfg, ds, str(tmp_path / "unbias"))
+    train(small(conf, **{"train.method": "ctr"}), ds, str(tmp_path / "ctr"))
+    out = train(cfg, ds, str(tmp_path / "unbias"))
+    assert np.isfinite(out["last"]["loss"])
+
+
+def _horovodrun(np_, args, env=None):
+    cmd = [str(VENV_BIN / "horovodrun"), "-np", str(np_), "--gloo", sys.executable] + args
+    e = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=e)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("method", ["esmm", "base"])
+def test_two_horovod_processes_match_one_process_on_the_same_global_batches(tiny_dataset, conf, tmp_path, method):
+    _, ds = tiny_dataset
+    script = str(ROOT / "tests" / "hvd_equivalence.py")
+    _horovodrun(2, [script, ds, str(conf), str(tmp_path / "two"), "256", "6", method])
+    subprocess.run([sys.executable, script, ds, str(conf), str(tmp_path / "one"), "256", "6", method],
+                   check=True, capture_output=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    r0 = torch.load(tmp_path / "two.rank0.pt")
+    r1 = torch.load(tmp_path / "two.rank1.pt")
+    one = torch.load(tmp_path / "one.rank0.pt")
+    assert all(torch.equal(r0[k], r1[k]) for k in r0)                        # ranks stay identical
+    for k in r0:                                                            # and equal the 1-process run
+        assert torch.allclose(r0[k], one[k], atol=2e-5, rtol=1e-4), k
+    init = torch.load(tmp_path / "one.init.pt")
+    assert all(not torch.equal(init[k], one[k]) for k in one)                # every tensor was trained
+
+
+def test_horovodrun_job_trains_and_exports(tiny_dataset, conf, tmp_path):
+    _, ds = tiny_dataset
+    _horovodrun(2, ["-m", "jobs.train", "--conf", str(conf), "--dataset", ds, "--out", str(tmp_path / "run"),
+                    "--set", "train.method=esmm_ns"])
+    model, blob = load_export(str(tmp_path / "run" / EXPORT))
+    assert blob["method"] == "esmm_ns"
+    s = json.loads((tmp_path / "run" / SUMMARY).read_text())
+    assert s["world_size"] == 2
+
+
+def test_horovod_spark_run_two_workers(spark, tiny_dataset, conf, tmp_path):
+    _, ds = tiny_dataset
+    cfg = small(conf, **{"train.method": "esmm", "train.workers": 2})
+    out = launch([(cfg, ds, str(tmp_path / "spark_run"))], 2, spark)
+    assert len(out) == 1 and out[0]["world_size"] == 2 and out[0]["steps"] > 0
+    assert (tmp_path / "spark_run" / EXPORT).exists()
