@@ -1,0 +1,31 @@
+"""Generate the synthetic Ali-CCP raw logs and their ground truth (see esmm/generator.py).
+
+    python -m jobs.generate --conf conf/demo.yaml [--set generate.impressions=1000000] [--out DIR] [--overwrite]
+    ./spark-submit.sh jobs/generate.py --conf conf/demo.yaml
+"""
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from esmm import cli  # noqa: E402
+
+
+def main(argv=None) -> dict:
+    p = cli.parser(__doc__)
+    p.add_argument("--out", default=None, help="output directory (default: paths.raw)")
+    p.add_argument("--overwrite", action="store_true", help="replace an output generated with another config")
+    args, cfg = cli.parse(p, argv)
+    # Local Python workers must import esmm/ and schemas/ too.
+    os.environ["PYTHONPATH"] = os.pathsep.join(x for x in (ROOT, os.environ.get("PYTHONPATH")) if x)
+    from esmm.generator import generate, summary_text
+    from esmm.spark import get_spark
+    spark = get_spark(cfg.spark, "esmm-generate")
+    summary = generate(spark, cfg, args.out, overwrite=args.overwrite)
+    print(summary_text(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
