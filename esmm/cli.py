@@ -9,8 +9,10 @@ from esmm.config import Config, load_config
 
 
 def setup_logging(level: str = "INFO") -> None:
-    logging.basicConfig(level=getattr(logging, level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    # our loggers at ``level``; third-party ones (Horovod's driver logs every rendezvous key at INFO) at WARNING
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    logging.getLogger("esmm").setLevel(getattr(logging, level.upper()))
     logging.getLogger("py4j").setLevel(logging.WARNING)
     # petastorm on pyarrow 14 uses the legacy ParquetDataset API: filter exactly those FutureWarnings.
     warnings.filterwarnings("ignore", category=FutureWarning, module="petastorm")

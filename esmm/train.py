@@ -74,11 +74,18 @@ def load_export(path: str, device: str | torch.device = "cpu") -> tuple[torch.nn
     if not os.path.exists(path):
         raise TrainError(f"no model export at {path}")
     blob = torch.load(path, map_location=device, weights_only=True)
+    return load_export_blob(blob).to(device), blob
+
+
+def load_export_blob(blob: dict) -> torch.nn.Module:
+    """The model (eval mode) of an already loaded export dict."""
+    if blob.get("format") != EXPORT_FORMAT:
+        raise TrainError(f"unsupported model export format {blob.get('format')!r} (expected {EXPORT_FORMAT})")
     lay = blob["layout"]
     layout = FeatureLayout(tuple(lay["fields"]), tuple(lay["buckets"]), tuple(lay["max_len"]))
     model = build_model(blob["method"], layout, from_dict(blob["config"]).model)
     model.load_state_dict(blob["state_dict"])
-    return model.to(device).eval(), blob
+    return model.eval()
 
 
 # ------------------------------------------------------------------------------------------------ state
@@ -271,9 +278,25 @@ def _worker(jobs: list) -> list:
     results = []
     for cfg_dict, dataset, out_dir in jobs:
         cfg = from_dict(cfg_dict)
+        done = finished_summary(out_dir, cfg)
+        if done is not None:
+            results.append(done)
+            continue
         dist = dist or D.init(cfg.train.threads)
         results.append(train(cfg, dataset, out_dir, dist))
     return results
+
+
+def finished_summary(out_dir: str, cfg: Config) -> dict | None:
+    """The summary of a run directory that already holds a finished export of the same train config, else None."""
+    export, summary = os.path.join(out_dir, EXPORT), os.path.join(out_dir, SUMMARY)
+    if not (os.path.exists(export) and os.path.exists(summary)):
+        return None
+    blob = torch.load(export, map_location="cpu", weights_only=True)
+    if blob["config"]["train"] != to_dict(cfg)["train"] or blob["config"]["model"] != to_dict(cfg)["model"]:
+        return None
+    with open(summary) as f:
+        return {**json.load(f), "skipped": True}
 
 
 def launch(jobs: list[tuple[Config, str, str]], workers: int, spark=None) -> list[dict]:
