@@ -15,7 +15,8 @@ bash "$ROOT/scripts/install.sh"
 VENV="$ROOT/.venv"
 SUBMIT="$VENV/bin/spark-submit"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-EXTRA=(--conf spark.ui.showConsoleProgress=false --driver-memory "${SPARK_DRIVER_MEMORY:-2g}")
+EXTRA=(--conf spark.ui.showConsoleProgress=false --driver-memory "${SPARK_DRIVER_MEMORY:-2g}"
+       --driver-java-options "-Dlog4j2.configurationFile=file:$ROOT/conf/log4j2.properties")
 
 case "$MASTER" in
   local*)
@@ -27,7 +28,7 @@ case "$MASTER" in
     if [ ! -f "$BUILD/venv.tar.gz" ] || [ "$VENV/bin/python" -nt "$BUILD/venv.tar.gz" ]; then
       "$VENV/bin/venv-pack" -p "$VENV" -o "$BUILD/venv.tar.gz" --force -q
     fi
-    CONFS=$(ls "$ROOT"/conf/*.yaml | paste -sd, -)
+    CONFS=$(ls "$ROOT"/conf/*.yaml "$ROOT"/conf/log4j2.properties | paste -sd, -)
     export PYSPARK_DRIVER_PYTHON="$VENV/bin/python"
     exec "$SUBMIT" --master "$MASTER" "${EXTRA[@]}" \
       --py-files "$BUILD/esmm.zip" --files "$CONFS" --archives "$BUILD/venv.tar.gz#environment" \

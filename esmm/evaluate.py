@@ -6,6 +6,7 @@ worker loads them once (cached by content hash) and scores Arrow record batches 
 one per test impression and method:
 
 - ESMM, ESMM-NS: p_ctr, p_cvr from their own towers, p_ctcvr = p_ctr * p_cvr;
+- the reference CTR network itself: p_ctr, and NaN p_cvr/p_ctcvr (it takes part in the CTR task only);
 - every other method (paper protocol): p_ctr from the one reference CTR network, p_cvr from the method, and
   p_ctcvr = p_ctr * p_cvr; DIVISION's p_cvr = its pCTCVR network / reference pCTR, clipped to [0, 1] (clips counted).
 """
@@ -83,10 +84,11 @@ def _score_fn(blobs_bc, ref_run: str | None, width: int, threads: int, clip_acc)
             with torch.inference_mode():
                 ref_ctr = predict("ctr", models[ref_run][1], batch)[S.P_CTR] if ref_run else None
                 for run_id, (method, model) in models.items():
-                    if method == "ctr":
-                        continue
                     out = predict(method, model, batch)
-                    if method in OWN_CTR_METHODS:
+                    if method == "ctr":  # the reference network itself: CTR only, no CVR (NaN)
+                        p_ctr = out[S.P_CTR]
+                        p_cvr = torch.full_like(p_ctr, float("nan"))
+                    elif method in OWN_CTR_METHODS:
                         p_ctr, p_cvr = out[S.P_CTR], out[S.P_CVR]
                     elif method == "division":
                         p_ctr = ref_ctr

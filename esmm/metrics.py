@@ -226,13 +226,15 @@ def task_metrics(pred_df: DataFrame, group_cols=(METHOD,), *, on_one_class: str 
 
     Tasks: ``ctr`` (p_ctr vs click, all rows), ``cvr`` (p_cvr vs conversion, **clicked rows only**), ``ctcvr``
     (p_ctcvr vs click*conversion, all rows). Returns plain dict rows ``{*group_cols, task, auc, logloss, calibration, n,
-    positives}``, one per group and task.
+    positives}``, one per group and task. Rows whose p_cvr is NaN (the reference CTR network predicts no CVR) take part
+    in the CTR task only.
     """
     y, z = F.col(CLICK), F.col(CONVERSION)
+    has_cvr = ~F.isnan(F.col(P_CVR))
     return _stacked_metrics(pred_df, tuple(group_cols), [
         ("ctr", None, F.col(P_CTR), y),
-        ("cvr", y == 1, F.col(P_CVR), z),
-        ("ctcvr", None, F.col(P_CTCVR), y * z),
+        ("cvr", (y == 1) & has_cvr, F.col(P_CVR), z),
+        ("ctcvr", has_cvr, F.col(P_CTCVR), y * z),
     ], on_one_class)
 
 
@@ -243,9 +245,10 @@ def entire_space_cvr_metrics(pred_df: DataFrame, truth_df: DataFrame, group_cols
     truth = truth_df.select(SAMPLE_ID, WOULD_CONVERT)
     joined = pred_df.join(truth, on=SAMPLE_ID, how="left")
     w = F.col(WOULD_CONVERT)
+    has_cvr = ~F.isnan(F.col(P_CVR))
     return _stacked_metrics(joined, tuple(group_cols), [
-        ("cvr_entire", None, F.col(P_CVR), w),
-        ("cvr_entire_clicked", F.col(CLICK) == 1, F.col(P_CVR), w),
+        ("cvr_entire", has_cvr, F.col(P_CVR), w),
+        ("cvr_entire_clicked", (F.col(CLICK) == 1) & has_cvr, F.col(P_CVR), w),
     ], on_one_class)
 
 
