@@ -1,0 +1,100 @@
+"""Spark scoring against in-process predictions, the paper's CTCVR protocol, and a tiny experiment end to end."""
+import json
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import schemas as S
+from esmm.batch import Batch
+from esmm.config import load_config
+from esmm.evaluate import EvaluateError, ScoredRun, score_to_parquet
+from esmm.experiment import run_experiment
+from esmm.methods import predict
+from esmm.train import EXPORT, load_export, read_manifest, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONF = os.path.join(ROOT, "conf", "test.yaml")
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_dataset, tmp_path_factory):
+    _, ds = tiny_dataset
+    root = tmp_path_factory.mktemp("runs")
+    runs = {}
+    for m in ("ctr", "base", "division", "esmm"):
+        cfg = load_config(CONF, [f"train.method={m}"])
+        train(cfg, ds, str(root / m))
+        runs[m] = ScoredRun(m, m, str(root / m / EXPORT))
+    return ds, root, runs
+
+
+def _test_batch(ds):
+    t = pq.read_table(os.path.join(ds, S.TEST)).sort_by(S.SAMPLE_ID)
+    return t[S.SAMPLE_ID].to_numpy(), Batch.from_numpy(
+        np.stack(t[S.FEAT_IDS].to_numpy(zero_copy_only=False)), np.stack(t[S.FEAT_WTS].to_numpy(zero_copy_only=False)),
+        t[S.CLICK].to_numpy(), t[S.CONVERSION].to_numpy())
+
+
+def test_spark_scoring_follows_the_protocol(spark, trained):
+    ds, root, runs = trained
+    out = str(root / "pred")
+    width = read_manifest(ds)["layout"]["num_slots"]
+    info = score_to_parquet(spark, ds, [runs["base"], runs["division"], runs["esmm"], runs["ctr"]], runs["ctr"],
+                            out, width)
+    pred = pq.read_table(out).to_pandas()
+    sid, batch = _test_batch(ds)
+    assert len(pred) == 4 * len(sid)
+    ref_ctr = predict("ctr", load_export(runs["ctr"].export)[0], batch)[S.P_CTR].numpy()
+    expected = {
+        "base": (ref_ctr, predict("base", load_export(runs["base"].export)[0], batch)[S.P_CVR].numpy()),
+        "esmm": tuple(predict("esmm", load_export(runs["esmm"].export)[0], batch)[k].numpy() for k in (S.P_CTR, S.P_CVR)),
+    }
+    div = predict("division", load_export(runs["division"].export)[0], batch)[S.P_CTCVR].numpy()
+    expected["division"] = (ref_ctr, np.clip(div / ref_ctr, 0, 1))
+    for method, (p_ctr, p_cvr) in expected.items():
+        got = pred[pred[S.METHOD] == method].sort_values(S.SAMPLE_ID)
+        assert got[S.SAMPLE_ID].tolist() == sid.tolist()
+        np.testing.assert_allclose(got[S.P_CTR], p_ctr, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(got[S.P_CVR], p_cvr, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(got[S.P_CTCVR], p_ctr * p_cvr, rtol=1e-5, atol=1e-7)
+    assert info["division_clipped"] == int((div / ref_ctr > 1).sum())
+    ctr_rows = pred[pred[S.METHOD] == "ctr"]
+    assert ctr_rows[S.P_CVR].isna().all() and not ctr_rows[S.P_CTR].isna().any()
+
+
+def test_non_esmm_methods_need_the_reference_ctr(spark, trained):
+    ds, root, runs = trained
+    with pytest.raises(EvaluateError, match="reference CTR"):
+        score_to_parquet(spark, ds, [runs["base"]], None, str(root / "x"), 41)
+
+
+def test_tiny_experiment_end_to_end_and_resume(spark, tiny_dataset, tmp_path):
+    raw, ds = tiny_dataset
+    cfg = load_config(CONF, ["experiment.methods=[base, aman, esmm]", "experiment.aman_rates=[0.5, 1.0]",
+                             "experiment.figure_rates=[0.5, 1.0]", "train.workers=1"])
+    exp = str(tmp_path / "exp")
+    rep = run_experiment(spark, cfg, ds, exp, os.path.join(raw, "ground_truth"))
+    models = [r["model"] for r in rep["table2"]]
+    assert models == ["BASE", "AMAN", "ESMM", "ORACLE (true probabilities)"]
+    aman = rep["table2"][1]
+    assert aman["variant"] in ("aman[rate=0.5]", "aman[rate=1.0]")
+    for r in rep["table2"]:
+        assert 0 < r["cvr_auc"] < 100 and 0 < r["ctcvr_auc"] < 100
+    oracle = rep["table2"][-1]
+    assert oracle["ctr_auc"] > 60 and oracle["cvr_entire_auc"] > 60        # the generator leaves signal to find
+    for p in rep["paths"].values():
+        assert os.path.getsize(p) > 0
+    units = sorted(os.listdir(os.path.join(exp, "metrics")))
+    assert units == ["oracle.json", "r0-rate0.5.json", "r0-rate1.0.json"]
+    saved = json.load(open(os.path.join(exp, "table2.json")))
+    assert saved["config"]["experiment"]["methods"] == ["base", "aman", "esmm"]
+    # a re-run reuses every finished unit: remove the exports, which a re-run would need if it trained again
+    for d, _, files in os.walk(os.path.join(exp, "runs")):
+        for f in files:
+            if f == EXPORT:
+                os.remove(os.path.join(d, f))
+    again = run_experiment(spark, cfg, ds, exp, os.path.join(raw, "ground_truth"))
+    assert again["table2"] == rep["table2"]

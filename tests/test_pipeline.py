@@ -1,0 +1,21 @@
+"""The main job end to end on the test config: generate -> ETL -> Horovod training in Spark tasks -> Table 2."""
+import os
+
+from jobs import pipeline
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_pipeline_main_job(spark, tmp_path, capsys):
+    sets = [f"paths.raw={tmp_path}/raw", f"paths.dataset={tmp_path}/ds", f"paths.runs={tmp_path}/runs",
+            "train.workers=2", "experiment.methods=[base, division, esmm]", "experiment.figure_rates=[1.0]"]
+    argv = ["--conf", os.path.join(ROOT, "conf", "test.yaml")]
+    for s in sets:
+        argv += ["--set", s]
+    report = pipeline.main(argv)
+    out = capsys.readouterr().out
+    assert "rows read 6,000 = written 6,000 + quarantined 0" in out
+    assert "| ESMM |" in out and "| ORACLE (true probabilities) |" in out
+    assert [r["model"] for r in report["table2"]][:3] == ["BASE", "DIVISION", "ESMM"]
+    summary = os.path.join(tmp_path, "runs", "experiment", "runs", "r0-rate1.0", "esmm", "train_summary.json")
+    assert '"world_size": 2' in open(summary).read()
