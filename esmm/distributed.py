@@ -44,6 +44,12 @@ def distributed_optimizer(opt: torch.optim.Optimizer, named: list, prefix: str) 
     import horovod.torch as hvd
     if hvd.size() == 1:
         return opt
+    for _, p in named:
+        # An EmbeddingBag's sparse gradient has one row per slot of the batch (B x L, mostly repeats: padding and
+        # popular ids); Horovod allgathers it as is. Coalescing first (a tensor hook runs before the gradient is
+        # accumulated, hence before Horovod's hook) sends ~10x fewer rows on the demo data.
+        if p.requires_grad:
+            p.register_hook(lambda g: g.coalesce() if g.is_sparse else g)
     return hvd.DistributedOptimizer(opt, named_parameters=[(f"{prefix}.{n}", p) for n, p in named])
 
 
