@@ -235,33 +235,42 @@ class Plan:
 
 
 def build_plan(spark: SparkSession, cfg: Config, inputs: RawInputs) -> Plan:
+    """Dataset and quarantine as two lazy queries over the same parsed lines.
+
+    Both sides are encoded *before* the join, so the shuffle carries only compact id/weight arrays (not the raw
+    line and its parsed entries). Good skeleton lines either find their key among the good common lines (inner
+    join -> dataset) or not (anti join -> quarantine), so every line read lands in exactly one of the two.
+    """
     layout = FeatureLayout.from_config(cfg.features)
     skel_lines, common_lines = _read_lines(spark, inputs.skeleton), _read_lines(spark, inputs.common)
     skel, common = parse_skeleton(skel_lines), parse_common(common_lines)
+    keys = [RAW_SPLIT, S.COMMON_KEY]
 
     good_common = common.where(F.col(REASON).isNull())
     c_ids, c_wts = encode_fields(F.col(ENTRY), layout, S.COMMON_FIELDS)
-    encoded_common = good_common.select(RAW_SPLIT, S.COMMON_KEY, c_ids.alias("c_ids"), c_wts.alias("c_wts"))
+    encoded_common = good_common.select(*keys, c_ids.alias("c_ids"), c_wts.alias("c_wts"))
 
-    joined = skel.join(encoded_common, on=[RAW_SPLIT, S.COMMON_KEY], how="left")
-    reason = F.coalesce(F.col(REASON), F.when(F.col("c_ids").isNull(), F.format_string(
-        "common_feature_index %s: no valid common features line in the matching common_features file",
-        S.COMMON_KEY)))
-    joined = joined.withColumn(REASON, reason)
-
+    good_skel = skel.where(F.col(REASON).isNull())
     s_ids, s_wts = encode_fields(F.col(ENTRY), layout, S.SKELETON_FIELDS)
-    good = joined.where(F.col(REASON).isNull()).select(
-        S.SAMPLE_ID, F.col(S.CLICK).cast("int").alias(S.CLICK), F.col(S.CONVERSION).cast("int").alias(S.CONVERSION),
-        F.concat("c_ids", s_ids).alias(S.FEAT_IDS), F.concat("c_wts", s_wts).alias(S.FEAT_WTS), RAW_SPLIT)
+    encoded_skel = good_skel.select(*keys, S.SAMPLE_ID, F.col(S.CLICK).cast("int").alias(S.CLICK),
+                                    F.col(S.CONVERSION).cast("int").alias(S.CONVERSION),
+                                    s_ids.alias("s_ids"), s_wts.alias("s_wts"))
+    good = encoded_skel.join(encoded_common, on=keys, how="inner").select(
+        S.SAMPLE_ID, S.CLICK, S.CONVERSION, F.concat("c_ids", "s_ids").alias(S.FEAT_IDS),
+        F.concat("c_wts", "s_wts").alias(S.FEAT_WTS), RAW_SPLIT)
     good = good.withColumn(S.SAMPLE_TIER, sample_tier(F.col(S.SAMPLE_ID), cfg.etl.sampling_rates))
 
-    q_skel = joined.where(F.col(REASON).isNotNull()).select(
-        F.lit("skeleton").alias(S.Q_KIND), F.col(REASON).alias(S.Q_REASON), F.col(FILE).alias(S.Q_FILE),
-        F.col("value").alias(S.Q_LINE))
-    q_common = common.where(F.col(REASON).isNotNull()).select(
-        F.lit("common").alias(S.Q_KIND), F.col(REASON).alias(S.Q_REASON), F.col(FILE).alias(S.Q_FILE),
-        F.col("value").alias(S.Q_LINE))
-    return Plan(good, q_skel.unionByName(q_common), skel_lines, common_lines)
+    orphans = good_skel.select(*keys, FILE, "value").join(good_common.select(*keys), on=keys, how="left_anti") \
+        .withColumn(REASON, F.format_string("common_feature_index %s: no valid common features line in the "
+                                            "matching common_features file", S.COMMON_KEY))
+    quarantined = [
+        skel.where(F.col(REASON).isNotNull()).select(F.lit("skeleton").alias(S.Q_KIND), REASON, FILE, "value"),
+        orphans.select(F.lit("skeleton").alias(S.Q_KIND), REASON, FILE, "value"),
+        common.where(F.col(REASON).isNotNull()).select(F.lit("common").alias(S.Q_KIND), REASON, FILE, "value"),
+    ]
+    q = quarantined[0].unionByName(quarantined[1]).unionByName(quarantined[2])
+    q = q.select(S.Q_KIND, F.col(REASON).alias(S.Q_REASON), F.col(FILE).alias(S.Q_FILE), F.col("value").alias(S.Q_LINE))
+    return Plan(good, q, skel_lines, common_lines)
 
 
 def assign_split(spark: SparkSession, good: DataFrame, mode: str, inputs: RawInputs) -> tuple[DataFrame, dict]:
