@@ -332,7 +332,7 @@ def run_etl(spark: SparkSession, cfg: Config, raw_dir: str | None = None, out: s
     manifest.update({"inputs": fingerprint, "config_hash": chash, "seconds": round(time.time() - t0, 2)})
     sparkfs.write_text(spark, f"{tmp}/{S.MANIFEST}", json.dumps(manifest, indent=2, sort_keys=True))
     _check_quarantine(cfg, manifest, tmp)
-    _commit(spark, tmp, out, replace=existing is not None)
+    sparkfs.commit_dir(spark, tmp, out, replace=existing is not None)
     log.info("ETL done in %.1fs: %s", time.time() - t0, json.dumps(manifest["rows"]))
     return manifest
 
@@ -386,16 +386,6 @@ def _check_quarantine(cfg: Config, manifest: dict, tmp: str) -> None:
         raise EtlError(f"{share:.2%} of skeleton lines were quarantined (> etl.max_quarantine_share="
                        f"{cfg.etl.max_quarantine_share:.2%}); top reasons: {top}. "
                        f"Inspect {tmp}/{S.QUARANTINE} (output not committed)")
-
-
-def _commit(spark: SparkSession, tmp: str, out: str, replace: bool) -> None:
-    if replace:
-        old = f"{out}.old-{uuid.uuid4().hex[:8]}"
-        sparkfs.rename(spark, out, old)
-        sparkfs.rename(spark, tmp, out)
-        sparkfs.delete(spark, old)
-    else:
-        sparkfs.rename(spark, tmp, out)
 
 
 def _read_manifest(spark: SparkSession, out: str) -> dict | None:

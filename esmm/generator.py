@@ -738,7 +738,7 @@ def generate(spark, cfg, out: str | None = None, overwrite: bool = False) -> dic
                 f.write(text)
         else:
             sparkfs.write_text(spark, f"{tmp}/{MARKER}", text)
-        _commit(spark, tmp, out, replace=existing is not None)
+        sparkfs.commit_dir(spark, tmp, out, replace=existing is not None)
     except BaseException:
         log.error("generation failed; staging left at %s", tmp)
         raise
@@ -784,16 +784,6 @@ def _summarize(g, plan: Plan, intercepts: tuple, files: dict, stats: dict) -> di
         "mean_skeleton_entries": sum(s["skeleton_entries"] for s in splits.values()) / imps,
         "intercepts": {"ctr": intercepts[0], "cvr": intercepts[1]}, "field_bases": field_bases(g),
     }
-
-
-def _commit(spark, tmp: str, out: str, replace: bool) -> None:
-    if replace:
-        old = f"{out}.old-{uuid.uuid4().hex[:8]}"
-        sparkfs.rename(spark, out, old)
-        sparkfs.rename(spark, tmp, out)
-        sparkfs.delete(spark, old)
-    else:
-        sparkfs.rename(spark, tmp, out)
 
 
 def summary_text(s: dict) -> str:

@@ -64,6 +64,18 @@ def rename(spark: SparkSession, src: str, dst: str) -> None:
         raise OSError(f"could not rename {src} -> {dst}")
 
 
+def commit_dir(spark: SparkSession, tmp: str, out: str, replace: bool) -> None:
+    """Move a finished staging directory into place; an existing ``out`` is swapped out, then deleted."""
+    if replace:
+        import uuid
+        old = f"{out}.old-{uuid.uuid4().hex[:8]}"
+        rename(spark, out, old)
+        rename(spark, tmp, out)
+        delete(spark, old)
+    else:
+        rename(spark, tmp, out)
+
+
 def write_text(spark: SparkSession, path: str, text: str) -> None:
     fs, p = _fs(spark, path)
     out = fs.create(p, True)
