@@ -215,7 +215,9 @@ def figure3(units: list[dict], cfg: Config, rates: list[float], path_png: str, p
                 ax.errorbar([p["rate"] * 100 for p in pts], [p["auc"] for p in pts], yerr=[p["std"] for p in pts],
                             marker="o", capsize=3, label=m.upper().replace("_", "-"))
         ax.set_xscale("log")
-        ax.set_xlabel("training set sampling rate (%)")
+        ax.set_xticks([r * 100 for r in rates], [f"{r * 100:g}%" for r in rates])
+        ax.minorticks_off()
+        ax.set_xlabel("training set sampling rate")
         ax.set_ylabel("AUC (%)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
