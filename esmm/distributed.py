@@ -27,6 +27,9 @@ class Dist:
 
 def init(threads: int = 1) -> Dist:
     """Initialize Horovod (Gloo on CPU, NCCL when built with it and a GPU is present); pin the device and threads."""
+    # Horovod's background thread wakes every HOROVOD_CYCLE_TIME ms; at the default 1 ms it competes with the
+    # compute threads on small machines (2 workers on 2 cores: ~32k samples/s at 1 ms, ~36k at 5 ms, bench/RESULTS.md)
+    os.environ.setdefault("HOROVOD_CYCLE_TIME", "5")
     import horovod.torch as hvd
     hvd.init()
     torch.set_num_threads(threads)

@@ -26,7 +26,7 @@ from esmm import distributed as D
 from esmm.config import Config, from_dict, to_dict
 from esmm.data import steps_per_epoch, subset_rows, train_stream
 from esmm.features import FeatureLayout
-from esmm.methods import get_method, loss_for, predict
+from esmm.methods import all_rows, get_method, loss_for, predict
 from esmm.model import build_model, sparse_parameters
 from schemas.dataset import MANIFEST, P_CTR, TRAIN
 
@@ -164,8 +164,9 @@ def train_step(state: TrainState, method, raw, cfg: Config, gen: torch.Generator
     batch = method.prepare(raw, cfg.train, gen, ctr_probs)
     out = state.model(batch.ids, batch.wts)
     loss, parts = loss_for(method, out, batch)
-    if world_size() > 1:
+    if world_size() > 1 and method.rows is not all_rows:
         # Horovod averages per-rank gradients; when ranks select different numbers of rows (BASE keeps clicks only)
+        # (methods that train on every row with unit weights skip this extra allreduce: the shares are equal)
         # the average of per-rank means is not the mean over the global batch. Rescale each rank's mean by its
         # share of the global weight so the update equals the 1-process update on the same global batch.
         local = float(batch.weight.sum())
