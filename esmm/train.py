@@ -44,7 +44,15 @@ class TrainError(RuntimeError):
 # ------------------------------------------------------------------------------------------------ files
 
 def read_manifest(dataset: str) -> dict:
-    path = os.path.join(dataset, MANIFEST)
+    """The ETL manifest of a local path or a URL pyarrow can open (hdfs://, s3://, file://)."""
+    path = f"{dataset.rstrip('/')}/{MANIFEST}"
+    if "://" in dataset:
+        import pyarrow.fs as pafs
+        fs, inner = pafs.FileSystem.from_uri(path)
+        if fs.get_file_info(inner).type == pafs.FileType.NotFound:
+            raise TrainError(f"no dataset manifest at {path}: run jobs/etl.py first")
+        with fs.open_input_stream(inner) as f:
+            return json.loads(f.read())
     if not os.path.exists(path):
         raise TrainError(f"no dataset manifest at {path}: run jobs/etl.py first")
     with open(path) as f:
