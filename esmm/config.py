@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from schemas.raw import ALL_FIELDS, COMMON_FIELDS, HISTORY_FIELDS
+from schemas.raw import ALL_FIELDS, HISTORY_FIELDS
 
 
 class ConfigError(ValueError):
@@ -327,6 +327,3 @@ def to_dict(cfg: Any) -> dict:
         out[f.name] = v
     return out
 
-
-def common_field_set() -> frozenset:
-    return frozenset(COMMON_FIELDS)
