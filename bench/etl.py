@@ -39,6 +39,8 @@ import threading
 import time
 import urllib.request
 
+from jvm_memory import live_heap_after_new_gcs  # noqa: E402  (bench/ is on sys.path when run as a script)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ["PYTHONPATH"] = os.pathsep.join(x for x in (ROOT, os.environ.get("PYTHONPATH")) if x)
@@ -173,13 +175,8 @@ class Sampler(threading.Thread):
         heap = self.mem.getHeapMemoryUsage()
         pk["heap_used"] = max(pk["heap_used"], int(heap.getUsed()))
         pk["heap_committed"] = max(pk["heap_committed"], int(heap.getCommitted()))
-        for g in self.gcs:
-            info = g.getLastGcInfo()
-            if info is None or self.seen_gc.get(str(g.getName())) == int(info.getId()):
-                continue
-            self.seen_gc[str(g.getName())] = int(info.getId())
-            after = info.getMemoryUsageAfterGc()
-            live = sum(int(after[n].getUsed()) for n in self.heap_pool_names if n in after)
+        live = live_heap_after_new_gcs(self.gcs, self.seen_gc, self.heap_pool_names)
+        if live is not None:
             pk["heap_after_gc"] = max(pk["heap_after_gc"], live)
 
     def run(self) -> None:

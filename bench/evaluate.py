@@ -50,6 +50,8 @@ import sys
 import threading
 import time
 
+from jvm_memory import live_heap_after_new_gcs  # noqa: E402  (bench/ is on sys.path when run as a script)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ["PYTHONPATH"] = os.pathsep.join(x for x in (ROOT, os.environ.get("PYTHONPATH")) if x)
@@ -105,15 +107,7 @@ class Sampler(threading.Thread):
     def _tick(self) -> None:
         rss = self.proc.memory_info().rss
         used = int(self.mem.getHeapMemoryUsage().getUsed())
-        live = None
-        for g in self.gcs:
-            info = g.getLastGcInfo()
-            if info is None or self.seen_gc.get(str(g.getName())) == int(info.getId()):
-                continue
-            self.seen_gc[str(g.getName())] = int(info.getId())
-            after = info.getMemoryUsageAfterGc()
-            v = sum(int(after[n].getUsed()) for n in self.heap_pools if n in after)
-            live = v if live is None else max(live, v)
+        live = live_heap_after_new_gcs(self.gcs, self.seen_gc, self.heap_pools)
         with self.lock:
             if self.peak is not None:
                 pk = self.peak
