@@ -123,6 +123,9 @@ class EtlConfig:
     row_group_mb: int = 8                               # Parquet row-group size (many per file, for sharding)
     rows_per_file: int = 2_000_000                      # cap on rows per Parquet file
     split: str = "auto"    # auto: train/test files when both exist, else time split of the train file at its median
+    parser: str = "arrow"  # arrow: vectorized Arrow/NumPy batches (esmm/rawparse.py); native: Spark SQL expressions
+    broadcast_common_mb: int = 256  # broadcast the encoded common lines to the join when they are at most this big
+    mb_per_partition: int = 32      # shuffle partitions of the join/write: one per this much raw text (at least 1)
 
     def validate(self, key: str) -> None:
         r = self.sampling_rates
@@ -133,6 +136,9 @@ class EtlConfig:
         _check(self.row_group_mb >= 1, f"{key}.row_group_mb", "must be >= 1")
         _check(self.rows_per_file >= 1000, f"{key}.rows_per_file", "must be >= 1000")
         _check(self.split in ("auto", "files", "time"), f"{key}.split", f"must be auto|files|time, got {self.split!r}")
+        _check(self.parser in ("arrow", "native"), f"{key}.parser", f"must be arrow|native, got {self.parser!r}")
+        _check(self.broadcast_common_mb >= 0, f"{key}.broadcast_common_mb", "must be >= 0 (0: never broadcast)")
+        _check(self.mb_per_partition >= 1, f"{key}.mb_per_partition", "must be >= 1")
 
 
 @dataclass(frozen=True)

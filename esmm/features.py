@@ -85,7 +85,18 @@ def _np_fmix(h: np.ndarray) -> np.ndarray:
 
 def hash_ids(field_index: int, feature_ids: np.ndarray, buckets: int) -> np.ndarray:
     """Vectorized ``bucket_of`` over an int64 array; returns int64 buckets in ``[1, buckets)``."""
-    seed = np.uint64(xxh64_int(field_index, SPARK_SEED))
+    return _hash(np.uint64(xxh64_int(field_index, SPARK_SEED)), feature_ids, buckets)
+
+
+_FIELD_SEEDS = np.array([xxh64_int(i, SPARK_SEED) for i in range(64)], np.uint64)
+
+
+def hash_ids_fields(field_index: np.ndarray, feature_ids: np.ndarray, buckets: np.ndarray) -> np.ndarray:
+    """``hash_ids`` with a field index and a bucket count per element (int64 buckets in ``[1, buckets)``)."""
+    return _hash(_FIELD_SEEDS[field_index], feature_ids, buckets)
+
+
+def _hash(seed, feature_ids: np.ndarray, buckets) -> np.ndarray:
     with np.errstate(over="ignore"):
         x = np.asarray(feature_ids, dtype=np.int64).view(np.uint64)
         h = seed + np.uint64(P5) + np.uint64(8)
