@@ -149,15 +149,29 @@ class Sampler(threading.Thread):
             self.gc0 = self._gc_totals()
 
     def _cpu(self) -> tuple:
-        """(CPU seconds of this process, of its children: the JVM) so far, user + system."""
+        """(CPU s of this process, of its children: the JVM and its Python workers, of the JVM's JIT compiler
+        threads) so far, user + system."""
         own = sum(self.proc.cpu_times()[:2])
-        kids = 0.0
+        kids = jit = 0.0
+        tick = os.sysconf("SC_CLK_TCK")
         for c in self.proc.children(recursive=True):
             try:
                 kids += sum(c.cpu_times()[:2])
+                if c.name() != "java":
+                    continue
+                for t in os.listdir(f"/proc/{c.pid}/task"):
+                    try:
+                        with open(f"/proc/{c.pid}/task/{t}/comm") as f:
+                            if "CompilerThre" not in f.read():
+                                continue
+                        with open(f"/proc/{c.pid}/task/{t}/stat") as f:
+                            st = f.read().rsplit(")", 1)[1].split()
+                        jit += (int(st[11]) + int(st[12])) / tick
+                    except (OSError, IndexError, ValueError):
+                        pass   # a thread that ended; its CPU is lost to this count (compiler threads persist)
             except Exception:
                 pass
-        return own, kids
+        return own, kids, jit
 
     def _gc_totals(self) -> tuple:
         return (sum(int(g.getCollectionCount()) for g in self.gcs), sum(int(g.getCollectionTime()) for g in self.gcs))
@@ -202,6 +216,7 @@ class Sampler(threading.Thread):
         out = {k + "_mb": round(v / MB, 1) for k, v in self.peak.items()}
         out["cpu_s"] = round(cpu[0] - self.cpu0[0] + cpu[1] - self.cpu0[1], 2)
         out["python_cpu_s"] = round(cpu[0] - self.cpu0[0], 2)
+        out["jit_cpu_s"] = round(cpu[2] - self.cpu0[2], 2)
         out["wall_s"] = round(time.time() - self.t0, 2)
         out["loadavg_1m"] = [round(self.load0, 2), round(os.getloadavg()[0], 2)]
         out["python_maxrss_mb"] = round(_maxrss_mb(), 1)
@@ -287,11 +302,14 @@ def _stage_report(spark, t_start: float, t_end: float) -> dict:
 
 def child_spark(a) -> dict:
     code = _code_digest()
+    from dataclasses import replace
+
     from esmm.etl import run_etl
     cfg = _cfg(a.size, a.seed)
+    cfg = replace(cfg, etl=replace(cfg.etl, parser=a.parser))
     t_boot = time.time()
-    spark = _spark_session(f"local[{a.cores}]", a.shuffle_partitions, os.path.join(a.workdir, "spark-local"),
-                           f"bench-etl-{a.size}-local{a.cores}")
+    spark = _spark_session(f"local[{a.cores}]", 8, os.path.join(a.workdir, "spark-local"),
+                           f"bench-etl-{a.size}-local{a.cores}-{a.parser}")
     boot = time.time() - t_boot
     shutil.rmtree(a.out, ignore_errors=True)  # a fresh output directory every time
     sampler = Sampler(spark, a.sample_interval)
@@ -303,10 +321,11 @@ def child_spark(a) -> dict:
     stages = _stage_report(spark, t0, t1)
     spark.stop()
     rows = manifest["rows"]
-    return {"engine": f"spark local[{a.cores}]", "cores": a.cores, "size": a.size, "seconds": round(t1 - t0, 2),
+    return {"engine": f"spark local[{a.cores}] {a.parser}", "parser": a.parser, "cores": a.cores, "size": a.size,
+            "seconds": round(t1 - t0, 2),
             "session_start_s": round(boot, 2), "rows": rows["skeleton_read"], "rows_written": rows["written"],
             "quarantined": rows["skeleton_quarantined"], "common_lines": rows["common_read"],
-            "rows_per_s": rows["skeleton_read"] / (t1 - t0), "shuffle_partitions": a.shuffle_partitions,
+            "rows_per_s": rows["skeleton_read"] / (t1 - t0), "shuffle_partitions": manifest["shuffle_partitions"],
             "memory": mem, "stages": stages, "out": a.out, "code": code}
 
 
@@ -514,7 +533,14 @@ def _agreement(spark_out: str, ref_outs: dict, n: int, seed: int) -> dict:
     import pyarrow.parquet as pq
 
     import schemas as S
-    refs = {name: pq.read_table(d) for name, d in ref_outs.items()}
+    def read(d):  # a reference's Parquet file(s), or another Spark ETL output (train/ and test/ directories)
+        if not os.path.exists(os.path.join(d, S.MANIFEST)):
+            return pq.read_table(d)
+        import pyarrow as pa
+        return pa.concat_tables(ds.dataset(os.path.join(d, sp), format="parquet", partitioning="hive").to_table(
+            columns=[S.SAMPLE_ID, S.FEAT_IDS, S.FEAT_WTS]) for sp in S.SPLITS if os.path.isdir(os.path.join(d, sp)))
+
+    refs = {name: read(d) for name, d in ref_outs.items()}
     common_ids = None
     for t in refs.values():
         ids = set(t.column(S.SAMPLE_ID).to_pylist())
@@ -656,7 +682,8 @@ def report(R: dict) -> str:
 def _ratios(R: dict) -> list:
     runs = R["runs"]
     out = []
-    spark = {(r["size"], r["cores"]): r for r in runs if r["engine"].startswith("spark")}
+    spark = {(r["size"], r["cores"]): r for r in runs if r["engine"].startswith("spark") and r["parser"] == "arrow"}
+    native = {(r["size"], r["cores"]): r for r in runs if r["engine"].startswith("spark") and r["parser"] == "native"}
     refs = [r for r in runs if r["engine"].startswith("python")]
     sizes = sorted({s for s, _ in spark})
     cores = sorted({c for _, c in spark})
@@ -671,10 +698,13 @@ def _ratios(R: dict) -> list:
                            f"{rsize:,}: {x:.1f}x (target >= 3x: {'met' if x >= 3 else 'MISSED'})")
             r = spark.get((rsize, c))
             if r:
-                x = (r["rows"] / r["memory"]["cpu_s"]) / (best["rows"] / best["cpu_s"])
-                out.append(f"  same per CPU-second (robust to other load on the machine): spark local[{c}] "
-                           f"{r['rows'] / r['memory']['cpu_s']:,.0f} vs {best['rows'] / best['cpu_s']:,.0f} "
-                           f"rows/CPU-s = {x:.1f}x")
+                m = r["memory"]
+                x = (r["rows"] / m["cpu_s"]) / (best["rows"] / best["cpu_s"])
+                y = (r["rows"] / (m["cpu_s"] - m["jit_cpu_s"])) / (best["rows"] / best["cpu_s"])
+                out.append(f"  same per CPU-second of all processes (JVM, its Python workers, driver): spark local[{c}] "
+                           f"{r['rows'] / m['cpu_s']:,.0f} vs {best['rows'] / best['cpu_s']:,.0f} rows/CPU-s = "
+                           f"{x:.1f}x; without the JVM's JIT compiler threads ({m['jit_cpu_s']:.0f} CPU-s, a "
+                           f"fixed start-up cost) {y:.1f}x")
         for ref in refs:
             if ref is best:
                 continue
@@ -682,6 +712,12 @@ def _ratios(R: dict) -> list:
             if r:
                 out.append(f"  (vs the {ref['variant']} reference: spark local[{max(cores)}] per core "
                            f"{(r['rows_per_s'] / max(cores)) / ref['rows_per_s']:.1f}x)")
+    for key, n in sorted(native.items()):
+        if key in spark:
+            r = spark[key]
+            out.append(f"parser A/B at {key[0]:,} local[{key[1]}]: arrow {r['rows_per_s']:,.0f} rows/s vs native "
+                       f"{n['rows_per_s']:,.0f} rows/s = {r['rows_per_s'] / n['rows_per_s']:.2f}x; per CPU-s "
+                       f"{(r['rows'] / r['memory']['cpu_s']) / (n['rows'] / n['memory']['cpu_s']):.2f}x")
     if 1 in cores and len(cores) > 1:
         for s in sizes:
             hi = max(cores)
@@ -715,8 +751,8 @@ def main(argv=None) -> dict:
     p.add_argument("--reference", default="tuned,naive", help="reference variants to run (tuned, naive; '' = none)")
     p.add_argument("--naive-rows", type=int, default=50_000,
                    help="separate, smaller cap for the slow naive reference (0 = same as --reference-rows)")
-    p.add_argument("--shuffle-partitions", type=int, default=0,
-                   help="spark.sql.shuffle.partitions (0 = max(4 x cores, raw input MB / 32))")
+    p.add_argument("--parsers", default="arrow,native",
+                   help="etl.parser values to run: arrow at every size, native (the slow A/B) at the smallest only")
     p.add_argument("--seed", type=int, default=None, help="generator seed (default: GeneratorConfig's)")
     p.add_argument("--check-rows", type=int, default=500, help="sampled rows for the Spark/reference agreement check")
     p.add_argument("--sample-interval", type=float, default=0.25, help="memory sampling period, seconds")
@@ -730,6 +766,7 @@ def main(argv=None) -> dict:
     p.add_argument("--rows", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--variant", default="tuned", help=argparse.SUPPRESS)
     p.add_argument("--chunk-rows", type=int, default=50_000, help=argparse.SUPPRESS)
+    p.add_argument("--parser", default="arrow", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.seed is None:
         from esmm.config import GeneratorConfig
@@ -784,18 +821,21 @@ def main(argv=None) -> dict:
         log(f"input {size:,}: {info['bytes'] / MB:,.0f} MB ({'cached' if cached else 'generated'})")
 
     # 2. Spark ETL per size and core count, each in a fresh process (fresh JVM)
+    # (run_etl sizes the shuffle partitions itself: one per etl.mb_per_partition of raw text)
+    parsers = [x for x in a.parsers.split(",") if x]
     for size in sizes:
-        for c in cores:
-            # Partitions sized by the data (~32 MB of raw text each, at least 4 per core): the partitioned write sorts
-            # a whole shuffle partition in memory, so a fixed count would make the heap grow with the data.
-            sp = a.shuffle_partitions or max(4 * c, -(-R["inputs"][str(size)]["bytes"] // (32 * MB)))
-            out = os.path.join(a.workdir, f"out-{size}-local{c}")
-            log(f"spark ETL {size:,} local[{c}] (shuffle partitions {sp})")
-            r = _child("spark", a, os.path.join(res_dir, f"spark-{size}-{c}.json"), size=size, cores=c,
-                       raw=_raw_dir(a.workdir, size, a.seed), out=out, shuffle_partitions=sp)
-            R["runs"].append(r)
-            log(f"  {r['seconds']:.1f}s, {r['rows_per_s']:,.0f} rows/s, JVM heap used {r['memory']['heap_used_mb']:,.0f} MB"
-                f" (live after GC {r['memory']['heap_after_gc_mb']:,.0f}), JVM RSS {r['memory']['children_rss_mb']:,.0f} MB")
+        for parser in parsers:
+            if parser != "arrow" and size != min(sizes):
+                continue
+            for c in cores:
+                out = os.path.join(a.workdir, f"out-{size}-local{c}-{parser}")
+                log(f"spark ETL {size:,} local[{c}] parser={parser}")
+                r = _child("spark", a, os.path.join(res_dir, f"spark-{size}-{c}-{parser}.json"), size=size, cores=c,
+                           raw=_raw_dir(a.workdir, size, a.seed), out=out, parser=parser)
+                R["runs"].append(r)
+                log(f"  {r['seconds']:.1f}s, {r['rows_per_s']:,.0f} rows/s, CPU {r['memory']['cpu_s']:.0f}s (JIT "
+                    f"{r['memory']['jit_cpu_s']:.0f}s), JVM heap used {r['memory']['heap_used_mb']:,.0f} MB (live after "
+                    f"GC {r['memory']['heap_after_gc_mb']:,.0f}), JVM RSS {r['memory']['children_rss_mb']:,.0f} MB")
 
     # 3. plain-Python references on the smallest size
     ref_outs = {}
@@ -816,8 +856,11 @@ def main(argv=None) -> dict:
 
     # 4. agreement on sampled rows, ratios, table
     if ref_outs:
-        spark_out = os.path.join(a.workdir, f"out-{small}-local{max(cores)}")
-        R["agreement"] = {"spark": f"{small:,} local[{max(cores)}]", **_agreement(spark_out, ref_outs, a.check_rows, a.seed)}
+        spark_out = os.path.join(a.workdir, f"out-{small}-local{max(cores)}-{parsers[0]}")
+        others = {f"spark local[{max(cores)}] {p}": os.path.join(a.workdir, f"out-{small}-local{max(cores)}-{p}")
+                  for p in parsers[1:]}
+        R["agreement"] = {"spark": f"{small:,} local[{max(cores)}] {parsers[0]}",
+                          **_agreement(spark_out, {**ref_outs, **others}, a.check_rows, a.seed)}
     changed = sorted({f for r in R["runs"] for f, h in r.get("code", {}).items() if h != R["code"]["files"].get(f)}
                      | {f for f, h in _code_digest().items() if h != R["code"]["files"].get(f)})
     R["code"]["changed_during_run"] = changed
