@@ -327,7 +327,7 @@ def parse_lines(lines: DataFrame, kind: str, parser: str, layout: FeatureLayout)
 
 @dataclass
 class Plan:
-    """The DataFrames of one ETL run; ``rows`` and ``common`` are persisted, ``release()`` frees them."""
+    """The DataFrames of one ETL run; ``rows`` (on disk: the heap stays flat) and ``common`` are persisted, ``release()`` frees them."""
     dataset: DataFrame        # good rows, DATASET_SCHEMA columns + raw_split
     quarantine: DataFrame     # QUARANTINE_SCHEMA
     rows: DataFrame           # one row per skeleton line read (good or quarantined)
@@ -379,7 +379,7 @@ def build_plan(spark: SparkSession, cfg: Config, inputs: RawInputs) -> Plan:
                     F.when(good, F.col(S_IDS)).alias(S_IDS), F.when(good, F.col(S_WTS)).alias(S_WTS),
                     F.when(~good, F.col("value")).alias("value")) \
         .withColumn(S.SAMPLE_TIER, sample_tier(F.col(S.SAMPLE_ID), cfg.etl.sampling_rates)) \
-        .persist(StorageLevel.MEMORY_AND_DISK)
+        .persist(StorageLevel.DISK_ONLY)
 
     # The common slots are joined again here rather than persisted with every row (41 of the 57 default slots).
     dataset = rows.where(F.col(REASON).isNull()).join(good_common, on=keys, how="inner").select(
@@ -442,20 +442,9 @@ def run_etl(spark: SparkSession, cfg: Config, raw_dir: str | None = None, out: s
     try:
         plan = build_plan(spark, cfg, inputs)
         data, split_info = assign_split(spark, plan.dataset, cfg.etl.split, inputs)
-        block = cfg.etl.row_group_mb * 1024 * 1024
-        (data.drop(RAW_SPLIT).write.partitionBy("split", S.SAMPLE_TIER)
-         .option("parquet.block.size", block).option("maxRecordsPerFile", cfg.etl.rows_per_file)
-         # hashed ids are near-unique per column chunk: dictionary encoding only costs time (bench: -10%) and
-         # space (-19%); the weights (few distinct values) keep it
-         .option(f"parquet.enable.dictionary#{S.FEAT_IDS}.list.element", "false")
-         .parquet(f"{tmp}/_data"))
-        log.info("dataset written (%.1fs)", time.time() - t0)
+        files = _write_dataset(spark, cfg, data.drop(RAW_SPLIT), tmp)
+        log.info("dataset written: %d files (%.1fs)", len(files), time.time() - t0)
         plan.quarantine.write.parquet(f"{tmp}/{S.QUARANTINE}")
-        for split in S.SPLITS:
-            src = f"{tmp}/_data/split={split}"
-            if sparkfs.exists(spark, src):
-                sparkfs.rename(spark, src, f"{tmp}/{split}")
-        sparkfs.delete(spark, f"{tmp}/_data")
         manifest = _account(spark, cfg, tmp, plan, split_info)
     finally:
         spark.conf.set("spark.sql.shuffle.partitions", previous)
@@ -468,6 +457,34 @@ def run_etl(spark: SparkSession, cfg: Config, raw_dir: str | None = None, out: s
     sparkfs.commit_dir(spark, tmp, out, replace=existing is not None)
     log.info("ETL done in %.1fs: %s", time.time() - t0, json.dumps(manifest["rows"]))
     return manifest
+
+
+def _write_dataset(spark: SparkSession, cfg: Config, data: DataFrame, tmp: str) -> list:
+    """The dataset rows -> ``tmp/{train,test}/sample_tier=<t>/part-*.parquet`` (pyarrow writer, esmm/arrow_write.py).
+
+    Row groups of about ``etl.row_group_mb`` (many per file, so readers shard by row group), at most
+    ``etl.rows_per_file`` rows per file. ``feat_ids`` is written without dictionary encoding: hashed ids are
+    near-unique per column chunk, so a dictionary only costs time and space; the other columns keep it.
+    """
+    import pyarrow as pa
+
+    from esmm.arrow_write import write_partitioned
+    width = FeatureLayout.from_config(cfg.features).num_slots
+    schema = pa.schema([
+        pa.field(S.SAMPLE_ID, pa.int64(), False), pa.field(S.CLICK, pa.int32(), False),
+        pa.field(S.CONVERSION, pa.int32(), False),
+        pa.field(S.FEAT_IDS, pa.list_(pa.field("element", pa.int32(), False)), False),
+        pa.field(S.FEAT_WTS, pa.list_(pa.field("element", pa.float32(), False)), False)],
+        metadata={"row_bytes": str(16 + 8 * width + 16)})
+    files = write_partitioned(data, sparkfs.arrow_uri(spark, f"{tmp}/_data"), schema, ("split", S.SAMPLE_TIER),
+                              rows_per_file=cfg.etl.rows_per_file, row_group_bytes=cfg.etl.row_group_mb << 20,
+                              dictionary=[S.SAMPLE_ID, S.CLICK, S.CONVERSION, f"{S.FEAT_WTS}.list.element"],
+                              dir_formats=("{}", S.SAMPLE_TIER + "={}"))
+    for split in S.SPLITS:
+        if sparkfs.exists(spark, f"{tmp}/_data/{split}"):
+            sparkfs.rename(spark, f"{tmp}/_data/{split}", f"{tmp}/{split}")
+    sparkfs.delete(spark, f"{tmp}/_data")
+    return files
 
 
 def _account(spark: SparkSession, cfg: Config, tmp: str, plan: Plan, split_info: dict) -> dict:

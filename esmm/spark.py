@@ -87,3 +87,15 @@ def write_text(spark: SparkSession, path: str, text: str) -> None:
 
 def read_text(spark: SparkSession, path: str) -> str:
     return "\n".join(r.value for r in spark.read.text(path, wholetext=True).collect())
+
+
+def arrow_uri(spark: SparkSession, path: str) -> str:
+    """``path`` fully qualified by Hadoop (relative paths resolved as Spark resolves them), spelled for pyarrow.fs:
+    a plain absolute path for the local filesystem, ``s3://`` for ``s3a://``, other URIs (``hdfs://``) as they are."""
+    fs, p = _fs(spark, path)
+    q = str(fs.makeQualified(p).toString())
+    if q.startswith("file:"):
+        return "/" + q[len("file:"):].lstrip("/")
+    if q.startswith("s3a://"):
+        return "s3://" + q[len("s3a://"):]
+    return q
