@@ -107,8 +107,7 @@ def _spark_session(master: str, shuffle_partitions: int, local_dir: str, app: st
     os.makedirs(local_dir, exist_ok=True)
     b = (SparkSession.builder.master(master).appName(app)
          .config("spark.driver.memory", "4g")
-         .config("spark.sql.shuffle.partitions", str(shuffle_partitions))
-         .config("spark.default.parallelism", str(shuffle_partitions))
+         .config("spark.sql.shuffle.partitions", str(shuffle_partitions))  # run_etl sets its own for the ETL
          .config("spark.local.dir", local_dir)
          .config("spark.sql.warehouse.dir", os.path.join(local_dir, "wh"))
          .config("spark.ui.showConsoleProgress", "false")

@@ -74,6 +74,34 @@ def to_float64(s: pa.Array) -> tuple[np.ndarray, np.ndarray]:
 
 # ----------------------------------------------------------------------------------------------- encoding
 
+def sort_order(group: np.ndarray, val: np.ndarray, fid: np.ndarray) -> np.ndarray:
+    """The permutation sorting entries by (group ascending, val descending, fid ascending).
+
+    Same result as ``np.lexsort((fid, -val, group))`` but 5-10x faster: two stable single-key argsorts of packed
+    int64 keys, (group, value rank) and then (run of equal keys, fid), instead of three indirect passes. Falls back
+    to lexsort where a key does not fit its bits (ids outside [0, 2^40), absurd group counts).
+    """
+    if len(group) == 0:
+        return np.zeros(0, np.int64)
+    if val.min() >= 0 and val.max() < 1 << 21 and np.array_equal(val, np.floor(val)):
+        bits, vkey = 21, (1 << 21) - 1 - val.astype(np.int64)            # counts: the value itself is the rank
+    else:
+        uniq, vkey = np.unique(-val, return_inverse=True)
+        bits = max(1, len(uniq).bit_length())
+    if group.min() < 0 or group.max() >= 1 << (62 - bits):
+        return np.lexsort((fid, -val, group))
+    k2 = (group << bits) | vkey
+    o1 = np.argsort(k2, kind="stable")
+    k2s = k2[o1]
+    run = np.cumsum(np.r_[True, k2s[1:] != k2s[:-1]]) - 1
+    f = fid[o1]
+    if f.min() >= 0 and f.max() < 1 << 40 and run[-1] < 1 << 22:
+        o2 = np.argsort((run << 40) | f, kind="stable")
+    else:
+        o2 = np.lexsort((f, run))
+    return o1[o2]
+
+
 class SideEncoder:
     """Encodes the entries of one line kind (skeleton or common) into that side's fixed slots.
 
@@ -102,11 +130,12 @@ class SideEncoder:
         ids = np.tile(self.default_ids, (n, 1))
         wts = np.tile(self.default_wts, (n, 1))
         keep = self.on_side[field]
-        line, field, fid, val = line[keep], field[keep], fid[keep], val[keep]
+        if not keep.all():                              # entries of the other side's fields are ignored
+            line, field, fid, val = line[keep], field[keep], fid[keep], val[keep]
         if len(line) == 0:
             return ids, wts
         group = line.astype(np.int64) * len(self.k) + field
-        order = np.lexsort((fid, -val, group))        # per (line, field): value descending, then smaller id first
+        order = sort_order(group, val, fid)             # per (line, field): value descending, then smaller id first
         group, field, fid, val, line = group[order], field[order], fid[order], val[order], line[order]
         start = np.r_[True, group[1:] != group[:-1]]
         pos = np.arange(len(group))

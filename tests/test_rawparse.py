@@ -11,7 +11,7 @@ from esmm import rawparse
 from esmm.config import load_config
 from esmm.etl import _arrow_parser
 from esmm.features import FeatureLayout, encode_line_features
-from esmm.rawparse import SideEncoder, parse_common, parse_skeleton, to_float64, to_int64
+from esmm.rawparse import SideEncoder, parse_common, parse_skeleton, sort_order, to_float64, to_int64
 
 E, I, V = S.ENTRY_SEP, S.ID_SEP, S.VALUE_SEP
 LAYOUT = FeatureLayout.from_config(load_config(None, ["features.max_len={'109_14': 3, '210': 2}"]).features)
@@ -133,3 +133,21 @@ def test_mapinarrow_chunking_gives_the_same_rows(monkeypatch):
     assert len(chunks) > 10
     assert pa.Table.from_batches(chunks).equals(whole)
     assert whole.num_rows == 200 and whole.column("file").to_pylist() == ["f.csv"] * 200
+
+
+@pytest.mark.parametrize("case", ["counts", "floats", "wide_ids", "negative_ids", "big_values"])
+def test_sort_order_equals_lexsort(case):
+    rng = np.random.default_rng(11)
+    n = 20000
+    group = np.sort(rng.integers(0, 3000, n))
+    val = rng.integers(0, 4, n).astype(float)
+    fid = rng.integers(0, 50, n)
+    if case == "floats":
+        val = rng.choice([0.25, 1.0, 0.5, 0.125, 3.0], n) * rng.choice([1, -1], n)
+    if case == "wide_ids":
+        fid = rng.integers(0, 2**62, n)
+    if case == "negative_ids":
+        fid = rng.integers(-50, 50, n)
+    if case == "big_values":
+        val = rng.choice([1.0, 2.0**30, 7.0], n)
+    assert np.array_equal(sort_order(group, val, fid), np.lexsort((fid, -val, group)))
