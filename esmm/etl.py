@@ -327,7 +327,8 @@ def parse_lines(lines: DataFrame, kind: str, parser: str, layout: FeatureLayout)
 
 @dataclass
 class Plan:
-    """The DataFrames of one ETL run; ``rows`` (on disk: the heap stays flat) and ``common`` are persisted, ``release()`` frees them."""
+    """The DataFrames of one ETL run. ``rows`` (on disk, so the heap does not grow with the data) and ``common``
+    are persisted; ``release()`` frees them."""
     dataset: DataFrame        # good rows, DATASET_SCHEMA columns + raw_split
     quarantine: DataFrame     # QUARANTINE_SCHEMA
     rows: DataFrame           # one row per skeleton line read (good or quarantined)

@@ -48,7 +48,8 @@ def test_encoding_equals_python_reference_line_by_line():
 
 def test_top_k_ties_and_weights_by_hand():
     # 109_14 keeps 3 of 4: values 5, 3, 3 (tie -> smaller id first), weights 5/11, 3/11, 3/11
-    line = f"{'a' * 16},5,{fl([('109_14', 9, '3'), ('109_14', 4, '1'), ('109_14', 8, '3'), ('109_14', 2, '5'), ('101', 1, '0')])}"
+    entries = [("109_14", 9, "3"), ("109_14", 4, "1"), ("109_14", 8, "3"), ("109_14", 2, "5"), ("101", 1, "0")]
+    line = f"{'a' * 16},5,{fl(entries)}"
     c = parse_common(pa.array([line]), CE)
     k = LAYOUT.field_index("109_14")
     s = LAYOUT.slot_starts[k]
