@@ -490,6 +490,8 @@ def _child(kind: str, a, result: str, **kw) -> dict:
            "--seed", str(a.seed), "--sample-interval", str(a.sample_interval)]
     for k, v in kw.items():
         cmd += [f"--{k.replace('_', '-')}", str(v)]
+    if not a.pin:
+        cmd.append("--no-pin")
     if os.path.exists(result):
         os.remove(result)
     t0 = time.time()
@@ -601,6 +603,8 @@ def report(R: dict) -> str:
     L.append(f"ETL benchmark  {R['date']}  host {R['machine']['host']}  {R['machine']['cpus']} CPUs  "
              f"{R['machine']['mem_gb']} GB RAM  python {R['machine']['python']}  spark {R['machine']['spark']}")
     L.append(f"command: {R['command']}")
+    L.append("CPU affinity: " + ("each spark local[N] run (its JVM and Python workers included) pinned to N cores, "
+                                 "each python reference to 1" if R["args"].get("pin", True) else "none (--no-pin)"))
     c = R.get("code", {})
     g = c.get("git", {})
     L.append(f"code: git {g.get('head')}" + (f" with local changes to {', '.join(g['modified'])}" if g.get("modified") else "")
@@ -789,6 +793,9 @@ def main(argv=None) -> dict:
     p.add_argument("--chunk-rows", type=int, default=50_000, help=argparse.SUPPRESS)
     p.add_argument("--parser", default="arrow", help=argparse.SUPPRESS)
     p.add_argument("--driver-memory", default="4g", help=argparse.SUPPRESS)
+    p.add_argument("--no-pin", dest="pin", action="store_false",
+                   help="do not pin runs to cores (default: a local[N] run, its JVM and Python workers included, "
+                        "runs on N cores via CPU affinity, and the references on 1, so 'per core' means one core)")
     p.add_argument("--heap-check", default="1g",
                    help="also run every size on local[1] with this spark.driver.memory ('' = skip): the ETL must "
                         "not need a heap that grows with the data")
@@ -803,6 +810,10 @@ def main(argv=None) -> dict:
         fn = {"generate": child_generate, "spark": child_spark, "reference": child_reference}[a.child]
         if a.child == "spark":
             a.cores = int(a.cores)
+        if a.pin and a.child != "generate" and hasattr(os, "sched_setaffinity"):
+            # inherited by the JVM this process starts and by the JVM's Python workers
+            n = a.cores if a.child == "spark" else 1
+            os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:n])
         out = fn(a)
         with open(a.result, "w") as f:
             json.dump(out, f, indent=1)
