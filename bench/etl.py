@@ -618,7 +618,7 @@ def report(R: dict) -> str:
                  f"{g['mean_common_entries']:.0f} skeleton {g['mean_skeleton_entries']:.1f}, "
                  f"{g['bytes'] / MB:,.0f} MB of text ({how})")
     L.append("")
-    hdr = (f"{'size':>10} | {'engine':<26} | {'seconds':>8} | {'rows/s':>9} | {'rows/s/core':>11} | "
+    hdr = (f"{'size':>10} | {'engine':<30} | {'seconds':>8} | {'rows/s':>9} | {'rows/s/core':>11} | "
            f"{'CPU s':>7} | {'rows/CPU-s':>10} | {'JVM heap used / live-after-GC MB':>32} | {'JVM RSS MB':>10} | "
            f"{'py RSS MB':>9} | {'load':>9}")
     L.append(hdr)
@@ -633,7 +633,7 @@ def report(R: dict) -> str:
         secs = f"{r['seconds']:.1f}" + ("*" if r.get("extrapolated") else "")
         cpu_s = r.get("cpu_s", m["cpu_s"])
         load = "%.1f-%.1f" % tuple(m["loadavg_1m"])
-        L.append(f"{r['size']:>10,} | {r['engine']:<26} | {secs:>8} | {_fmt_rate(r['rows_per_s']):>9} | "
+        L.append(f"{r['size']:>10,} | {r['engine']:<30} | {secs:>8} | {_fmt_rate(r['rows_per_s']):>9} | "
                  f"{_fmt_rate(r['rows_per_s'] / r['cores']):>11} | {cpu_s:>7.1f} | {_fmt_rate(r['rows'] / cpu_s):>10} | "
                  f"{heap:>32} | {jrss:>10} | {m['python_maxrss_mb']:>9,.0f} | {load:>9}")
     if any(r.get("extrapolated") for r in R["runs"]):
@@ -694,10 +694,21 @@ def report(R: dict) -> str:
 def _ratios(R: dict) -> list:
     runs = R["runs"]
     out = []
-    spark = {(r["size"], r["cores"]): r for r in runs if r["engine"].startswith("spark") and r["parser"] == "arrow"
-             and r.get("driver_memory", "4g") == "4g"}
+    def median_runs(rs):  # (size, cores) -> the median run by rows/s (the middle one of an odd count)
+        by = {}
+        for r in rs:
+            by.setdefault((r["size"], r["cores"]), []).append(r)
+        return {k: sorted(v, key=lambda r: r["rows_per_s"])[(len(v) - 1) // 2] for k, v in by.items()}
+
+    spark = median_runs(r for r in runs if r["engine"].startswith("spark") and r["parser"] == "arrow"
+                        and r.get("driver_memory", "4g") == "4g")
     small_heap = [r for r in runs if r["engine"].startswith("spark") and r.get("driver_memory", "4g") != "4g"]
-    native = {(r["size"], r["cores"]): r for r in runs if r["engine"].startswith("spark") and r["parser"] == "native"}
+    native = median_runs(r for r in runs if r["engine"].startswith("spark") and r["parser"] == "native")
+    for (size, c), r in sorted(spark.items()):
+        n = sum(1 for x in runs if x["engine"].startswith("spark") and x["parser"] == "arrow" and x["size"] == size
+                and x["cores"] == c and x.get("driver_memory", "4g") == "4g")
+        if n > 1:
+            out.append(f"{size:,} local[{c}]: {n} runs, the median is {r['engine']} ({r['rows_per_s']:,.0f} rows/s)")
     refs = [r for r in runs if r["engine"].startswith("python")]
     sizes = sorted({s for s, _ in spark})
     cores = sorted({c for _, c in spark})
@@ -793,6 +804,9 @@ def main(argv=None) -> dict:
     p.add_argument("--chunk-rows", type=int, default=50_000, help=argparse.SUPPRESS)
     p.add_argument("--parser", default="arrow", help=argparse.SUPPRESS)
     p.add_argument("--driver-memory", default="4g", help=argparse.SUPPRESS)
+    p.add_argument("--repeat", type=int, default=1,
+                   help="run every Spark configuration this many times; ratios use the median run (shared machines "
+                        "vary by +-20%% from run to run)")
     p.add_argument("--no-pin", dest="pin", action="store_false",
                    help="do not pin runs to cores (default: a local[N] run, its JVM and Python workers included, "
                         "runs on N cores via CPU affinity, and the references on 1, so 'per core' means one core)")
@@ -859,19 +873,20 @@ def main(argv=None) -> dict:
     # 2. Spark ETL per size and core count, each in a fresh process (fresh JVM)
     # (run_etl sizes the shuffle partitions itself: one per etl.mb_per_partition of raw text)
     parsers = [x for x in a.parsers.split(",") if x]
-    for size in sizes:
-        for parser in parsers:
-            if parser != "arrow" and size != min(sizes):
-                continue
-            for c in cores:
-                out = os.path.join(a.workdir, f"out-{size}-local{c}-{parser}")
-                log(f"spark ETL {size:,} local[{c}] parser={parser}")
-                r = _child("spark", a, os.path.join(res_dir, f"spark-{size}-{c}-{parser}.json"), size=size, cores=c,
-                           raw=_raw_dir(a.workdir, size, a.seed), out=out, parser=parser)
-                R["runs"].append(r)
-                log(f"  {r['seconds']:.1f}s, {r['rows_per_s']:,.0f} rows/s, CPU {r['memory']['cpu_s']:.0f}s (JIT "
-                    f"{r['memory']['jit_cpu_s']:.0f}s), JVM heap used {r['memory']['heap_used_mb']:,.0f} MB (live after "
-                    f"GC {r['memory']['heap_after_gc_mb']:,.0f}), JVM RSS {r['memory']['children_rss_mb']:,.0f} MB")
+    # Repeats are interleaved (all configurations once, then again), so slow drifts of the machine hit all alike.
+    plan = [(size, parser, k, c) for size in sizes for parser in parsers if parser == "arrow" or size == min(sizes)
+            for k in range(a.repeat) for c in cores]
+    for size, parser, k, c in plan:
+        out = os.path.join(a.workdir, f"out-{size}-local{c}-{parser}")
+        log(f"spark ETL {size:,} local[{c}] parser={parser}" + (f" (run {k + 1}/{a.repeat})" if a.repeat > 1 else ""))
+        r = _child("spark", a, os.path.join(res_dir, f"spark-{size}-{c}-{parser}-{k}.json"), size=size, cores=c,
+                   raw=_raw_dir(a.workdir, size, a.seed), out=out, parser=parser)
+        if a.repeat > 1:
+            r["engine"] += f" #{k + 1}"
+        R["runs"].append(r)
+        log(f"  {r['seconds']:.1f}s, {r['rows_per_s']:,.0f} rows/s, CPU {r['memory']['cpu_s']:.0f}s (JIT "
+            f"{r['memory']['jit_cpu_s']:.0f}s), JVM heap used {r['memory']['heap_used_mb']:,.0f} MB (live after "
+            f"GC {r['memory']['heap_after_gc_mb']:,.0f}), JVM RSS {r['memory']['children_rss_mb']:,.0f} MB")
 
     # 2b. the same job with a small driver heap, at every size
     if a.heap_check:
