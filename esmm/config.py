@@ -124,6 +124,7 @@ class EtlConfig:
     rows_per_file: int = 2_000_000                      # cap on rows per Parquet file
     split: str = "auto"    # auto: train/test files when both exist, else time split of the train file at its median
     parser: str = "arrow"  # arrow: vectorized Arrow/NumPy batches (esmm/rawparse.py); native: Spark SQL expressions
+    writer: str = "arrow"  # arrow: pyarrow in the Python workers (esmm/arrow_write.py); spark: Spark's Parquet writer
     broadcast_common_mb: int = 256  # broadcast the encoded common lines to the join when they are at most this big
     mb_per_partition: int = 32      # shuffle partitions of the join/write: one per this much raw text (at least 1)
 
@@ -137,6 +138,7 @@ class EtlConfig:
         _check(self.rows_per_file >= 1000, f"{key}.rows_per_file", "must be >= 1000")
         _check(self.split in ("auto", "files", "time"), f"{key}.split", f"must be auto|files|time, got {self.split!r}")
         _check(self.parser in ("arrow", "native"), f"{key}.parser", f"must be arrow|native, got {self.parser!r}")
+        _check(self.writer in ("arrow", "spark"), f"{key}.writer", f"must be arrow|spark, got {self.writer!r}")
         _check(self.broadcast_common_mb >= 0, f"{key}.broadcast_common_mb", "must be >= 0 (0: never broadcast)")
         _check(self.mb_per_partition >= 1, f"{key}.mb_per_partition", "must be >= 1")
 

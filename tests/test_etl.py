@@ -174,11 +174,15 @@ def _rows(spark, out):
 
 
 def test_native_parser_gives_the_same_dataset_and_quarantine(spark, etl_out, tiny_dataset, tmp_path):
-    """Two independent implementations (Spark SQL expressions vs Arrow/NumPy kernels) agree row for row."""
+    """Two independent implementations (Spark SQL expressions + Spark's writer vs Arrow/NumPy kernels + pyarrow's
+    writer) agree row for row."""
     cfg, raw, out, m = etl_out
-    native = load_config(None, ["etl.max_quarantine_share=1.0", "etl.sampling_rates=[0.5, 1.0]", "etl.parser=native"])
+    native = load_config(None, ["etl.max_quarantine_share=1.0", "etl.sampling_rates=[0.5, 1.0]", "etl.parser=native",
+                                "etl.writer=spark"])
     nm = run_etl(spark, native, str(raw), str(tmp_path / "native"))
-    assert nm["rows"] == m["rows"] and nm["parser"] == "native" and m["parser"] == "arrow"
+    assert nm["rows"] == m["rows"] and (nm["parser"], nm["writer"]) == ("native", "spark")
+    assert (m["parser"], m["writer"]) == ("arrow", "arrow")
+    assert nm["splits"] == m["splits"]
     assert _rows(spark, tmp_path / "native") == _rows(spark, out)
     # a generated log: many fields, multi-valued history fields, top-K truncation
     gen_raw, gen_out = tiny_dataset
