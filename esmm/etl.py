@@ -44,6 +44,7 @@ ENTRY = "entries"
 RAW_SPLIT = "raw_split"
 FILE = "file"
 REASON = "reason"
+ORPHAN = "common_feature_index %s: no valid common features line in the matching common_features file"
 
 
 class EtlError(RuntimeError):
@@ -266,8 +267,12 @@ PARSED_COMMON = (f"{RAW_SPLIT} string, {FILE} string, value string, {S.COMMON_KE
                  f"{C_IDS} {_IDS_T}, {C_WTS} {_WTS_T}, {REASON} string")
 
 
-def _arrow_parser(kind: str, layout: FeatureLayout):
-    """The ``mapInArrow`` function of ``etl.parser: arrow``: raw line batches -> parsed rows (esmm/rawparse.py)."""
+def _arrow_parser(kind: str, layout: FeatureLayout, keep_value: bool = False):
+    """The ``mapInArrow`` function of ``etl.parser: arrow``: raw line batches -> parsed rows (esmm/rawparse.py).
+
+    The raw line comes back only for bad lines unless ``keep_value``: most of the input's bytes do not travel back
+    to the JVM (nor through the duplicate-key shuffle).
+    """
     fields = S.SKELETON_FIELDS if kind == "skeleton" else S.COMMON_FIELDS
 
     def run(batches):
@@ -293,7 +298,11 @@ def _arrow_parser(kind: str, layout: FeatureLayout):
             for lo, hi in zip(cuts[:-1], cuts[1:]):
                 chunk = batch.slice(lo, hi - lo)
                 out = parse(chunk.column(0), encoder)
-                cols = [chunk.column(2), chunk.column(1), chunk.column(0)]
+                value = chunk.column(0)
+                if not keep_value:
+                    bad = np.array([r is not None for r in out["reason"]], bool)
+                    value = value.take(pa.array(np.arange(len(value)), mask=~bad))
+                cols = [chunk.column(2), chunk.column(1), value]
                 if kind == "skeleton":
                     cols += [pa.array(out[S.SAMPLE_ID], pa.int64()), pa.array(out[S.CLICK], pa.int32()),
                              pa.array(out[S.CONVERSION], pa.int32())]
@@ -305,22 +314,40 @@ def _arrow_parser(kind: str, layout: FeatureLayout):
     return run
 
 
-def parse_lines(lines: DataFrame, kind: str, parser: str, layout: FeatureLayout) -> DataFrame:
+def parse_lines(lines: DataFrame, kind: str, parser: str, layout: FeatureLayout,
+                keep_value: bool = False) -> DataFrame:
     """Raw lines (value, file, raw_split) -> one parsed row per line (PARSED_SKELETON / PARSED_COMMON).
 
     Good lines have ``reason`` null and their side's encoded slots; a bad line has its reason (its slots are
-    meaningless). Both parsers give the same rows (tests/test_etl.py checks it).
+    meaningless). ``value`` (the raw line) is kept for bad lines only, unless ``keep_value``. Both parsers give the
+    same rows (tests/test_etl.py checks it).
     """
     if parser == "arrow":
         schema = PARSED_SKELETON if kind == "skeleton" else PARSED_COMMON
-        return lines.select("value", FILE, RAW_SPLIT).mapInArrow(_arrow_parser(kind, layout), schema)
+        return lines.select("value", FILE, RAW_SPLIT).mapInArrow(_arrow_parser(kind, layout, keep_value), schema)
+    value = F.col("value") if keep_value else F.when(F.col(REASON).isNotNull(), F.col("value"))
     if kind == "skeleton":
         df = parse_skeleton(lines)
         df = encode_fields(df, ENTRY, layout, S.SKELETON_FIELDS, S_IDS, S_WTS)
-        return df.select(RAW_SPLIT, FILE, "value", S.SAMPLE_ID, F.col(S.CLICK).cast("int").alias(S.CLICK),
+        return df.select(RAW_SPLIT, FILE, value.alias("value"), S.SAMPLE_ID, F.col(S.CLICK).cast("int").alias(S.CLICK),
                          F.col(S.CONVERSION).cast("int").alias(S.CONVERSION), S.COMMON_KEY, S_IDS, S_WTS, REASON)
     df = encode_fields(parse_common(lines), ENTRY, layout, S.COMMON_FIELDS, C_IDS, C_WTS)
-    return df.select(RAW_SPLIT, FILE, "value", S.COMMON_KEY, C_IDS, C_WTS, REASON)
+    return df.select(RAW_SPLIT, FILE, value.alias("value"), S.COMMON_KEY, C_IDS, C_WTS, REASON)
+
+
+def _reread_good_lines(spark: SparkSession, paths: dict, kind: str, parser: str, layout: FeatureLayout,
+                       keys: DataFrame) -> DataFrame:
+    """The good (parse-valid) raw lines of ``kind`` whose (raw_split, common_feature_index) is in ``keys``, with
+    their raw text: the lines rejected after parsing (duplicate common keys, skeleton orphans), whose text the
+    parse did not keep. Only runs when there are such lines; the key is cut out natively, so only the few matching
+    lines are parsed again."""
+    key = F.substring_index(F.col("value"), S.COL_SEP, 1) if kind == "common" else \
+        F.substring_index(F.substring_index(F.col("value"), S.COL_SEP, 4), S.COL_SEP, -1)
+    hits = _read_lines(spark, paths).withColumn(S.COMMON_KEY, key) \
+        .join(F.broadcast(keys.select(RAW_SPLIT, S.COMMON_KEY).distinct()), on=[RAW_SPLIT, S.COMMON_KEY],
+              how="left_semi").drop(S.COMMON_KEY)
+    parsed = parse_lines(hits, kind, parser, layout, keep_value=True)
+    return parsed.where(F.col(REASON).isNull()).select(RAW_SPLIT, FILE, S.COMMON_KEY, "value")
 
 
 # ----------------------------------------------------------------------------------------------- the plan
@@ -353,13 +380,13 @@ def build_plan(spark: SparkSession, cfg: Config, inputs: RawInputs) -> Plan:
     """
     layout = FeatureLayout.from_config(cfg.features)
     keys = [RAW_SPLIT, S.COMMON_KEY]
+    # A line whose raw text is kept is one the parse rejected; a rejected line without text was rejected later
+    # (duplicate common key, orphan skeleton line): its text is read again only for the quarantine, and only if any.
+    parse_bad, late = F.col("value").isNotNull(), F.col(REASON).isNotNull() & F.col("value").isNull()
     common = parse_lines(_read_lines(spark, inputs.common), "common", cfg.etl.parser, layout)
     dup = F.count(F.lit(1)).over(Window.partitionBy(*keys))
-    reason = F.coalesce(F.col(REASON), F.when(dup > 1, F.format_string(
-        "common_feature_index %s appears on %d lines", S.COMMON_KEY, dup)))
-    common = common.select(RAW_SPLIT, FILE, S.COMMON_KEY, C_IDS, C_WTS, reason.alias(REASON), "value") \
-        .select(RAW_SPLIT, FILE, S.COMMON_KEY, C_IDS, C_WTS, REASON,
-                F.when(F.col(REASON).isNotNull(), F.col("value")).alias("value")) \
+    common = common.withColumn("_lines", dup).withColumn(REASON, F.coalesce(F.col(REASON), F.when(
+        F.col("_lines") > 1, F.format_string("common_feature_index %s appears on %d lines", S.COMMON_KEY, "_lines")))) \
         .persist(StorageLevel.MEMORY_AND_DISK)
     good_common = common.where(F.col(REASON).isNull()).select(*keys, C_IDS, C_WTS, F.lit(True).alias("_found"))
     n_good_common = good_common.count()
@@ -372,13 +399,10 @@ def build_plan(spark: SparkSession, cfg: Config, inputs: RawInputs) -> Plan:
 
     skel = parse_lines(_read_lines(spark, inputs.skeleton), "skeleton", cfg.etl.parser, layout)
     j = skel.join(good_common.select(*keys, "_found"), on=keys, how="left")
-    reason = F.coalesce(F.col(REASON), F.when(F.col("_found").isNull(), F.format_string(
-        "common_feature_index %s: no valid common features line in the matching common_features file",
-        S.COMMON_KEY)))
+    reason = F.coalesce(F.col(REASON), F.when(F.col("_found").isNull(), F.format_string(ORPHAN, S.COMMON_KEY)))
     good = reason.isNull()
     rows = j.select(S.SAMPLE_ID, S.CLICK, S.CONVERSION, *keys, FILE, reason.alias(REASON),
-                    F.when(good, F.col(S_IDS)).alias(S_IDS), F.when(good, F.col(S_WTS)).alias(S_WTS),
-                    F.when(~good, F.col("value")).alias("value")) \
+                    F.when(good, F.col(S_IDS)).alias(S_IDS), F.when(good, F.col(S_WTS)).alias(S_WTS), "value") \
         .withColumn(S.SAMPLE_TIER, sample_tier(F.col(S.SAMPLE_ID), cfg.etl.sampling_rates)) \
         .persist(StorageLevel.DISK_ONLY)
 
@@ -386,9 +410,22 @@ def build_plan(spark: SparkSession, cfg: Config, inputs: RawInputs) -> Plan:
     dataset = rows.where(F.col(REASON).isNull()).join(good_common, on=keys, how="inner").select(
         S.SAMPLE_ID, S.CLICK, S.CONVERSION, F.concat(C_IDS, S_IDS).alias(S.FEAT_IDS),
         F.concat(C_WTS, S_WTS).alias(S.FEAT_WTS), S.SAMPLE_TIER, RAW_SPLIT)
-    q = rows.where(F.col(REASON).isNotNull()).select(F.lit("skeleton").alias(S.Q_KIND), REASON, FILE, "value") \
-        .unionByName(common.where(F.col(REASON).isNotNull()).select(F.lit("common").alias(S.Q_KIND), REASON,
-                                                                     FILE, "value"))
+    parts = [rows.where(parse_bad).select(F.lit("skeleton").alias(S.Q_KIND), REASON, FILE, "value"),
+             common.where(parse_bad).select(F.lit("common").alias(S.Q_KIND), REASON, FILE, "value")]
+    orphans = rows.where(late).select(*keys)
+    if not orphans.isEmpty():
+        lines = _reread_good_lines(spark, inputs.skeleton, "skeleton", cfg.etl.parser, layout, orphans)
+        parts.append(lines.select(F.lit("skeleton").alias(S.Q_KIND), F.format_string(ORPHAN, S.COMMON_KEY).alias(REASON),
+                                  FILE, "value"))
+    dups = common.where(late).select(*keys, "_lines")
+    if not dups.isEmpty():
+        lines = _reread_good_lines(spark, inputs.common, "common", cfg.etl.parser, layout, dups)
+        lines = lines.join(F.broadcast(dups.distinct()), on=keys).withColumn(REASON, F.format_string(
+            "common_feature_index %s appears on %d lines", S.COMMON_KEY, "_lines"))
+        parts.append(lines.select(F.lit("common").alias(S.Q_KIND), REASON, FILE, "value"))
+    q = parts[0]
+    for part in parts[1:]:
+        q = q.unionByName(part)
     q = q.select(S.Q_KIND, F.col(REASON).alias(S.Q_REASON), F.col(FILE).alias(S.Q_FILE), F.col("value").alias(S.Q_LINE))
     return Plan(dataset, q, rows, common)
 
@@ -507,6 +544,7 @@ def _account(spark: SparkSession, cfg: Config, tmp: str, plan: Plan, split_info:
     rates = cfg.etl.sampling_rates
     read_skel = plan.rows.count()
     read_common = plan.common.count()
+    rejected_common = plan.common.where(F.col(REASON).isNotNull()).count()
     q = spark.read.parquet(f"{tmp}/{S.QUARANTINE}")
     q_counts = {r[S.Q_KIND]: r["n"] for r in q.groupBy(S.Q_KIND).agg(F.count("*").alias("n")).collect()}
     reasons = q.groupBy(S.Q_KIND, F.regexp_replace(S.Q_REASON, r"[0-9a-f]{16}|'.*'|\".*\"|\d+", "N").alias("r")) \
@@ -541,6 +579,9 @@ def _account(spark: SparkSession, cfg: Config, tmp: str, plan: Plan, split_info:
     if rows["skeleton_read"] != rows["written"] + rows["skeleton_quarantined"]:
         raise EtlError(f"accounting identity broken: read {rows['skeleton_read']} != written {rows['written']} + "
                        f"quarantined {rows['skeleton_quarantined']} (staging kept at {tmp})")
+    if rows["common_quarantined"] != rejected_common:
+        raise EtlError(f"common lines: {rejected_common} rejected but {rows['common_quarantined']} in the quarantine "
+                       f"(did the input change during the run?) (staging kept at {tmp})")
     return manifest
 
 

@@ -99,6 +99,12 @@ def test_quarantine_reasons_name_the_problem(spark, etl_out):
     assert "appears on 2 lines" in by_line[KC + "common"]
     assert "feature_num=3 but feature_list has 1 entries" in by_line[KD + "common"]
     assert all(row[S.Q_FILE].endswith(".csv") for row in q)
+    # every rejected line is kept byte for byte, including those rejected after parsing (orphans, duplicate keys)
+    raw = (out.parent / "raw")
+    skel_lines = (raw / "sample_skeleton_train.csv").read_text().split("\n")[:-1]
+    common_lines = (raw / "common_features_train.csv").read_text().split("\n")[:-1]
+    assert sorted(r[S.Q_LINE] for r in q if r[S.Q_KIND] == "skeleton") == sorted(skel_lines[2:])
+    assert sorted(r[S.Q_LINE] for r in q if r[S.Q_KIND] == "common") == sorted(common_lines[2:])
 
 
 def test_encoding_matches_python_reference(spark, etl_out):
