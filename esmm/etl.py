@@ -300,8 +300,7 @@ def _arrow_parser(kind: str, layout: FeatureLayout, keep_value: bool = False):
                 out = parse(chunk.column(0), encoder)
                 value = chunk.column(0)
                 if not keep_value:
-                    bad = np.array([r is not None for r in out["reason"]], bool)
-                    value = value.take(pa.array(np.arange(len(value)), mask=~bad))
+                    value = value.take(pa.array(np.arange(len(value)), mask=~out["bad"]))
                 cols = [chunk.column(2), chunk.column(1), value]
                 if kind == "skeleton":
                     cols += [pa.array(out[S.SAMPLE_ID], pa.int64()), pa.array(out[S.CLICK], pa.int32()),

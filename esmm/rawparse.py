@@ -270,7 +270,7 @@ def parse_skeleton(lines: pa.Array, encoder: SideEncoder) -> dict:
     reasons.add(~num_ok, lambda i: f"feature_num: not an integer: {_q(c.text(raw[4])(i))}")
     ids, wts = _feature_lists(raw[5], c.rows, num, num_ok, reasons, encoder, n)
     return {S.SAMPLE_ID: sid, S.CLICK: clk.astype(np.int32), S.CONVERSION: conv.astype(np.int32),
-            S.COMMON_KEY: c.full(raw[3]), "ids": ids, "wts": wts, "reason": reasons.text}
+            S.COMMON_KEY: c.full(raw[3]), "ids": ids, "wts": wts, "reason": reasons.text, "bad": reasons.bad}
 
 
 def parse_common(lines: pa.Array, encoder: SideEncoder) -> dict:
@@ -282,4 +282,4 @@ def parse_common(lines: pa.Array, encoder: SideEncoder) -> dict:
     num, num_ok = c.ints(raw[1])
     reasons.add(~num_ok, lambda i: f"feature_num: not an integer: {_q(c.text(raw[1])(i))}")
     ids, wts = _feature_lists(raw[2], c.rows, num, num_ok, reasons, encoder, n)
-    return {S.COMMON_KEY: c.full(raw[0]), "ids": ids, "wts": wts, "reason": reasons.text}
+    return {S.COMMON_KEY: c.full(raw[0]), "ids": ids, "wts": wts, "reason": reasons.text, "bad": reasons.bad}
