@@ -29,8 +29,8 @@ def _fs(path: str):
     return fs, root.rstrip("/")
 
 
-def _writer_fn(out: str, schema: pa.Schema, partition_by: tuple, dir_formats: tuple, sum_cols: tuple,
-               rows_per_file: int, row_group_rows: int, dictionary: list):
+def _writer_fn(out: str, schema: pa.Schema, partition_by: tuple, sum_cols: tuple, rows_per_file: int,
+               row_group_rows: int, dictionary: list):
     def run(batches):
         import json
 
@@ -55,7 +55,7 @@ def _writer_fn(out: str, schema: pa.Schema, partition_by: tuple, dir_formats: tu
             while table.num_rows:
                 entry = open_files.get(key)
                 if entry is None:
-                    d = "/".join(fmt.format(v) for fmt, v in zip(dir_formats, key))
+                    d = "/".join(f"{c}={v}" for c, v in zip(partition_by, key))
                     path = f"{root}/{d}/part-{tag}-{seq[0]:04d}.parquet"
                     seq[0] += 1
                     fs.create_dir(f"{root}/{d}", recursive=True)
@@ -92,21 +92,19 @@ def _writer_fn(out: str, schema: pa.Schema, partition_by: tuple, dir_formats: tu
 
 def write_partitioned(df: DataFrame, out: str, schema: pa.Schema, partition_by: tuple, sum_cols: tuple = (),
                       rows_per_file: int = 2_000_000, row_group_bytes: int = 8 << 20,
-                      dictionary: list | None = None, dir_formats: tuple | None = None) -> list[dict]:
+                      dictionary: list | None = None, row_bytes: int = 64) -> list[dict]:
     """Write ``df``'s ``schema`` columns under ``out/<col>=<value>/...`` per ``partition_by``; returns the files.
 
     ``out`` is a pyarrow.fs path or URI (``esmm.spark.arrow_uri``) that only this write uses: files in it that no
-    committed task wrote are deleted. ``dir_formats`` spells each partition level (default ``"<col>={}"``).
+    committed task wrote are deleted.
 
     Each returned dict has ``path``, ``rows``, ``parts`` (the partition values) and ``sums`` (of ``sum_cols``).
-    ``row_group_bytes`` is turned into a row count from the schema's fixed-width size (lists: their mean length in
-    the first batch is not known up front, so ``schema.metadata[b"row_bytes"]`` may give the bytes per row).
+    ``row_group_bytes`` becomes a row count per row group through ``row_bytes``, the caller's estimate of a row's
+    uncompressed size.
     """
     import json
-    row_bytes = int((schema.metadata or {}).get(b"row_bytes", b"64"))
     row_group_rows = max(1024, row_group_bytes // max(row_bytes, 1))
-    formats = tuple(dir_formats or (f"{c}={{}}" for c in partition_by))
-    fn = _writer_fn(out, schema, tuple(partition_by), formats, tuple(sum_cols), rows_per_file, row_group_rows,
+    fn = _writer_fn(out, schema, tuple(partition_by), tuple(sum_cols), rows_per_file, row_group_rows,
                     dictionary if dictionary is not None else True)
     result = df.select(*[f.name for f in schema], *partition_by).mapInArrow(fn, RESULT).collect()
     files = [{"path": r["path"], "rows": r["rows"], "parts": json.loads(r["parts"]), "sums": json.loads(r["sums"])}

@@ -45,6 +45,7 @@ RAW_SPLIT = "raw_split"
 FILE = "file"
 REASON = "reason"
 ORPHAN = "common_feature_index %s: no valid common features line in the matching common_features file"
+DUPLICATE = "common_feature_index %s appears on %d lines"
 
 
 class EtlError(RuntimeError):
@@ -298,10 +299,10 @@ def _arrow_parser(kind: str, layout: FeatureLayout, keep_value: bool = False):
             for lo, hi in zip(cuts[:-1], cuts[1:]):
                 chunk = batch.slice(lo, hi - lo)
                 out = parse(chunk.column(0), encoder)
-                value = chunk.column(0)
+                raw = chunk.column(0)
                 if not keep_value:
-                    value = value.take(pa.array(np.arange(len(value)), mask=~out["bad"]))
-                cols = [chunk.column(2), chunk.column(1), value]
+                    raw = raw.take(pa.array(np.arange(len(raw)), mask=~out["bad"]))
+                cols = [chunk.column(2), chunk.column(1), raw]
                 if kind == "skeleton":
                     cols += [pa.array(out[S.SAMPLE_ID], pa.int64()), pa.array(out[S.CLICK], pa.int32()),
                              pa.array(out[S.CONVERSION], pa.int32())]
@@ -385,7 +386,7 @@ def build_plan(spark: SparkSession, cfg: Config, inputs: RawInputs) -> Plan:
     common = parse_lines(_read_lines(spark, inputs.common), "common", cfg.etl.parser, layout)
     dup = F.count(F.lit(1)).over(Window.partitionBy(*keys))
     common = common.withColumn("_lines", dup).withColumn(REASON, F.coalesce(F.col(REASON), F.when(
-        F.col("_lines") > 1, F.format_string("common_feature_index %s appears on %d lines", S.COMMON_KEY, "_lines")))) \
+        F.col("_lines") > 1, F.format_string(DUPLICATE, S.COMMON_KEY, "_lines")))) \
         .persist(StorageLevel.MEMORY_AND_DISK)
     good_common = common.where(F.col(REASON).isNull()).select(*keys, C_IDS, C_WTS, F.lit(True).alias("_found"))
     n_good_common = good_common.count()
@@ -419,8 +420,8 @@ def build_plan(spark: SparkSession, cfg: Config, inputs: RawInputs) -> Plan:
     dups = common.where(late).select(*keys, "_lines")
     if not dups.isEmpty():
         lines = _reread_good_lines(spark, inputs.common, "common", cfg.etl.parser, layout, dups)
-        lines = lines.join(F.broadcast(dups.distinct()), on=keys).withColumn(REASON, F.format_string(
-            "common_feature_index %s appears on %d lines", S.COMMON_KEY, "_lines"))
+        lines = lines.join(F.broadcast(dups.distinct()), on=keys) \
+            .withColumn(REASON, F.format_string(DUPLICATE, S.COMMON_KEY, "_lines"))
         parts.append(lines.select(F.lit("common").alias(S.Q_KIND), REASON, FILE, "value"))
     q = parts[0]
     for part in parts[1:]:
@@ -498,7 +499,8 @@ def run_etl(spark: SparkSession, cfg: Config, raw_dir: str | None = None, out: s
 
 
 def _write_dataset(spark: SparkSession, cfg: Config, data: DataFrame, tmp: str) -> int:
-    """The dataset rows -> ``tmp/{train,test}/sample_tier=<t>/part-*.parquet``; returns the number of files.
+    """The dataset rows -> ``tmp/{train,test}/sample_tier=<t>/part-*.parquet``; returns the number of files
+    (-1 for Spark's writer, which does not report them).
 
     Row groups of about ``etl.row_group_mb`` (many per file, so readers shard by row group), at most
     ``etl.rows_per_file`` rows per file. ``feat_ids`` is written without dictionary encoding: hashed ids are
@@ -507,35 +509,32 @@ def _write_dataset(spark: SparkSession, cfg: Config, data: DataFrame, tmp: str) 
     ``spark`` uses Spark's own Parquet writer, for filesystems that pyarrow.fs cannot reach from the executors.
     """
     block = cfg.etl.row_group_mb << 20
+    n_files = -1
     if cfg.etl.writer == "spark":
         (data.write.partitionBy("split", S.SAMPLE_TIER)
          .option("parquet.block.size", block).option("maxRecordsPerFile", cfg.etl.rows_per_file)
          .option(f"parquet.enable.dictionary#{S.FEAT_IDS}.list.element", "false")
          .parquet(f"{tmp}/_data"))
-        for split in S.SPLITS:
-            if sparkfs.exists(spark, f"{tmp}/_data/split={split}"):
-                sparkfs.rename(spark, f"{tmp}/_data/split={split}", f"{tmp}/{split}")
-        sparkfs.delete(spark, f"{tmp}/_data")
-        return -1
-    import pyarrow as pa
+    else:
+        import pyarrow as pa
 
-    from esmm.arrow_write import write_partitioned
-    width = FeatureLayout.from_config(cfg.features).num_slots
-    schema = pa.schema([
-        pa.field(S.SAMPLE_ID, pa.int64(), False), pa.field(S.CLICK, pa.int32(), False),
-        pa.field(S.CONVERSION, pa.int32(), False),
-        pa.field(S.FEAT_IDS, pa.list_(pa.field("element", pa.int32(), False)), False),
-        pa.field(S.FEAT_WTS, pa.list_(pa.field("element", pa.float32(), False)), False)],
-        metadata={"row_bytes": str(16 + 8 * width + 16)})
-    files = write_partitioned(data, sparkfs.arrow_uri(spark, f"{tmp}/_data"), schema, ("split", S.SAMPLE_TIER),
-                              rows_per_file=cfg.etl.rows_per_file, row_group_bytes=block,
-                              dictionary=[S.SAMPLE_ID, S.CLICK, S.CONVERSION, f"{S.FEAT_WTS}.list.element"],
-                              dir_formats=("{}", S.SAMPLE_TIER + "={}"))
+        from esmm.arrow_write import write_partitioned
+        width = FeatureLayout.from_config(cfg.features).num_slots
+        schema = pa.schema([
+            pa.field(S.SAMPLE_ID, pa.int64(), False), pa.field(S.CLICK, pa.int32(), False),
+            pa.field(S.CONVERSION, pa.int32(), False),
+            pa.field(S.FEAT_IDS, pa.list_(pa.field("element", pa.int32(), False)), False),
+            pa.field(S.FEAT_WTS, pa.list_(pa.field("element", pa.float32(), False)), False)])
+        n_files = len(write_partitioned(
+            data, sparkfs.arrow_uri(spark, f"{tmp}/_data"), schema, ("split", S.SAMPLE_TIER),
+            rows_per_file=cfg.etl.rows_per_file, row_group_bytes=block, row_bytes=16 + 8 * width + 16,
+            dictionary=[S.SAMPLE_ID, S.CLICK, S.CONVERSION, f"{S.FEAT_WTS}.list.element"]))
+    # both writers lay out _data/split=<s>/sample_tier=<t>/: each split directory moves into place
     for split in S.SPLITS:
-        if sparkfs.exists(spark, f"{tmp}/_data/{split}"):
-            sparkfs.rename(spark, f"{tmp}/_data/{split}", f"{tmp}/{split}")
+        if sparkfs.exists(spark, f"{tmp}/_data/split={split}"):
+            sparkfs.rename(spark, f"{tmp}/_data/split={split}", f"{tmp}/{split}")
     sparkfs.delete(spark, f"{tmp}/_data")
-    return len(files)
+    return n_files
 
 
 def _account(spark: SparkSession, cfg: Config, tmp: str, plan: Plan, split_info: dict) -> dict:

@@ -6,8 +6,7 @@ from pyspark.sql import functions as F
 from esmm.arrow_write import write_partitioned
 
 SCHEMA = pa.schema([pa.field("id", pa.int64(), False), pa.field("y", pa.int32(), False),
-                    pa.field("v", pa.list_(pa.field("element", pa.float32(), False)), False)],
-                   metadata={"row_bytes": "100"})
+                    pa.field("v", pa.list_(pa.field("element", pa.float32(), False)), False)])
 
 
 def test_partitions_files_row_groups_sums_and_commit(spark, tmp_path):
@@ -19,7 +18,7 @@ def test_partitions_files_row_groups_sums_and_commit(spark, tmp_path):
         F.col("id"), (F.col("id") % 3 == 0).cast("int").alias("y"),
         F.array(F.col("id").cast("float"), F.lit(0.5).cast("float")).alias("v"), (F.col("id") % 2).alias("part"))
     files = write_partitioned(df, str(out), SCHEMA, ("part",), sum_cols=("y",), rows_per_file=1200,
-                              row_group_bytes=100 * 300)
+                              row_group_bytes=100 * 300, row_bytes=100)
     assert not stray.exists()
     assert sum(f["rows"] for f in files) == 5000
     assert all(f["rows"] <= 1200 for f in files) and len(files) == 8   # 2 tasks x 2 parts x (1200 + 50)
