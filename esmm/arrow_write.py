@@ -71,6 +71,20 @@ def _writer_fn(out: str, schema: pa.Schema, partition_by: tuple, sum_cols: tuple
                 if entry[2] >= rows_per_file:
                     close(key)
 
+        pending: dict = {}      # partition values -> tables not yet written (less than a row group)
+
+        def put(key, table):
+            """Buffer per partition so row groups have row_group_rows rows (pyarrow closes a row group at the end of
+            every write_table call; batches arrive in pieces of a few thousand rows per partition)."""
+            tables = pending.setdefault(key, [])
+            tables.append(table)
+            n = sum(t.num_rows for t in tables)
+            if n >= row_group_rows:
+                whole = pa.concat_tables(tables)
+                cut = n - n % row_group_rows
+                write(key, whole.slice(0, cut))
+                pending[key] = [whole.slice(cut)] if cut < n else []
+
         for batch in batches:
             if batch.num_rows == 0:
                 continue
@@ -81,7 +95,10 @@ def _writer_fn(out: str, schema: pa.Schema, partition_by: tuple, sum_cols: tuple
             for k, value in enumerate(uniq):
                 key = tuple(value.tolist()) if len(keys) > 1 else (value.item(),)
                 idx = np.flatnonzero(inverse == k)
-                write(key, data if len(uniq) == 1 else data.take(pa.array(idx)))
+                put(key, data if len(uniq) == 1 else data.take(pa.array(idx)))
+        for key, tables in pending.items():
+            if tables:
+                write(key, pa.concat_tables(tables))
         for key in list(open_files):
             close(key)
         if done:
