@@ -9,6 +9,7 @@ Unknown keys, wrong types and impossible values raise ``ConfigError`` naming the
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,8 +32,8 @@ def _check(ok: bool, key: str, msg: str) -> None:
 @dataclass(frozen=True)
 class SparkConfig:
     master: str = "local[*]"
-    shuffle_partitions: int = 8
-    driver_memory: str = "2g"
+    shuffle_partitions: int = 200
+    driver_memory: str = "4g"
     app_name: str = "esmm-spark"
 
     def validate(self, key: str) -> None:
@@ -52,7 +53,7 @@ class PathsConfig:
 @dataclass(frozen=True)
 class GeneratorConfig:
     """Knobs of the synthetic Ali-CCP log (model documented in esmm/generator.py)."""
-    impressions: int = 1_000_000          # total over train + test files
+    impressions: int = 20_000_000         # total over train + test files
     impressions_per_key: float = 58.0     # mean impressions sharing one common_feature_index
     users: int = 50_000
     items: int = 200_000
@@ -65,7 +66,8 @@ class GeneratorConfig:
     ctr: float = 0.04                     # target click-through rate
     cvr: float = 0.007                    # target post-click conversion rate
     selection_bias: float = 1.0           # 0 = clicks carry no information about conversion propensity
-    partitions: int = 8
+    shared_affinity: float | None = None  # weight of the click affinity A_S in logit pCVR; None = 0.2 x selection_bias
+    partitions: int = 64
     seed: int = 2018
     single_files: bool = True             # merge Spark part files into the four single files (local paths only)
 
@@ -77,6 +79,8 @@ class GeneratorConfig:
         _check(0 < self.ctr < 1, f"{key}.ctr", f"must be in (0, 1), got {self.ctr}")
         _check(0 < self.cvr < 1, f"{key}.cvr", f"must be in (0, 1), got {self.cvr}")
         _check(self.selection_bias >= 0, f"{key}.selection_bias", "must be >= 0")
+        _check(self.shared_affinity is None or math.isfinite(self.shared_affinity), f"{key}.shared_affinity",
+               f"must be a finite number or null, got {self.shared_affinity}")
         _check(self.latent_dim >= 2, f"{key}.latent_dim", "must be >= 2 (shared and conversion-only dims)")
 
 
@@ -191,6 +195,23 @@ class TrainConfig:
         _check(self.shuffle_buffer >= 0, f"{key}.shuffle_buffer", "must be >= 0")
 
 
+EXPORT_MODES = ("auto", "path", "broadcast")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Scoring (esmm/evaluate.py): models are scored in passes of ``models_per_pass``; a Python worker holds at most
+    ``models_per_pass`` + 1 models (the pass's and the reference CTR network)."""
+    models_per_pass: int = 2         # models scored per pass over the test split (each pass reads it once)
+    exports: str = "auto"            # path: workers read the export files (shared path); broadcast: the driver ships
+                                     # the bytes; auto: path on a local[...] master, else broadcast
+
+    def validate(self, key: str) -> None:
+        _check(self.models_per_pass >= 1, f"{key}.models_per_pass", "must be >= 1")
+        _check(self.exports in EXPORT_MODES, f"{key}.exports", f"must be one of {'|'.join(EXPORT_MODES)}, "
+               f"got {self.exports!r}")
+
+
 @dataclass(frozen=True)
 class ExperimentConfig:
     methods: tuple = ("base", "aman", "oversampling", "unbias", "division", "esmm_ns", "esmm")
@@ -198,11 +219,14 @@ class ExperimentConfig:
     aman_rates: tuple = (0.1, 0.2, 0.5, 1.0)     # paper's search grid
     oversampling_ks: tuple = (2, 3, 5, 10)       # paper's search grid
     figure_rates: tuple = ()                     # empty = every etl.sampling_rates entry
+    figure_methods: tuple = ()                   # trained at the figure rates below Table 2's; empty = all methods
 
     def validate(self, key: str) -> None:
         bad = [m for m in self.methods if m not in METHODS]
         _check(not bad, f"{key}.methods", f"unknown method(s) {bad}; choose from {METHODS}")
         _check(self.repeats >= 1, f"{key}.repeats", "must be >= 1")
+        bad = [m for m in self.figure_methods if m not in self.methods]
+        _check(not bad, f"{key}.figure_methods", f"{bad} not in experiment.methods {list(self.methods)}")
 
 
 @dataclass(frozen=True)
@@ -215,6 +239,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
     def validate(self, key: str = "") -> None:
         rates = self.etl.sampling_rates
@@ -248,6 +273,9 @@ def _build(cls: type, data: Any, key: str) -> Any:
 
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:
+    args = typing.get_args(tp)
+    if type(None) in args:  # "X | None": null, or an X
+        return None if value is None else _coerce(next(a for a in args if a is not type(None)), value, key)
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key)
     if tp is bool:

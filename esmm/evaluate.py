@@ -1,14 +1,34 @@
 """Scoring and metrics in Spark: trained exports -> a predictions table -> the paper's AUCs.
 
-Scoring (``score``): the model exports travel to the executors once, as a broadcast of their bytes; each Python
-worker loads them once (cached by content hash) and scores Arrow record batches in ``mapInArrow`` under
-``torch.inference_mode`` — nothing is collected to the driver. Output rows (schemas.dataset.PREDICTION_SCHEMA),
-one per test impression and method:
+Scoring (``score_to_parquet``) runs in *passes*: the runs to score are split into groups of at most
+``evaluate.models_per_pass`` models, and each pass is one ``mapInArrow`` job over the test split that scores its
+group under ``torch.inference_mode`` and appends its rows to one staging directory, renamed into place once every
+pass has finished (nothing is collected to the driver). Output rows (schemas.dataset.PREDICTION_SCHEMA), one per
+test impression and run:
 
 - ESMM, ESMM-NS: p_ctr, p_cvr from their own towers, p_ctcvr = p_ctr * p_cvr;
 - the reference CTR network itself: p_ctr, and NaN p_cvr/p_ctcvr (it takes part in the CTR task only);
 - every other method (paper protocol): p_ctr from the one reference CTR network, p_cvr from the method, and
   p_ctcvr = p_ctr * p_cvr; DIVISION's p_cvr = its pCTCVR network / reference pCTR, clipped to [0, 1] (clips counted).
+
+Memory bound. Each Python worker keeps a cache of loaded models keyed by the export's content hash; at the start of
+every task it evicts every model that is not part of the current pass, so a worker holds at most
+``models_per_pass + 1`` models: the pass's group and the reference CTR network, which every pass keeps loaded for
+the methods that need its pCTR. An executor runs one Python worker per task slot. How the exports reach the workers
+(``evaluate.exports``):
+
+- ``path``: each worker reads the export file itself (the driver passes its absolute path and content hash; a file
+  that changed since the driver hashed it is an error). Nothing is shipped, the driver never holds model bytes.
+  Needs the export paths to be readable by the executors under the same name: always true on a ``local[...]``
+  master, and on a cluster whose run directories live on a shared filesystem.
+- ``broadcast``: each pass broadcasts only its own exports (one broadcast per export, destroyed when the pass ends);
+  a worker drops the bytes of an export as soon as the model is built. Works wherever the driver can read the exports.
+- ``auto`` (default): ``path`` on a local master, else ``broadcast``.
+
+At conf/default.yaml's bucket sizes an export is about 130 MB (ESMM-NS, with two embedding tables, about 260 MB), so
+the default ``models_per_pass: 2`` bounds a worker at 3 models (~0.4-0.5 GB) instead of a whole unit's 14 (~1.9 GB:
+CTR, BASE, 4 AMAN rates, 4 OVERSAMPLING factors, UNBIAS, DIVISION, ESMM-NS, ESMM).
+The price of a smaller bound is more passes: each reads the test split and runs the reference network once more.
 """
 from __future__ import annotations
 
@@ -20,13 +40,12 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 from pyspark.sql import DataFrame, SparkSession
-from pyspark.sql import functions as F
 
 import schemas as S
 
 log = logging.getLogger(__name__)
 OWN_CTR_METHODS = ("esmm", "esmm_ns")
-_MODEL_CACHE: dict = {}
+_MODEL_CACHE: dict = {}   # per Python worker: export content hash -> model; only the current pass's models are kept
 
 
 class EvaluateError(RuntimeError):
@@ -41,19 +60,49 @@ class ScoredRun:
     export: str
 
 
-def _load_models(blobs: dict) -> dict:
-    """{run_id: (method, model)} from export bytes, cached per Python worker by content hash."""
+# ------------------------------------------------------------------------------------------------ worker side
+
+def _fetch(digest: str, where) -> bytes:
+    """The bytes of the export with content hash ``digest``: ``where`` is its path (read here, on the worker) or a
+    broadcast of its bytes."""
+    if isinstance(where, str):
+        with open(where, "rb") as f:
+            data = f.read()
+        if hashlib.sha1(data).hexdigest() != digest:
+            raise EvaluateError(f"model export {where} changed while it was being scored")
+        return data
+    data = where.value
+    if getattr(where, "_path", None) is not None:
+        # the worker's broadcast registry would keep the bytes until the pass ends; .value re-reads them if needed
+        where.__dict__.pop("_value", None)
+    return data
+
+
+def _retain_models(keep) -> None:
+    """Evict every cached model whose content hash is not in ``keep`` (the current pass's models)."""
+    stale = [d for d in _MODEL_CACHE if d not in keep]
+    for d in stale:
+        del _MODEL_CACHE[d]
+    if stale:
+        import gc
+        gc.collect()
+
+
+def _load_models(sources: dict) -> dict:
+    """{digest: model} for ``sources`` ({digest: path or broadcast}). The worker's cache first drops every other
+    model, so it never holds more than ``len(sources)`` of them, then loads the missing ones, one at a time."""
     import io
 
     import torch
 
     from esmm.train import load_export_blob
-    out = {}
-    for run_id, (method, data, digest) in blobs.items():
+    _retain_models(sources)
+    for digest, where in sources.items():
         if digest not in _MODEL_CACHE:
-            _MODEL_CACHE[digest] = load_export_blob(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
-        out[run_id] = (method, _MODEL_CACHE[digest])
-    return out
+            blob = torch.load(io.BytesIO(_fetch(digest, where)), map_location="cpu", weights_only=True)
+            _MODEL_CACHE[digest] = load_export_blob(blob)
+            del blob
+    return {d: _MODEL_CACHE[d] for d in sources}
 
 
 def _list_to_numpy(arr: pa.Array, width: int, dtype) -> np.ndarray:
@@ -65,14 +114,18 @@ def _repeat(text: str, n: int) -> pa.Array:
     return pa.repeat(pa.scalar(text, pa.string()), n)
 
 
-def _score_fn(blobs_bc, ref_run: str | None, width: int, threads: int, clip_acc):
+def _score_fn(group: dict, ref_digest: str | None, sources: dict, width: int, threads: int, clip_acc):
+    """mapInArrow function of one pass: rows for every run of ``group`` ({run_id: (method, digest)}); ``sources``
+    ({digest: path or broadcast}) covers the group and the reference CTR network (``ref_digest``)."""
+    needs_ref = any(m not in OWN_CTR_METHODS + ("ctr",) for m, _ in group.values())
+
     def score_batches(batches):
         import torch
 
         from esmm.batch import Batch
         from esmm.methods import division_cvr, predict
         torch.set_num_threads(threads)
-        models = _load_models(blobs_bc.value)
+        nets = _load_models(sources)
         for rb in batches:
             n = rb.num_rows
             if n == 0:
@@ -82,9 +135,9 @@ def _score_fn(blobs_bc, ref_run: str | None, width: int, threads: int, clip_acc)
                                      _list_to_numpy(cols[S.FEAT_WTS], width, np.float32),
                                      np.zeros(n, np.float32), np.zeros(n, np.float32))
             with torch.inference_mode():
-                ref_ctr = predict("ctr", models[ref_run][1], batch)[S.P_CTR] if ref_run else None
-                for run_id, (method, model) in models.items():
-                    out = predict(method, model, batch)
+                ref_ctr = predict("ctr", nets[ref_digest], batch)[S.P_CTR] if needs_ref else None
+                for run_id, (method, digest) in group.items():
+                    out = predict(method, nets[digest], batch)
                     if method == "ctr":  # the reference network itself: CTR only, no CVR (NaN)
                         p_ctr = out[S.P_CTR]
                         p_cvr = torch.full_like(p_ctr, float("nan"))
@@ -110,44 +163,142 @@ _PRED_ARROW = pa.schema([(S.SAMPLE_ID, pa.int64()), (S.CLICK, pa.int32()), (S.CO
                          (S.METHOD, pa.string()), (S.RUN_ID, pa.string())])
 
 
-def score(spark: SparkSession, test: DataFrame, runs: list[ScoredRun], reference_ctr: ScoredRun | None,
-          width: int, threads: int = 1) -> tuple[DataFrame, object]:
-    """Lazy predictions DataFrame for ``runs`` over ``test``; returns (df, accumulator of DIVISION clips)."""
+# ------------------------------------------------------------------------------------------------ driver side
+
+def _digest(path: str) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class _Export:
+    run: ScoredRun
+    path: str      # absolute
+    digest: str
+
+
+def _resolve(runs: list[ScoredRun], reference_ctr: ScoredRun | None) -> tuple[list[_Export], _Export | None]:
+    """Check the exports and hash them; returns (every run to write rows for, the reference). The reference CTR
+    network gets rows too (once, also when it is not among ``runs``); a run_id names one export."""
     needs_ref = [r.method for r in runs if r.method not in OWN_CTR_METHODS + ("ctr",)]
     if needs_ref and reference_ctr is None:
         raise EvaluateError(f"methods {needs_ref} need the reference CTR network's export (paper protocol)")
-    blobs = {}
+    out: dict[str, _Export] = {}
     for r in runs + ([reference_ctr] if reference_ctr else []):
         if not os.path.exists(r.export):
             raise EvaluateError(f"no model export for {r.run_id} at {r.export}: train it first")
-        data = open(r.export, "rb").read()
-        blobs[r.run_id] = (r.method, data, hashlib.sha1(data).hexdigest())
-    bc = spark.sparkContext.broadcast(blobs)
-    clips = spark.sparkContext.accumulator(0)
-    fn = _score_fn(bc, reference_ctr.run_id if reference_ctr else None, width, threads, clips)
+        e = _Export(r, os.path.abspath(r.export), _digest(r.export))
+        if r.run_id in out and out[r.run_id].digest != e.digest:
+            raise EvaluateError(f"run id {r.run_id!r} names two different exports: {out[r.run_id].path}, {e.path}")
+        out.setdefault(r.run_id, e)
+    ref = out[reference_ctr.run_id] if reference_ctr else None
+    return list(out.values()), ref
+
+
+def plan_passes(n: int, models_per_pass: int) -> list[range]:
+    """Index ranges of the ``n`` runs scored together: groups of at most ``models_per_pass``, in order."""
+    if models_per_pass < 1:
+        raise EvaluateError(f"models_per_pass must be >= 1, got {models_per_pass}")
+    return [range(i, min(i + models_per_pass, n)) for i in range(0, n, models_per_pass)]
+
+
+def _export_mode(spark: SparkSession, exports: str) -> str:
+    from esmm.config import EXPORT_MODES
+    if exports not in EXPORT_MODES:
+        raise EvaluateError(f"evaluate.exports must be one of {EXPORT_MODES}, got {exports!r}")
+    if exports == "auto":
+        return "path" if spark.sparkContext.master.startswith("local") else "broadcast"
+    return exports
+
+
+def _score_pass(spark: SparkSession, test: DataFrame, group: list[_Export], ref: _Export | None, width: int,
+                threads: int, mode: str, clips) -> tuple[DataFrame, list]:
+    """Lazy predictions of one pass and the broadcasts it uses (to destroy once it is written)."""
+    wanted = {e.digest: e for e in group + ([ref] if ref else [])}
+    broadcasts = []
+    if mode == "path":
+        sources = {d: e.path for d, e in wanted.items()}
+    else:
+        sources = {}
+        try:
+            for d, e in wanted.items():
+                with open(e.path, "rb") as f:
+                    data = f.read()
+                if hashlib.sha1(data).hexdigest() != d:
+                    raise EvaluateError(f"model export {e.path} changed while it was being scored")
+                sources[d] = spark.sparkContext.broadcast(data)
+                broadcasts.append(sources[d])
+                del data
+        except BaseException:
+            for bc in broadcasts:
+                bc.destroy()
+            raise
+    fn = _score_fn({e.run.run_id: (e.run.method, e.digest) for e in group}, ref.digest if ref else None, sources,
+                   width, threads, clips)
     cols = test.select(S.SAMPLE_ID, S.CLICK, S.CONVERSION, S.FEAT_IDS, S.FEAT_WTS)
-    return cols.mapInArrow(fn, S.PREDICTION_SCHEMA), clips
+    return cols.mapInArrow(fn, S.PREDICTION_SCHEMA), broadcasts
+
+
+def score(spark: SparkSession, test: DataFrame, runs: list[ScoredRun], reference_ctr: ScoredRun | None,
+          width: int, threads: int = 1, exports: str = "auto") -> tuple[DataFrame, object]:
+    """Lazy predictions DataFrame for ``runs`` over ``test`` in ONE pass (every model at once: no memory bound; use
+    ``score_to_parquet`` for that); returns (df, accumulator of DIVISION clips). With ``exports="broadcast"`` the
+    broadcasts live as long as the session."""
+    scored, ref = _resolve(runs, reference_ctr)
+    clips = spark.sparkContext.accumulator(0)
+    df, _ = _score_pass(spark, test, scored, ref, width, threads, _export_mode(spark, exports), clips)
+    return df, clips
 
 
 def score_to_parquet(spark: SparkSession, dataset: str, runs: list[ScoredRun], reference_ctr: ScoredRun | None,
-                     out: str, width: int, threads: int = 1) -> dict:
-    """Score the test split and write predictions to ``out`` atomically; returns {rows, division_clipped}."""
+                     out: str, width: int, threads: int = 1, evaluate=None) -> dict:
+    """Score the test split and write predictions to ``out`` atomically; returns {division_clipped, passes}.
+
+    The runs (and the reference CTR network's own rows) are scored ``evaluate.models_per_pass`` at a time
+    (``evaluate``: an ``EvaluateConfig``; None = its defaults); every pass appends to one staging directory, which
+    replaces ``out`` only when all passes have succeeded."""
     import shutil
     import uuid
+
+    from esmm.config import EvaluateConfig
+    ev = evaluate if evaluate is not None else EvaluateConfig()
+    ev.validate("evaluate")
+    scored, ref = _resolve(runs, reference_ctr)
+    if not scored:
+        raise EvaluateError("no runs to score")
+    mode = _export_mode(spark, ev.exports)
+    passes = plan_passes(len(scored), ev.models_per_pass)
     test = spark.read.parquet(os.path.join(dataset, S.TEST))
-    df, clips = score(spark, test, runs, reference_ctr, width, threads)
+    clips = spark.sparkContext.accumulator(0)
     tmp = f"{out}.tmp-{uuid.uuid4().hex[:8]}"
-    df.write.parquet(tmp)
+    try:
+        for i, idx in enumerate(passes):
+            group = [scored[j] for j in idx]
+            log.info("scoring pass %d/%d (%s exports): %s", i + 1, len(passes), mode,
+                     ", ".join(e.run.run_id for e in group))
+            df, broadcasts = _score_pass(spark, test, group, ref, width, threads, mode, clips)
+            try:
+                df.write.mode("append" if i else "errorifexists").parquet(tmp)
+            finally:
+                for bc in broadcasts:
+                    bc.destroy()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if os.path.exists(out):
         shutil.rmtree(out)
     os.replace(tmp, out)
-    return {"division_clipped": int(clips.value)}
+    return {"division_clipped": int(clips.value), "passes": len(passes)}
 
 
 def evaluate_runs(spark: SparkSession, dataset: str, run_dirs: list[str], ctr_dir: str | None, out: str,
-                  truth_path: str | None = None, threads: int = 1) -> dict:
+                  truth_path: str | None = None, threads: int = 1, evaluate=None) -> dict:
     """Score ``run_dirs`` (each holding a ``model.pt``) on the test split, write predictions under ``out`` and
-    return {"metrics": rows per run/task, "division_clipped": n, "predictions": path}."""
+    return {"metrics": rows per run/task, "division_clipped": n, "predictions": path}. ``evaluate``: an
+    ``EvaluateConfig`` (models per pass, how exports reach the executors); None = its defaults."""
     import json
 
     import torch
@@ -166,7 +317,7 @@ def evaluate_runs(spark: SparkSession, dataset: str, run_dirs: list[str], ctr_di
     ref = spec(ctr_dir) if ctr_dir else next((r for r in runs if r.method == "ctr"), None)
     width = read_manifest(dataset)["layout"]["num_slots"]
     pred_path = os.path.join(out, "predictions")
-    info = score_to_parquet(spark, dataset, runs, ref, pred_path, width, threads)
+    info = score_to_parquet(spark, dataset, runs, ref, pred_path, width, threads, evaluate)
     pred = spark.read.parquet(pred_path)
     rows = task_metrics(pred, group_cols=(S.RUN_ID,), on_one_class="nan")
     if truth_path and os.path.exists(truth_path):

@@ -9,7 +9,8 @@ import torch
 
 import schemas as S
 from esmm.batch import Batch
-from esmm.config import load_config
+from esmm import evaluate as E
+from esmm.config import EvaluateConfig, load_config
 from esmm.evaluate import EvaluateError, ScoredRun, score_to_parquet
 from esmm.experiment import run_experiment
 from esmm.methods import predict
@@ -69,6 +70,69 @@ def test_non_esmm_methods_need_the_reference_ctr(spark, trained):
     ds, root, runs = trained
     with pytest.raises(EvaluateError, match="reference CTR"):
         score_to_parquet(spark, ds, [runs["base"]], None, str(root / "x"), 41)
+
+
+def _sorted_predictions(path):
+    t = pq.read_table(path)
+    return t.schema, t.to_pandas().sort_values([S.RUN_ID, S.SAMPLE_ID]).reset_index(drop=True)
+
+
+@pytest.mark.parametrize("exports", ["path", "broadcast"])
+def test_scoring_in_passes_gives_the_same_predictions(spark, trained, exports):
+    """One model per pass (each pass appending to the same staging directory) == every model in one pass, exactly;
+    both ways of shipping the exports."""
+    ds, root, runs = trained
+    width = read_manifest(ds)["layout"]["num_slots"]
+    order = [runs["base"], runs["division"], runs["esmm"]]     # the reference gets rows too, not being listed
+    outs = {}
+    for k in (1, 100):
+        out = str(root / f"pred-{exports}-{k}")
+        info = score_to_parquet(spark, ds, order, runs["ctr"], out, width,
+                                evaluate=EvaluateConfig(models_per_pass=k, exports=exports))
+        assert info["passes"] == (4 if k == 1 else 1)
+        assert not [p for p in os.listdir(root) if ".tmp-" in p]    # staging renamed into place
+        outs[k] = (info, _sorted_predictions(out))
+    (info1, (schema1, one)), (info_all, (schema_all, together)) = outs[1], outs[100]
+    assert info1["division_clipped"] == info_all["division_clipped"]
+    assert schema1 == schema_all and schema1.names == S.PREDICTION_SCHEMA.names
+    assert sorted(one[S.RUN_ID].unique()) == ["base", "ctr", "division", "esmm"]
+    assert len(one) == 4 * len(_test_batch(ds)[0])
+    assert one.equals(together)      # bit for bit, NaN p_cvr of the reference rows included
+
+
+def test_worker_cache_holds_only_the_current_pass(trained, tmp_path):
+    """The worker-side cache never holds more than models_per_pass + 1 models (the pass's and the reference)."""
+    _, _, runs = trained
+    exports, ref = E._resolve([runs["base"], runs["division"], runs["esmm"]], runs["ctr"])
+    assert [e.run.run_id for e in exports] == ["base", "division", "esmm", "ctr"]
+    E._MODEL_CACHE.clear()
+    try:
+        for k in (1, 2, 3):
+            for idx in E.plan_passes(len(exports), k):
+                group = [exports[j] for j in idx]
+                assert len(group) <= k
+                sources = {e.digest: e.path for e in group + [ref]}
+                nets = E._load_models(sources)
+                assert set(E._MODEL_CACHE) == set(nets) == set(sources)
+                assert len(E._MODEL_CACHE) <= k + 1
+        # an export that changed after the driver hashed it is refused, not silently scored
+        changed = tmp_path / "model.pt"
+        changed.write_bytes(open(runs["base"].export, "rb").read() + b"x")
+        with pytest.raises(EvaluateError, match="changed"):
+            E._load_models({E._digest(runs["base"].export): str(changed)})
+        assert not E._MODEL_CACHE       # the failed load evicted the previous pass first
+    finally:
+        E._MODEL_CACHE.clear()
+
+
+def test_pass_plan_and_run_ids(trained):
+    assert [list(r) for r in E.plan_passes(5, 2)] == [[0, 1], [2, 3], [4]]
+    assert [list(r) for r in E.plan_passes(2, 100)] == [[0, 1]]
+    with pytest.raises(EvaluateError, match=">= 1"):
+        E.plan_passes(3, 0)
+    _, _, runs = trained
+    with pytest.raises(EvaluateError, match="two different exports"):
+        E._resolve([runs["esmm"], ScoredRun("ctr", "esmm", runs["ctr"].export)], None)
 
 
 def test_tiny_experiment_end_to_end_and_resume(spark, tiny_dataset, tmp_path):
