@@ -39,11 +39,18 @@ Per common key (a user request context; keys are in time order, sample_id increa
 Propensities (A_S = <u_S, v_S>/sqrt|S|, A_V = <u_V, v_V>/sqrt|V|, lambda = ``selection_bias``)::
 
     logit pCTR = b_ctr + 0.6 A_S + user_click_bias + 0.7 att + position_effect        position: +.5 +.15 -.2 -.45
-    logit pCVR = b_cvr + 0.6 A_V + q + user_conv_bias + 0.2 lambda A_S
+    logit pCVR = b_cvr + 0.6 A_V + q + user_conv_bias + w_S A_S          w_S = ``shared_affinity`` (default 0.2 lambda)
 
 With lambda = 0, pCVR shares nothing with pCTR (independent up to the recommender's item choice: the logit
 correlation is ~0.03); lambda scales both couplings linearly: conversions share part of the click affinity and, more
-strongly, attractive items (clicked more) convert worse. So the clicked population differs from all impressions
+strongly, attractive items (clicked more) convert worse.
+
+``shared_affinity`` (w_S) sets apart how much of the conversion propensity comes from the *same* user-item affinity
+that drives clicks. It is the knob for "when does ESMM help?": the shared embedding table transfers the click task's
+abundant signal to CVR exactly through the features both tasks reward, so a larger w_S gives ESMM's transfer more to
+carry, while lambda's attractive-but-poor penalty is what makes the clicked population a biased sample. Left at null
+it is 0.2 lambda, the coupling of earlier versions (same seed and config => the same files as before); set it to
+vary the two effects independently (``bench/esmm_map.py`` maps ESMM - BASE over both). So the clicked population differs from all impressions
 (sample selection bias): at the default config the expected pCVR over clicked impressions is ~0.82x the mean pCVR
 over all impressions with lambda = 1 (logit correlation ~ -0.19), ~1.02x with lambda = 0, ~0.73x with lambda = 2.
 Oracle AUCs (true probabilities as scores) at the default config: CTR ~0.79, CVR over all impressions ~0.79-0.83,
@@ -114,6 +121,11 @@ _GT_ARROW = pa.schema([pa.field(SAMPLE_ID, pa.int64(), False), pa.field(TRUE_CTR
                        pa.field(TRUE_CVR, pa.float32(), False), pa.field(WOULD_CONVERT, pa.int32(), False),
                        pa.field(CLICK, pa.int32(), False), pa.field(CONVERSION, pa.int32(), False)])
 _TEXT_ARROW = pa.schema([pa.field("value", pa.string())])
+
+
+def shared_affinity(g) -> float:
+    """Weight of the click affinity A_S in logit pCVR: ``generate.shared_affinity``, or 0.2 x selection_bias."""
+    return W_SHARED_CONV * g.selection_bias if g.shared_affinity is None else float(g.shared_affinity)
 
 
 class GeneratorError(RuntimeError):
@@ -446,7 +458,7 @@ def simulate_block(g, world: World, key0: int, key1: int, extra: int, stream: tu
     a_v = (u[:, ds:] * v[:, ds:]).sum(axis=1) / math.sqrt(world.d - ds)
     zc = W_AFF_CLICK * a_s + world.user_cbias[users[ik]] + W_ATT * world.item_att[item] + POSITION_EFFECT[pos]
     zv = (W_AFF_CONV * a_v + world.item_quality[item] + world.user_vbias[users[ik]]
-          + W_SHARED_CONV * g.selection_bias * a_s)
+          + shared_affinity(g) * a_s)
     if need == "calib":
         out.update(zc=zc, zv=zv)
         return out

@@ -245,3 +245,25 @@ def test_selection_bias_is_real_and_knob_controls_it(cfg):
     assert abs(ratio[1.0] - 1) > 3 * abs(ratio[0.0] - 1), ratio
     for a in auc.values():  # oracle AUCs: room for methods to differ
         assert 0.6 < a[0] < 0.95 and 0.6 < a[1] < 0.95, auc
+
+
+def _logit(p):
+    return np.log(p) - np.log1p(-p)
+
+
+def test_shared_affinity_knob_default_is_the_old_coupling_and_it_couples_the_logits(cfg):
+    base = dataclasses.replace(cfg.generate, ctr=0.04, cvr=0.01, users=3000, items=20_000, categories=300,
+                               shops=2000, brands=1000, intentions=500, history_len=20, selection_bias=1.0)
+    default = _simulate(base, blocks=3)
+    explicit = _simulate(dataclasses.replace(base, shared_affinity=0.2), blocks=3)  # 0.2 x lambda, spelled out
+    np.testing.assert_array_equal(default["pcvr"], explicit["pcvr"])
+    np.testing.assert_array_equal(default["click"], explicit["click"])
+    assert G.shared_affinity(base) == pytest.approx(0.2)
+    assert G.shared_affinity(dataclasses.replace(base, selection_bias=2.0)) == pytest.approx(0.4)
+    # only the conversion side moves; a strong shared affinity ties logit pCVR to logit pCTR
+    corr = {}
+    for w in (0.0, 1.5):
+        s = _simulate(dataclasses.replace(base, selection_bias=0.0, shared_affinity=w), blocks=3)
+        np.testing.assert_array_equal(s["pctr"], _simulate(dataclasses.replace(base, selection_bias=0.0), 3)["pctr"])
+        corr[w] = np.corrcoef(_logit(s["pctr"]), _logit(s["pcvr"]))[0, 1]
+    assert abs(corr[0.0]) < 0.1 and corr[1.5] > corr[0.0] + 0.25, corr
