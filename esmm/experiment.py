@@ -5,6 +5,13 @@ OVERSAMPLING factors) in one Horovod launch, score them all in one Spark job, co
 to ``<exp>/metrics/<unit>.json`` (atomically) as soon as the unit finishes. A re-run skips finished units and
 finished trainings, so a crashed experiment resumes where it stopped.
 
+The unit at Table 2's rate trains every method of ``experiment.methods``; the units at the other Figure 3 rates
+train ``experiment.figure_methods`` (empty = all), so a scaling study of a few methods stays affordable.
+
+Each unit also stores, per task, the DeLong covariance of its runs' AUCs (``esmm.metrics.delong``: every run of a unit
+is scored on the same test rows), from which the reports derive each AUC's 95% interval and the paired test of ESMM
+against every competitor (``esmm.report``).
+
 Selection of AMAN's rate and OVERSAMPLING's factor: as in the paper, the variant with the best mean CVR AUC over the
 repeats is reported (on the test split, as the paper did: there is no separate validation split in its protocol).
 """
@@ -14,7 +21,6 @@ import csv
 import dataclasses
 import json
 import logging
-import math
 import os
 from dataclasses import dataclass
 
@@ -24,11 +30,11 @@ from pyspark.sql import functions as F
 import schemas as S
 from esmm.config import Config, to_dict
 from esmm.evaluate import ScoredRun, score_to_parquet
-from esmm.metrics import entire_space_cvr_metrics, oracle_metrics, task_metrics
+from esmm import report as R
+from esmm.metrics import delong, entire_space_cvr_metrics, oracle_metrics, task_metrics
 from esmm.train import EXPORT, launch, read_manifest
 
 log = logging.getLogger(__name__)
-TASKS = ("ctr", "cvr", "ctcvr", "cvr_entire")
 
 
 @dataclass(frozen=True)
@@ -50,10 +56,17 @@ class RunSpec:
         return os.path.join(exp_dir, "runs", self.unit, self.name.replace("[", "-").replace("]", "").replace("=", ""))
 
 
-def unit_specs(cfg: Config, repeat: int, rate: float) -> list[RunSpec]:
+def unit_methods(cfg: Config, rate: float, table_rate: float) -> tuple:
+    """The methods a unit trains: all of ``experiment.methods`` at Table 2's rate, ``figure_methods`` elsewhere."""
+    if rate == table_rate or not cfg.experiment.figure_methods:
+        return tuple(cfg.experiment.methods)
+    return tuple(m for m in cfg.experiment.methods if m in cfg.experiment.figure_methods)
+
+
+def unit_specs(cfg: Config, repeat: int, rate: float, methods: tuple | None = None) -> list[RunSpec]:
     """The reference CTR network first (UNBIAS/DIVISION and the CTCVR protocol need it), then every variant."""
     specs = [RunSpec(repeat, rate, "ctr")]
-    for m in cfg.experiment.methods:
+    for m in (cfg.experiment.methods if methods is None else methods):
         if m == "aman":
             specs += [RunSpec(repeat, rate, m, f"rate={r}") for r in cfg.experiment.aman_rates]
         elif m == "oversampling":
@@ -77,9 +90,9 @@ def config_for(cfg: Config, spec: RunSpec, exp_dir: str) -> Config:
 # ------------------------------------------------------------------------------------------------ one unit
 
 def run_unit(spark: SparkSession, cfg: Config, dataset: str, exp_dir: str, repeat: int, rate: float,
-             truth_path: str | None) -> dict:
+             truth_path: str | None, methods: tuple | None = None) -> dict:
     """Train, score and measure one (repeat, rate); returns and persists the unit's metrics."""
-    specs = unit_specs(cfg, repeat, rate)
+    specs = unit_specs(cfg, repeat, rate, methods)
     out_path = os.path.join(exp_dir, "metrics", f"{specs[0].unit}.json")
     if os.path.exists(out_path):
         log.info("unit %s already measured: skipping", specs[0].unit)
@@ -91,17 +104,43 @@ def run_unit(spark: SparkSession, cfg: Config, dataset: str, exp_dir: str, repea
     runs = [ScoredRun(s.method, s.name, os.path.join(s.run_dir(exp_dir), EXPORT)) for s in specs]
     width = read_manifest(dataset)["layout"]["num_slots"]
     pred_path = os.path.join(exp_dir, "predictions", specs[0].unit)
-    info = score_to_parquet(spark, dataset, runs, ref, pred_path, width, cfg.train.threads)
+    info = score_to_parquet(spark, dataset, runs, ref, pred_path, width, cfg.train.threads, cfg.evaluate)
     pred = spark.read.parquet(pred_path)
+    truth = spark.read.parquet(truth_path) if truth_path else None
     rows = task_metrics(pred, group_cols=(S.RUN_ID,), on_one_class="nan")
-    if truth_path:
-        truth = spark.read.parquet(truth_path)
+    if truth is not None:
         rows += entire_space_cvr_metrics(pred, truth, group_cols=(S.RUN_ID,), on_one_class="nan")
     result = {"unit": specs[0].unit, "repeat": repeat, "rate": rate, "metrics": rows,
-              "division_clipped": info["division_clipped"],
+              "delong": unit_delong(pred, truth), "division_clipped": info["division_clipped"],
               "train": [{k: v for k, v in s.items() if k != "history"} for s in summaries]}
     _atomic_json(out_path, result)
     return result
+
+
+def stack_tasks(pred, truth=None):
+    """(task, run_id, sample_id, score, label) rows of every task a run takes part in (the paper's protocol, as
+    ``metrics.task_metrics``; ``cvr_entire`` when the ground truth is given): the input of the DeLong test."""
+    y, z, has_cvr = F.col(S.CLICK), F.col(S.CONVERSION), ~F.isnan(F.col(S.P_CVR))
+    tasks = [("ctr", None, S.P_CTR, y), ("cvr", (y == 1) & has_cvr, S.P_CVR, z),
+             ("ctcvr", has_cvr, S.P_CTCVR, y * z)]
+    if truth is not None:
+        pred = pred.join(truth.select(S.SAMPLE_ID, S.WOULD_CONVERT), S.SAMPLE_ID, "left")
+        tasks.append(("cvr_entire", has_cvr, S.P_CVR, F.col(S.WOULD_CONVERT)))
+    parts = [(pred if cond is None else pred.where(cond))
+             .select(F.lit(name).alias("task"), S.RUN_ID, S.SAMPLE_ID, F.col(score).cast("double").alias("score"),
+                     lab.alias("label"))
+             for name, cond, score, lab in tasks]
+    out = parts[0]
+    for p in parts[1:]:
+        out = out.unionByName(p)
+    return out
+
+
+def unit_delong(pred, truth=None) -> dict:
+    """{task: DeLong record} of a unit's predictions (see ``report.delong_record``)."""
+    res = delong(stack_tasks(pred, truth), "score", "label", S.RUN_ID, S.SAMPLE_ID, group_cols=("task",),
+                 on_one_class="nan")
+    return {key[0]: R.delong_record(r) for key, r in res.items()}
 
 
 def _atomic_json(path: str, obj) -> None:
@@ -119,117 +158,23 @@ def oracle(spark: SparkSession, dataset: str, truth_path: str, exp_dir: str) -> 
             return json.load(f)
     test = spark.read.parquet(os.path.join(dataset, S.TEST)).select(S.SAMPLE_ID, S.CLICK, S.CONVERSION)
     truth = spark.read.parquet(truth_path).select(S.SAMPLE_ID, S.TRUE_CTR, S.TRUE_CVR, S.WOULD_CONVERT)
-    rows = oracle_metrics(test.join(truth, S.SAMPLE_ID), on_one_class="nan")
+    joined = test.join(truth, S.SAMPLE_ID)
+    rows = oracle_metrics(joined, on_one_class="nan")
+    y, z = F.col(S.CLICK), F.col(S.CONVERSION)
+    stacked = None
+    for task, cond, score, lab in (("ctr", None, F.col(S.TRUE_CTR), y), ("cvr", y == 1, F.col(S.TRUE_CVR), z),
+                                   ("ctcvr", None, F.col(S.TRUE_CTR).cast("double") * F.col(S.TRUE_CVR), y * z),
+                                   ("cvr_entire", None, F.col(S.TRUE_CVR), F.col(S.WOULD_CONVERT))):
+        part = (joined if cond is None else joined.where(cond)).select(
+            F.lit(task).alias("task"), F.lit("oracle").alias(S.RUN_ID), S.SAMPLE_ID,
+            score.cast("double").alias("score"), lab.alias("label"))
+        stacked = part if stacked is None else stacked.unionByName(part)
+    ses = delong(stacked, "score", "label", S.RUN_ID, S.SAMPLE_ID, group_cols=("task",), on_one_class="nan")
+    for r in rows:
+        res = ses.get((r["task"],))
+        r["auc_se"] = res.se("oracle") if res is not None else None
     _atomic_json(path, rows)
     return rows
-
-
-# ------------------------------------------------------------------------------------------------ tables
-
-def _mean_std(xs: list[float]) -> tuple[float, float]:
-    xs = [x for x in xs if x is not None and not math.isnan(x)]
-    if not xs:
-        return float("nan"), float("nan")
-    m = sum(xs) / len(xs)
-    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
-    return m, sd
-
-
-def summarize(units: list[dict], rate: float) -> dict:
-    """{run name: {task: (mean, std, n)}} over the repeats at one sampling rate."""
-    by: dict = {}
-    for u in units:
-        if u["rate"] != rate:
-            continue
-        for r in u["metrics"]:
-            by.setdefault(r[S.RUN_ID], {}).setdefault(r["task"], []).append(r["auc"])
-    return {name: {t: (*_mean_std(v), len(v)) for t, v in tasks.items()} for name, tasks in by.items()}
-
-
-def pick_variants(summary: dict, methods: tuple) -> dict:
-    """{method: run name}: the best-CVR-AUC variant of AMAN/OVERSAMPLING, the only one of the others."""
-    chosen = {}
-    for m in ("ctr",) + tuple(methods):
-        names = [n for n in summary if n == m or n.startswith(m + "[")]
-        if names:
-            chosen[m] = max(names, key=lambda n: _nan_low(summary[n].get("cvr", (float("nan"),))[0]))
-    return chosen
-
-
-def _nan_low(x: float) -> float:
-    return -1.0 if math.isnan(x) else x
-
-
-def table2(units: list[dict], cfg: Config, rate: float, oracle_rows: list[dict] | None) -> list[dict]:
-    summary = summarize(units, rate)
-    chosen = pick_variants(summary, cfg.experiment.methods)
-    rows = []
-    for m in cfg.experiment.methods:
-        if m not in chosen:
-            continue
-        s = summary[chosen[m]]
-        row = {"model": m.upper().replace("_", "-"), "variant": chosen[m], "repeats": s.get("cvr", (0, 0, 0))[2]}
-        for t in TASKS:
-            mean, sd, _ = s.get(t, (float("nan"), float("nan"), 0))
-            row[f"{t}_auc"], row[f"{t}_std"] = mean * 100, sd * 100
-        rows.append(row)
-    if oracle_rows:
-        row = {"model": "ORACLE (true probabilities)", "variant": "", "repeats": 1}
-        for t in TASKS:
-            vals = [r["auc"] for r in oracle_rows if r["task"] == t]
-            row[f"{t}_auc"], row[f"{t}_std"] = (vals[0] * 100 if vals else float("nan")), 0.0
-        rows.append(row)
-    return rows
-
-
-def table2_markdown(rows: list[dict]) -> str:
-    head = "| model | CVR AUC % | CTCVR AUC % | CTR AUC % | entire-space CVR AUC % | chosen |\n|---|---|---|---|---|---|"
-    lines = [head]
-    for r in rows:
-        cell = lambda t: f"{r[t + '_auc']:.2f} ± {r[t + '_std']:.2f}"  # noqa: E731
-        lines.append(f"| {r['model']} | {cell('cvr')} | {cell('ctcvr')} | {cell('ctr')} | {cell('cvr_entire')} | "
-                     f"{r['variant'] if '[' in r['variant'] else ''} |")
-    return "\n".join(lines)
-
-
-def figure3(units: list[dict], cfg: Config, rates: list[float], path_png: str, path_csv: str) -> list[dict]:
-    """AUC (CVR, CTCVR) against the training sampling rate per method, with std error bars."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    points = []
-    for rate in rates:
-        summary = summarize(units, rate)
-        for m, name in pick_variants(summary, cfg.experiment.methods).items():
-            if m == "ctr":
-                continue
-            for t in ("cvr", "ctcvr"):
-                mean, sd, n = summary[name].get(t, (float("nan"), float("nan"), 0))
-                points.append({"method": m, "variant": name, "rate": rate, "task": t, "auc": mean * 100,
-                               "std": sd * 100, "repeats": n})
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, t, title in zip(axes, ("cvr", "ctcvr"), ("CVR task (clicked impressions)", "CTCVR task (all impressions)")):
-        for m in cfg.experiment.methods:
-            pts = sorted((p for p in points if p["method"] == m and p["task"] == t), key=lambda p: p["rate"])
-            if pts:
-                ax.errorbar([p["rate"] * 100 for p in pts], [p["auc"] for p in pts], yerr=[p["std"] for p in pts],
-                            marker="o", capsize=3, label=m.upper().replace("_", "-"))
-        ax.set_xscale("log")
-        ax.set_xticks([r * 100 for r in rates], [f"{r * 100:g}%" for r in rates])
-        ax.minorticks_off()
-        ax.set_xlabel("training set sampling rate")
-        ax.set_ylabel("AUC (%)")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path_png, dpi=120)
-    plt.close(fig)
-    with open(path_csv, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(points[0]) if points else ["method"])
-        w.writeheader()
-        w.writerows(points)
-    return points
 
 
 # ------------------------------------------------------------------------------------------------ driver
@@ -242,35 +187,54 @@ def run_experiment(spark: SparkSession, cfg: Config, dataset: str, exp_dir: str,
     if table_rate not in rates:
         rates.append(table_rate)
     manifest = read_manifest(dataset)
+    subsets = manifest["splits"][S.TRAIN]["subsets"]
     for r in rates:
-        if str(r) not in manifest["splits"][S.TRAIN]["subsets"]:
+        if str(r) not in subsets:
             raise ValueError(f"sampling rate {r} is not in the dataset (ETL rates {manifest['sampling_rates']})")
     os.makedirs(exp_dir, exist_ok=True)
     units = []
     total = cfg.experiment.repeats * len(rates)
     for repeat in range(cfg.experiment.repeats):
         for rate in sorted(rates):
-            log.info("experiment unit %d/%d: repeat %d, sampling rate %s", len(units) + 1, total, repeat, rate)
-            units.append(run_unit(spark, cfg, dataset, exp_dir, repeat, rate, truth_path))
+            methods = unit_methods(cfg, rate, table_rate)
+            log.info("experiment unit %d/%d: repeat %d, sampling rate %s (%s training impressions), methods %s",
+                     len(units) + 1, total, repeat, rate, f"{subsets[str(rate)]['rows']:,}", ", ".join(methods))
+            units.append(run_unit(spark, cfg, dataset, exp_dir, repeat, rate, truth_path, methods))
     oracle_rows = oracle(spark, dataset, truth_path, exp_dir) if truth_path else None
-    return write_reports(units, cfg, exp_dir, sorted(rates), table_rate, oracle_rows)
+    train_rows = {r: subsets[str(r)]["rows"] for r in rates}
+    return write_reports(units, cfg, exp_dir, sorted(rates), table_rate, oracle_rows, train_rows)
 
 
-def write_reports(units, cfg, exp_dir, rates, table_rate, oracle_rows) -> dict:
-    rows = table2(units, cfg, table_rate, oracle_rows)
-    md = table2_markdown(rows)
+def write_reports(units, cfg, exp_dir, rates, table_rate, oracle_rows, train_rows=None) -> dict:
+    """Table 2 (md/csv/json), the ESMM-vs-competitor tests (significance.{md,csv}) and Figure 3 (png/csv)."""
+    methods = tuple(cfg.experiment.methods)
+    rows = R.table2(units, methods, table_rate, oracle_rows)
+    md = R.table2_markdown(rows)
+    chosen = {r: R.pick_variants(R.summarize(units, r), methods) for r in rates}
+    comps = R.comparisons(units, chosen)
+    sig = R.significance_summary(comps, table_rate)
+    sig_md = R.significance_markdown(sig) if sig else ""
     paths = {k: os.path.join(exp_dir, v) for k, v in (("md", "table2.md"), ("csv", "table2.csv"),
-                                                       ("json", "table2.json"), ("png", "figure3.png"),
-                                                       ("fig_csv", "figure3.csv"))}
+                                                       ("json", "table2.json"), ("sig_csv", "significance.csv"),
+                                                       ("png", "figure3.png"), ("fig_csv", "figure3.csv"))}
+    text = (f"Table 2 reproduction: AUC %, {cfg.experiment.repeats} repeat(s), training sampling rate {table_rate}"
+            + (f" ({train_rows[table_rate]:,} training impressions)" if train_rows else "")
+            + f"\n\n{md}\n\n{R.TABLE2_LEGEND}\n")
+    if sig_md:
+        text += f"\nESMM minus each competitor (AUC points, rate {table_rate}):\n\n{sig_md}\n\n{R.SIGNIFICANCE_LEGEND}\n"
     with open(paths["md"], "w") as f:
-        f.write(f"Table 2 reproduction: AUC % (mean ± std over {cfg.experiment.repeats} repeats), "
-                f"training sampling rate {table_rate}\n\n{md}\n")
-    with open(paths["csv"], "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+        f.write(text)
+    for key, table in (("csv", rows), ("sig_csv", comps)):
+        with open(paths[key], "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(table[0]) if table else ["model"])
+            w.writeheader()
+            w.writerows(table)
     clipped = sum(u.get("division_clipped", 0) for u in units)
-    _atomic_json(paths["json"], {"table2": rows, "rate": table_rate, "division_clipped": clipped,
+    _atomic_json(paths["json"], {"table2": rows, "significance": sig, "comparisons": comps, "rate": table_rate,
+                                 "train_impressions": train_rows, "division_clipped": clipped,
                                  "oracle": oracle_rows, "config": to_dict(cfg)})
-    figure3(units, cfg, rates, paths["png"], paths["fig_csv"])
-    return {"table2": rows, "markdown": md, "paths": paths}
+    points = R.figure3_points(units, methods, rates, train_rows or {r: r for r in rates})
+    R.plot_figure3(points, paths["png"], paths["fig_csv"],
+                   title=f"{cfg.experiment.repeats} repeat(s); error bars: 95% "
+                         + ("t-interval over repeats" if cfg.experiment.repeats > 1 else "DeLong interval"))
+    return {"table2": rows, "markdown": md, "significance": sig, "paths": paths, "text": text}

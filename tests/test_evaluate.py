@@ -1,4 +1,5 @@
 """Spark scoring against in-process predictions, the paper's CTCVR protocol, and a tiny experiment end to end."""
+import csv
 import json
 import os
 
@@ -138,7 +139,8 @@ def test_pass_plan_and_run_ids(trained):
 def test_tiny_experiment_end_to_end_and_resume(spark, tiny_dataset, tmp_path):
     raw, ds = tiny_dataset
     cfg = load_config(CONF, ["experiment.methods=[base, aman, esmm]", "experiment.aman_rates=[0.5, 1.0]",
-                             "experiment.figure_rates=[0.5, 1.0]", "train.workers=1"])
+                             "experiment.figure_rates=[0.5, 1.0]", "experiment.figure_methods=[base, esmm]",
+                             "train.workers=1"])
     exp = str(tmp_path / "exp")
     rep = run_experiment(spark, cfg, ds, exp, os.path.join(raw, "ground_truth"))
     models = [r["model"] for r in rep["table2"]]
@@ -155,6 +157,30 @@ def test_tiny_experiment_end_to_end_and_resume(spark, tiny_dataset, tmp_path):
     assert units == ["oracle.json", "r0-rate0.5.json", "r0-rate1.0.json"]
     saved = json.load(open(os.path.join(exp, "table2.json")))
     assert saved["config"]["experiment"]["methods"] == ["base", "aman", "esmm"]
+    # Figure 3's lower rate trains figure_methods only; Table 2's rate trains every method and variant
+    half = json.load(open(os.path.join(exp, "metrics", "r0-rate0.5.json")))
+    full = json.load(open(os.path.join(exp, "metrics", "r0-rate1.0.json")))
+    assert sorted({r["run_id"] for r in half["metrics"]}) == ["base", "ctr", "esmm"]
+    assert sorted({r["run_id"] for r in full["metrics"]}) == ["aman[rate=0.5]", "aman[rate=1.0]", "base", "ctr", "esmm"]
+    # per task, the DeLong record covers every run with that task, and its AUCs are the exact ones
+    for task in ("ctr", "cvr", "ctcvr", "cvr_entire"):
+        rec = full["delong"][task]
+        exact = {r["run_id"]: r["auc"] for r in full["metrics"] if r["task"] == task}
+        assert set(rec["models"]) == set(exact)
+        for name, a in zip(rec["models"], rec["auc"]):
+            assert a == pytest.approx(exact[name], abs=1e-12)
+        assert all(rec["cov"][i][i] > 0 for i in range(len(rec["models"])))
+    assert "ctr" in full["delong"]["ctr"]["models"] and "ctr" not in full["delong"]["cvr"]["models"]
+    # the significance rows are the paired tests of ESMM against the chosen variants, per task
+    sig = {(s["competitor"], s["task"]) for s in saved["significance"]}
+    assert sig == {(c, t) for c in ("BASE", "AMAN") for t in ("cvr", "ctcvr", "cvr_entire")}
+    text = open(rep["paths"]["md"]).read()
+    assert "DeLong" in text and "| ESMM minus | task |" in text
+    fig = list(csv.DictReader(open(rep["paths"]["fig_csv"])))
+    rows_at = json.load(open(os.path.join(ds, "manifest.json")))["splits"]["train"]["subsets"]
+    assert {(p["rate"], int(p["train_impressions"])) for p in fig} == {(r, rows_at[r]["rows"]) for r in ("0.5", "1.0")}
+    assert {p["series"] for p in fig} == {"BASE", "AMAN", "ESMM", "ESMM - BASE"}
+    assert saved["oracle"][0]["auc_se"] > 0
     # a re-run reuses every finished unit: remove the exports, which a re-run would need if it trained again
     for d, _, files in os.walk(os.path.join(exp, "runs")):
         for f in files:
