@@ -24,14 +24,37 @@ case "$MASTER" in
     exec "$SUBMIT" --master "$MASTER" "${EXTRA[@]}" "$JOB" "$@" ;;
   *)
     BUILD="$ROOT/dist"; mkdir -p "$BUILD"
-    (cd "$ROOT" && rm -f "$BUILD/esmm.zip" && "$VENV/bin/python" -m zipfile -c "$BUILD/esmm.zip" esmm schemas jobs)
-    if [ ! -f "$BUILD/venv.tar.gz" ] || [ "$VENV/bin/python" -nt "$BUILD/venv.tar.gz" ]; then
-      "$VENV/bin/venv-pack" -p "$VENV" -o "$BUILD/venv.tar.gz" --force -q
+    # the code, zipped on every submit (small); written aside and renamed so a concurrent submit never ships half a zip
+    (cd "$ROOT" && "$VENV/bin/python" -m zipfile -c "$BUILD/esmm.zip.$$" esmm schemas jobs && mv -f "$BUILD/esmm.zip.$$" "$BUILD/esmm.zip")
+    # the venv, packed once per requirements/install version (delete dist/venv.tar.gz to force a repack). Left out,
+    # as the driver and every executor unpack it: pyspark's jars (the executors' JVMs are the cluster's Spark), torch's
+    # C++ headers and the packages' own test suites (0.7 GB and 17k files of 2.0 GB and 37k)
+    PACK_OPTS=(--exclude 'lib/python3*/site-packages/pyspark/jars/*' --exclude 'lib/python3*/site-packages/torch/include/*'
+               --exclude 'lib/python3*/site-packages/*/tests/*' --compress-level 1)
+    KEY="$(cat "$ROOT/requirements.txt" "$ROOT/scripts/install.sh" <(echo "${PACK_OPTS[*]}") | md5sum | cut -c1-12)"
+    if [ "$(cat "$BUILD/venv.tar.gz.key" 2>/dev/null)" != "$KEY" ] || [ ! -f "$BUILD/venv.tar.gz" ]; then
+      (
+        if command -v flock >/dev/null; then flock 9; fi  # one packer at a time
+        if [ "$(cat "$BUILD/venv.tar.gz.key" 2>/dev/null)" != "$KEY" ] || [ ! -f "$BUILD/venv.tar.gz" ]; then
+          echo "spark-submit.sh: packing $VENV -> $BUILD/venv.tar.gz (once per requirements version)" >&2
+          rm -f "$BUILD/venv.tar.gz.key"
+          "$VENV/bin/venv-pack" -p "$VENV" -o "$BUILD/venv.tar.gz.tmp" --format tar.gz "${PACK_OPTS[@]}" --force -q
+          mv -f "$BUILD/venv.tar.gz.tmp" "$BUILD/venv.tar.gz"
+          echo "$KEY" >"$BUILD/venv.tar.gz.key"
+        fi
+      ) 9>"$BUILD/.pack.lock"
     fi
     CONFS=$(ls "$ROOT"/conf/*.yaml "$ROOT"/conf/log4j2.properties | paste -sd, -)
-    export PYSPARK_DRIVER_PYTHON="$VENV/bin/python"
+    # the driver runs this venv's Python; the executors the packed one, unpacked in their work dirs
+    export PYSPARK_DRIVER_PYTHON="$VENV/bin/python" PYSPARK_PYTHON=./environment/bin/python
+    case "$MASTER" in
+      spark://127.*|spark://localhost[:/]*)  # a cluster on this machine (scripts/local-cluster.sh): loopback only
+        export SPARK_LOCAL_IP=127.0.0.1
+        EXTRA+=(--conf spark.driver.host=127.0.0.1 --conf spark.driver.bindAddress=127.0.0.1) ;;
+    esac
     exec "$SUBMIT" --master "$MASTER" "${EXTRA[@]}" \
       --py-files "$BUILD/esmm.zip" --files "$CONFS" --archives "$BUILD/venv.tar.gz#environment" \
+      --conf spark.pyspark.driver.python="$VENV/bin/python" \
       --conf spark.pyspark.python=./environment/bin/python \
       --conf spark.executorEnv.PYSPARK_PYTHON=./environment/bin/python \
       --conf spark.yarn.appMasterEnv.PYSPARK_PYTHON=./environment/bin/python \

@@ -324,13 +324,28 @@ def launch(jobs: list[tuple[Config, str, str]], workers: int, spark=None) -> lis
     if spark.sparkContext.defaultParallelism < workers:
         raise TrainError(f"train.workers={workers} but Spark has {spark.sparkContext.defaultParallelism} task "
                          f"slots; use --master local[{workers}] or more executors")
+    env, executable = _worker_env(spark.sparkContext)
     results = horovod.spark.run(_worker, args=(payload,), num_proc=workers, use_gloo=True, verbose=1,
-                                env=_worker_env())
+                                env=env, executable=executable)
     return results[0]
 
 
-def _worker_env() -> dict:
-    env = dict(os.environ)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
+def _worker_env(sc) -> tuple[dict, str | None]:
+    """Environment (added to the executor's own) and Python of the Horovod worker processes a Spark task starts.
+
+    On a local master the executors are this machine's processes: this environment, this checkout on PYTHONPATH and
+    this interpreter. On a cluster master they run in the executors' work dirs, where nothing of the driver's
+    machine exists: the executors' Python (``spark.pyspark.python``, e.g. the packed venv ``./environment/bin/python``)
+    with the job's ``--py-files`` (shipped into the work dir) on PYTHONPATH, relative to the work dir (the workers'
+    cwd), and only the driver's ``HOROVOD_*``/``NCCL_*``/thread settings on top of the executor's environment.
+    """
+    if sc.master.startswith("local"):
+        env = dict(os.environ)
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        return env, None
+    py_files = [os.path.basename(f) for f in (sc.getConf().get("spark.submit.pyFiles") or "").split(",") if f]
+    env = {k: v for k, v in os.environ.items()
+           if k.startswith(("HOROVOD_", "NCCL_")) or k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    env["PYTHONPATH"] = os.pathsep.join(py_files + ["."])  # as a Spark task's Python: the zips, the files' dir
+    return env, sc.pythonExec

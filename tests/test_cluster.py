@@ -1,0 +1,108 @@
+"""The cluster path of ./spark-submit.sh on a real Spark standalone cluster (scripts/local-cluster.sh: a master and two
+1-core workers on 127.0.0.1): the packed venv (--archives), the code zip (--py-files), the executors' Python and
+Horovod workers inside executor tasks, end to end through jobs/pipeline.py on conf/test.yaml.
+
+The job runs from a scratch directory with the config's relative paths (data/raw, data/dataset, data/runs): they
+must be resolved on the driver, not in the executors' work dirs. The first run on a checkout packs the venv into
+dist/venv.tar.gz (cached until requirements.txt or scripts/install.sh change).
+"""
+import glob
+import json
+import os
+import re
+import subprocess
+import time
+import urllib.request
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "scripts", "local-cluster.sh")
+
+
+def _master_state(webui: str) -> dict:
+    with urllib.request.urlopen(f"{webui}/json/", timeout=10) as r:
+        return json.load(r)
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    """A started local standalone cluster; always stopped afterwards (also when the start or the test fails)."""
+    run = tmp_path / "cluster"
+    env = dict(os.environ, ESMM_CLUSTER_DIR=str(run))
+    try:
+        start = subprocess.run(["bash", SCRIPT, "start"], env=env, capture_output=True, text=True, timeout=300)
+        assert start.returncode == 0, f"local-cluster.sh start failed:\n{start.stdout}\n{start.stderr}"
+        url = start.stdout.strip().splitlines()[-1]
+        assert url.startswith("spark://127.0.0.1:") and (run / "master-url").read_text().strip() == url
+        yield {"url": url, "webui": (run / "webui-url").read_text().strip(), "dir": run}
+    finally:
+        stop = subprocess.run(["bash", SCRIPT, "stop"], env=env, capture_output=True, text=True, timeout=120)
+        assert stop.returncode == 0, f"local-cluster.sh stop failed:\n{stop.stdout}\n{stop.stderr}"
+
+
+@pytest.mark.slow
+def test_pipeline_on_standalone_cluster(cluster, tmp_path):
+    state = _master_state(cluster["webui"])
+    assert state["status"] == "ALIVE" and state["aliveworkers"] == 2 and state["cores"] == 2
+
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    cmd = [os.path.join(ROOT, "spark-submit.sh"), "--master", cluster["url"], os.path.join(ROOT, "jobs", "pipeline.py"),
+           "--conf", os.path.join(ROOT, "conf", "test.yaml"), "--set", "train.workers=2",
+           "--set", "experiment.methods=[esmm]", "--set", "experiment.figure_rates=[1.0]"]
+    t0 = time.time()
+    run = subprocess.run(cmd, cwd=job_dir, capture_output=True, text=True, timeout=1500)
+    seconds = time.time() - t0
+    assert run.returncode == 0, f"spark-submit failed after {seconds:.0f}s:\n{run.stdout[-5000:]}\n{run.stderr[-5000:]}"
+    assert "rows read 6,000 = written 6,000 + quarantined 0" in run.stdout
+    assert "| ESMM |" in run.stdout and "| ORACLE (true probabilities) |" in run.stdout
+
+    # the relative paths of conf/test.yaml landed under the job's directory
+    runs = job_dir / "data" / "runs" / "experiment" / "runs" / "r0-rate1.0"
+    for method in ("ctr", "esmm"):
+        summary = json.loads((runs / method / "train_summary.json").read_text())
+        assert summary["world_size"] == 2 and summary["steps"] > 0, summary
+
+    # the application ran on the standalone master, with one 1-core executor on each worker
+    state = _master_state(cluster["webui"])
+    apps = [a for a in state["completedapps"] if a["name"] == "esmm-pipeline"]
+    assert len(apps) == 1 and apps[0]["state"] == "FINISHED" and not state["activeapps"], state
+    app = apps[0]["id"]
+    executors = sorted(glob.glob(str(cluster["dir"] / "work" / "worker-*" / app / "*")))
+    assert len(executors) == 2 and {p.split(os.sep)[-3] for p in executors} == {"worker-1", "worker-2"}, executors
+    for ex in executors:
+        # each executor unpacked the venv and fetched the code zip into its work dir
+        assert os.path.exists(os.path.join(ex, "environment", "bin", "python")), os.listdir(ex)
+        assert os.path.exists(os.path.join(ex, "esmm.zip")), os.listdir(ex)
+    # Horovod rank 0 trained inside an executor task: its log is in that executor's stderr, not the driver's output
+    logs = [open(os.path.join(ex, "stderr"), errors="replace").read() for ex in executors]
+    trained = [log for log in logs if re.search(r"esmm\.train: training esmm on \d+ rows .* x 2 workers", log)]
+    assert len(trained) == 1, "rank 0's training log not found in exactly one executor's stderr"
+    assert "training esmm on" not in run.stdout + run.stderr
+    # no output escaped into the executors' work dirs
+    assert not any(os.path.exists(os.path.join(ex, "data")) for ex in executors)
+
+
+class _FakeContext:
+    def __init__(self, master, conf):
+        self.master, self._conf = master, conf
+        self.pythonExec = conf.get("spark.pyspark.python", "python3")
+
+    def getConf(self):
+        return self._conf
+
+
+def test_horovod_worker_env_local_and_cluster(monkeypatch):
+    """Horovod workers on a cluster start from the executors' Python with the shipped code zip, not the driver's."""
+    from esmm.train import _worker_env
+    monkeypatch.setenv("HOROVOD_CYCLE_TIME", "7")
+    monkeypatch.setenv("VIRTUAL_ENV", "/driver/venv")
+    env, exe = _worker_env(_FakeContext("local[2]", {}))
+    assert exe is None and env["PYTHONPATH"].split(os.pathsep)[0] == ROOT and env["VIRTUAL_ENV"] == "/driver/venv"
+    conf = {"spark.submit.pyFiles": "/driver/dist/esmm.zip,/driver/extra.py",
+            "spark.pyspark.python": "./environment/bin/python"}
+    env, exe = _worker_env(_FakeContext("spark://10.0.0.1:7077", conf))
+    assert exe == "./environment/bin/python"
+    assert env["PYTHONPATH"] == os.pathsep.join(["esmm.zip", "extra.py", "."]) and env["HOROVOD_CYCLE_TIME"] == "7"
+    assert "VIRTUAL_ENV" not in env and "PATH" not in env
