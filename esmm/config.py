@@ -205,9 +205,12 @@ class EvaluateConfig:
     models_per_pass: int = 2         # models scored per pass over the test split (each pass reads it once)
     exports: str = "auto"            # path: workers read the export files (shared path); broadcast: the driver ships
                                      # the bytes; auto: path on a local[...] master, else broadcast
+    threads: int = 1                 # torch threads per scoring task: Spark runs one task per core already (2 threads
+                                     # per task on local[2] scored 1.6-1.8x slower, bench/RESULTS.md)
 
     def validate(self, key: str) -> None:
         _check(self.models_per_pass >= 1, f"{key}.models_per_pass", "must be >= 1")
+        _check(self.threads >= 1, f"{key}.threads", "must be >= 1")
         _check(self.exports in EXPORT_MODES, f"{key}.exports", f"must be one of {'|'.join(EXPORT_MODES)}, "
                f"got {self.exports!r}")
 

@@ -297,13 +297,15 @@ def score_to_parquet(spark: SparkSession, dataset: str, runs: list[ScoredRun], r
 def evaluate_runs(spark: SparkSession, dataset: str, run_dirs: list[str], ctr_dir: str | None, out: str,
                   truth_path: str | None = None, threads: int = 1, evaluate=None) -> dict:
     """Score ``run_dirs`` (each holding a ``model.pt``) on the test split, write predictions under ``out`` and
-    return {"metrics": rows per run/task, "division_clipped": n, "predictions": path}. ``evaluate``: an
+    return {"metrics": rows per run/task, "delong": {task: DeLong record}, "division_clipped": n, "predictions": path}
+    (``metrics.protocol_metrics``). ``evaluate``: an
     ``EvaluateConfig`` (models per pass, how exports reach the executors); None = its defaults."""
     import json
 
     import torch
 
-    from esmm.metrics import entire_space_cvr_metrics, task_metrics
+    from esmm.metrics import protocol_metrics
+    from esmm.report import delong_record
     from esmm.train import EXPORT, read_manifest
 
     def spec(d: str) -> ScoredRun:
@@ -319,11 +321,11 @@ def evaluate_runs(spark: SparkSession, dataset: str, run_dirs: list[str], ctr_di
     pred_path = os.path.join(out, "predictions")
     info = score_to_parquet(spark, dataset, runs, ref, pred_path, width, threads, evaluate)
     pred = spark.read.parquet(pred_path)
-    rows = task_metrics(pred, group_cols=(S.RUN_ID,), on_one_class="nan")
-    if truth_path and os.path.exists(truth_path):
-        rows += entire_space_cvr_metrics(pred, spark.read.parquet(truth_path), group_cols=(S.RUN_ID,),
-                                         on_one_class="nan")
-    result = {"metrics": rows, "division_clipped": info["division_clipped"], "predictions": pred_path}
+    truth = spark.read.parquet(truth_path) if truth_path and os.path.exists(truth_path) else None
+    rows, dl, aliases = protocol_metrics(pred, truth, {r.run_id: r.method for r in runs + ([ref] if ref else [])},
+                                         own_ctr=("ctr",) + OWN_CTR_METHODS)
+    result = {"metrics": rows, "delong": {t: delong_record(r, aliases.get(t)) for t, r in dl.items()},
+              "division_clipped": info["division_clipped"], "predictions": pred_path}
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(result, f, indent=2, default=float)
     return result

@@ -28,10 +28,10 @@ from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
 import schemas as S
-from esmm.config import Config, to_dict
-from esmm.evaluate import ScoredRun, score_to_parquet
 from esmm import report as R
-from esmm.metrics import delong, entire_space_cvr_metrics, oracle_metrics, task_metrics
+from esmm.config import Config, to_dict
+from esmm.evaluate import OWN_CTR_METHODS, ScoredRun, score_to_parquet
+from esmm.metrics import oracle_protocol_metrics, protocol_metrics
 from esmm.train import EXPORT, launch, read_manifest
 
 log = logging.getLogger(__name__)
@@ -104,43 +104,17 @@ def run_unit(spark: SparkSession, cfg: Config, dataset: str, exp_dir: str, repea
     runs = [ScoredRun(s.method, s.name, os.path.join(s.run_dir(exp_dir), EXPORT)) for s in specs]
     width = read_manifest(dataset)["layout"]["num_slots"]
     pred_path = os.path.join(exp_dir, "predictions", specs[0].unit)
-    info = score_to_parquet(spark, dataset, runs, ref, pred_path, width, cfg.train.threads, cfg.evaluate)
+    info = score_to_parquet(spark, dataset, runs, ref, pred_path, width, cfg.evaluate.threads, cfg.evaluate)
     pred = spark.read.parquet(pred_path)
     truth = spark.read.parquet(truth_path) if truth_path else None
-    rows = task_metrics(pred, group_cols=(S.RUN_ID,), on_one_class="nan")
-    if truth is not None:
-        rows += entire_space_cvr_metrics(pred, truth, group_cols=(S.RUN_ID,), on_one_class="nan")
+    rows, dl, aliases = protocol_metrics(pred, truth, {s.name: s.method for s in specs},
+                                         own_ctr=("ctr",) + OWN_CTR_METHODS)
     result = {"unit": specs[0].unit, "repeat": repeat, "rate": rate, "metrics": rows,
-              "delong": unit_delong(pred, truth), "division_clipped": info["division_clipped"],
+              "delong": {t: R.delong_record(r, aliases.get(t)) for t, r in dl.items()},
+              "division_clipped": info["division_clipped"],
               "train": [{k: v for k, v in s.items() if k != "history"} for s in summaries]}
     _atomic_json(out_path, result)
     return result
-
-
-def stack_tasks(pred, truth=None):
-    """(task, run_id, sample_id, score, label) rows of every task a run takes part in (the paper's protocol, as
-    ``metrics.task_metrics``; ``cvr_entire`` when the ground truth is given): the input of the DeLong test."""
-    y, z, has_cvr = F.col(S.CLICK), F.col(S.CONVERSION), ~F.isnan(F.col(S.P_CVR))
-    tasks = [("ctr", None, S.P_CTR, y), ("cvr", (y == 1) & has_cvr, S.P_CVR, z),
-             ("ctcvr", has_cvr, S.P_CTCVR, y * z)]
-    if truth is not None:
-        pred = pred.join(truth.select(S.SAMPLE_ID, S.WOULD_CONVERT), S.SAMPLE_ID, "left")
-        tasks.append(("cvr_entire", has_cvr, S.P_CVR, F.col(S.WOULD_CONVERT)))
-    parts = [(pred if cond is None else pred.where(cond))
-             .select(F.lit(name).alias("task"), S.RUN_ID, S.SAMPLE_ID, F.col(score).cast("double").alias("score"),
-                     lab.alias("label"))
-             for name, cond, score, lab in tasks]
-    out = parts[0]
-    for p in parts[1:]:
-        out = out.unionByName(p)
-    return out
-
-
-def unit_delong(pred, truth=None) -> dict:
-    """{task: DeLong record} of a unit's predictions (see ``report.delong_record``)."""
-    res = delong(stack_tasks(pred, truth), "score", "label", S.RUN_ID, S.SAMPLE_ID, group_cols=("task",),
-                 on_one_class="nan")
-    return {key[0]: R.delong_record(r) for key, r in res.items()}
 
 
 def _atomic_json(path: str, obj) -> None:
@@ -158,21 +132,7 @@ def oracle(spark: SparkSession, dataset: str, truth_path: str, exp_dir: str) -> 
             return json.load(f)
     test = spark.read.parquet(os.path.join(dataset, S.TEST)).select(S.SAMPLE_ID, S.CLICK, S.CONVERSION)
     truth = spark.read.parquet(truth_path).select(S.SAMPLE_ID, S.TRUE_CTR, S.TRUE_CVR, S.WOULD_CONVERT)
-    joined = test.join(truth, S.SAMPLE_ID)
-    rows = oracle_metrics(joined, on_one_class="nan")
-    y, z = F.col(S.CLICK), F.col(S.CONVERSION)
-    stacked = None
-    for task, cond, score, lab in (("ctr", None, F.col(S.TRUE_CTR), y), ("cvr", y == 1, F.col(S.TRUE_CVR), z),
-                                   ("ctcvr", None, F.col(S.TRUE_CTR).cast("double") * F.col(S.TRUE_CVR), y * z),
-                                   ("cvr_entire", None, F.col(S.TRUE_CVR), F.col(S.WOULD_CONVERT))):
-        part = (joined if cond is None else joined.where(cond)).select(
-            F.lit(task).alias("task"), F.lit("oracle").alias(S.RUN_ID), S.SAMPLE_ID,
-            score.cast("double").alias("score"), lab.alias("label"))
-        stacked = part if stacked is None else stacked.unionByName(part)
-    ses = delong(stacked, "score", "label", S.RUN_ID, S.SAMPLE_ID, group_cols=("task",), on_one_class="nan")
-    for r in rows:
-        res = ses.get((r["task"],))
-        r["auc_se"] = res.se("oracle") if res is not None else None
+    rows = oracle_protocol_metrics(test.join(truth, S.SAMPLE_ID))
     _atomic_json(path, rows)
     return rows
 

@@ -32,38 +32,33 @@ sample key). For model k the *placement* of positive i and of negative j are::
 
 and AUC_k = mean_i V10_k(i) = mean_j V01_k(j). With S10 (S01) the K x K sample covariance (divisor P-1, N-1) of the
 placement vectors over the positives (negatives), ``Cov(AUC) = S10 / P + S01 / N``; a difference of two AUCs has
-variance ``c_aa + c_bb - 2 c_ab`` and is tested against the normal distribution. Placements depend on the whole
-score ordering of one model while the covariance pairs placements of *different* models on the same key, so the
-distributed computation is:
+variance ``c_aa + c_bb - 2 c_ab`` and is tested against the normal distribution.
 
-1. (pass 1, the AUC job above with ``(group, model)`` as the group) range-partitioned ``(group, model, score)``
-   counts give, per group and model, the validation counts, P, N, the exact AUC, and for every range partition its
-   first score, P and N. The sorted first scores are fixed *bucket boundaries* and the partition totals are exact
-   per-bucket counts (the partitions held disjoint, ordered score ranges), so the driver knows, per bucket, the
-   negatives below it and the positives before it. Nothing later depends on re-running the range sampling.
-2. (pass 2) the rows and the distinct-score counts are unioned: every distinct ``(group, model, score)`` becomes a
-   *header* carrying its ``(pos_s, neg_s)``, followed by its rows. A broadcast join gives every row the integer id
-   of its (group, model), a ``mapInArrow`` before the shuffle its bucket (``searchsorted`` on the boundaries, which
-   travel inside the function: a few floats per partition and model); ``repartition`` on ``(id, bucket)`` +
-   ``sortWithinPartitions`` on ``(id, bucket, score, header first)`` lays each bucket out in score order, and a
-   second ``mapInArrow`` (numpy cumulative sums over the headers, state carried across Arrow batches of a bucket,
-   O(1) memory however large a tie run is) gives each row its placement from the bucket's offsets and the running
-   counts ``neg_upto_s``/``pos_upto_s`` of the bucket's negatives/positives scored <= s:
-   ``V10 = (2 (neg_before_bucket + neg_upto_s) - neg_s) / 2N`` and
-   ``V01 = (2 (P - pos_before_bucket - pos_upto_s) + pos_s) / 2P`` (integer numerators), emitted centered on the
-   model's exact AUC;
-3. one aggregation per ``(group, key, label)`` assembles each key's K placements, and one per ``(group, label)``
-   sums them, their cross products and the matched-key counts. Only ``K + K(K+1)/2`` sums per group and class reach
-   the driver, which forms ``S = (sum c_k c_l - sum c_k sum c_l / n) / (n - 1)``; centering on the known mean
-   keeps the sums free of cancellation.
+The covariance pairs placements of *different* models on the same key, so the rows are laid out *wide*: one row per
+key with a score column per model (``delong_wide``; ``delong`` pivots long rows to that, one shuffle, and checks that
+every model scores every key once with the same label). A placement depends only on the model, the class and the
+score, and the class that matters is the smaller one (in CVR/CTCVR/CTR the positives, a few percent of the rows):
+a group whose positives outnumber its negatives is *flipped* (labels swapped, scores negated: AUC, placements and
+covariance are unchanged), so below "minority" is always the positive class and M its size. Passes over the
+(persisted) wide rows, all ``mapInArrow`` with numpy, none with a per-row Python step or a shuffle of rows:
 
-Besides re-aggregating the distinct-score counts, pass 2 shuffles the rows twice (the bucket exchange and the per-key
-assembly) plus the tiny per-class sums; no join of placements back to the rows is needed because the headers travel
-with them.
+1. group counts (P, N, bad labels, NaN scores, which models take part: a column that is non-null in the group);
+2. per (group, model), the distinct minority scores T with their counts c (aggregated, collected: O(distinct
+   minority scores) values, the only data that reaches the driver besides sums);
+3. with T broadcast, every majority row counts itself against T with two ``searchsorted``: ``b[j]`` majority rows
+   strictly below ``T[j]``, ``e[j]`` tied with it (per-partition histograms, summed by an aggregation). Then a
+   minority row at ``T[j]`` has placement ``(2 b[j] + e[j]) / 2N``, and the exact AUC is the integer numerator
+   ``sum_j c[j] (2 b[j] + e[j])`` over ``2 P N`` (bit-identical to ``auc``, a test checks it);
+4. with those tables broadcast, every row gets its K placements (minority: looked up at its score; majority:
+   ``(2 #minority above + #minority tied) / 2M`` from the cumulative counts of c), centered on the exact AUCs, and
+   each partition sums them and their K x K cross products per class. The driver adds the partitions' sums and forms
+   ``S = (sum c c^T - s s^T / n) / (n - 1)``; centering on the known means keeps the sums free of cancellation, and
+   centered sums that do not vanish (the input changed between passes) raise instead of giving a wrong answer.
 
-The key check is exact and free: a group is accepted only if every model has the same (P, N) (pass 1) and every
-(key, label) of the group has exactly one row of every model (step 3), so missing or duplicated keys and labels that
-differ between models all raise ``MetricError``.
+Cost: four reads of the persisted rows and two small aggregations, against the exact AUC's one range-partitioned
+pass per call; memory on the driver and in each executor is O(K x distinct minority scores) (at Ali-CCP scale the
+CTR task's clicks dominate: ~1.7M per model). ``protocol_metrics`` applies it to a prediction table: one pivot, every
+task a filter of the wide rows, AUC + DeLong + log-loss + calibration in those passes.
 
 Log-loss clips probabilities to ``[1e-7, 1 - 1e-7]``; calibration is mean prediction / observed positive rate.
 """
@@ -79,10 +74,12 @@ from statistics import NormalDist
 import numpy as np
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
-from pyspark.sql.types import DecimalType, DoubleType, IntegerType, LongType, StructField, StructType
+from pyspark import StorageLevel
+from pyspark.sql.types import (ArrayType, DecimalType, DoubleType, IntegerType, LongType, StructField,
+                               StructType)
 
-from schemas.dataset import (CLICK, CONVERSION, METHOD, P_CTCVR, P_CTR, P_CVR, SAMPLE_ID, TRUE_CTR, TRUE_CVR,
-                             WOULD_CONVERT)
+from schemas.dataset import (CLICK, CONVERSION, METHOD, P_CTCVR, P_CTR, P_CVR, RUN_ID, SAMPLE_ID, TRUE_CTR,
+                             TRUE_CVR, WOULD_CONVERT)
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +90,7 @@ _S, _Y, _POS, _NEG, _BAD = "__m_score", "__m_label", "__m_pos", "__m_neg", "__m_
 _FIRST, _NUM2, _BAD_S = "__m_first_score", "__m_twice_num", "__m_bad_score"
 _MODEL, _KEY, _KIND, _GID, _BUCKET, _MIDX, _C, _NROWS = ("__m_model", "__m_key", "__m_kind", "__m_gid",
                                                       "__m_bucket", "__m_midx", "__m_centered", "__m_nrows")
+_YMIN = "__m_label_min"
 _SUMMARY_FIELDS = [StructField(_FIRST, DoubleType()), StructField(_NUM2, DecimalType(38, 0)),
                    StructField(_POS, LongType()), StructField(_NEG, LongType()),
                    StructField(_BAD, LongType()), StructField(_BAD_S, LongType())]
@@ -306,66 +304,355 @@ class DeLongResult:
                 "p_value": math.erfc(abs(z) / math.sqrt(2))}
 
 
-def delong(df: DataFrame, score_col: str, label_col: str, model_col: str, key_col: str, group_cols=(), *,
-           on_one_class: str = "raise", num_partitions: int | None = None) -> dict[tuple, DeLongResult]:
-    """DeLong covariance of the AUCs of several models scored on the same keys, per group.
-
-    ``df`` is long format: one row per ``(group..., model, key)`` with a numeric score and a 0/1 label, e.g.
-    a prediction table stacked by model with the sample id as ``key_col``. Model ids are compared as strings. Within a
-    group every model must score the same keys with the same labels, exactly once, else ``MetricError`` names the
-    group and models. Null/NaN scores, labels outside {0, 1} and null model ids raise; a group with one class raises
-    or, with ``on_one_class="nan"``, gets NaN ``auc``/``cov``. ``num_partitions`` is the range-partition and bucket
-    count (default: ``spark.sql.shuffle.partitions``). Returns ``{group_values_tuple: DeLongResult}`` (key ``()``
-    without groups). See the module docstring for the algorithm: two passes, nothing row-level on the driver.
-    ``df`` is evaluated twice, so it must be deterministic (persist it when it is expensive or is not); a mismatch
-    between the passes is detected (placements not averaging to the AUC) rather than silently used.
-    """
+def _check_on_one_class(on_one_class: str) -> None:
     if on_one_class not in ("raise", "nan"):
         raise ValueError(f"on_one_class must be 'raise' or 'nan', got {on_one_class!r}")
+
+
+def delong(df: DataFrame, score_col: str, label_col: str, model_col: str, key_col: str, group_cols=(), *,
+           on_one_class: str = "raise", num_partitions: int | None = None) -> dict[tuple, DeLongResult]:
+    """DeLong covariance of the AUCs of several models scored on the same keys, per group (long format).
+
+    ``df`` holds one row per ``(group..., model, key)`` with a numeric score and a 0/1 label, e.g. a prediction table
+    stacked by model with the sample id as ``key_col``. Model ids are compared as strings. Within a group every model
+    must score the same keys with the same labels, exactly once, else ``MetricError`` names the group and models.
+    Null/NaN scores, labels outside {0, 1} and null model ids raise; a group with one class raises or, with
+    ``on_one_class="nan"``, gets NaN ``auc``/``cov``. The rows are pivoted to one row per (group, key) (one shuffle)
+    and handed to ``delong_wide``; ``num_partitions`` sets the pivot's partition count (default
+    ``spark.sql.shuffle.partitions``). Returns ``{group_values_tuple: DeLongResult}`` (key ``()`` without groups).
+    """
+    _check_on_one_class(on_one_class)
     group_cols = tuple(group_cols)
-    gm = (*group_cols, _MODEL)
-    n_parts = num_partitions or int(df.sparkSession.conf.get("spark.sql.shuffle.partitions"))
-    # + 0.0 turns -0.0 into 0.0, so rows sort exactly like their (normalized) distinct-score headers
-    rows = df.select(*[F.col(g) for g in group_cols], F.col(model_col).cast("string").alias(_MODEL),
-                     F.col(key_col).alias(_KEY), (F.col(score_col).cast("double") + F.lit(0.0)).alias(_S),
-                     F.col(label_col).alias(_Y))
-    counts = _score_label_counts(rows, _S, _Y, gm)
-
-    # pass 1: validation, P/N, exact AUCs and bucket boundaries per (group, model)
-    per_gm = defaultdict(list)
-    for r in _partition_summaries(counts, gm, n_parts):
-        per_gm[tuple(r[c] for c in gm)].append(r)
-    per_group = defaultdict(dict)
-    for (*key, model), parts in per_gm.items():
-        where = f"{_where(tuple(key), group_cols)}, model {model!r}"
-        _check_summaries(parts, where, score_col, label_col, what="DeLong AUC")
-        if model is None:
-            raise MetricError(f"DeLong test, {_where(tuple(key), group_cols)}: "
-                              f"{sum(r[_POS] + r[_NEG] for r in parts)} rows have a null {model_col}")
-        per_group[tuple(key)][model] = _ordered_totals(parts)
-
-    results, specs = {}, []  # specs: (group key, models, P, N, per model (ordered parts, twice numerator))
-    for key in sorted(per_group, key=lambda k: tuple((v is None, str(v)) for v in k)):
-        by_model = per_group[key]
-        models = tuple(sorted(by_model))
-        sizes = {m: (by_model[m][2], by_model[m][3]) for m in models}
+    y, s, m = F.col(label_col), F.col(score_col).cast("double"), F.col(model_col).cast("string")
+    stats = (df.groupBy(*group_cols, m.alias(_MODEL))
+             .agg(F.sum(F.when(y == 1, 1).otherwise(0)).cast("long").alias(_POS),
+                  F.sum(F.when(y == 0, 1).otherwise(0)).cast("long").alias(_NEG),
+                  F.sum(F.when((y == 0) | (y == 1), 0).otherwise(1)).cast("long").alias(_BAD),
+                  F.sum(F.when(s.isNull() | F.isnan(s), 1).otherwise(0)).cast("long").alias(_BAD_S))
+             .collect())
+    by_group = defaultdict(dict)
+    for r in stats:
+        key = tuple(r[g] for g in group_cols)
+        where = f"{_where(key, group_cols)}, model {r[_MODEL]!r}"
+        if r[_BAD_S]:
+            raise MetricError(f"DeLong AUC of {score_col} vs {label_col}, {where}: {r[_BAD_S]} rows have a null or "
+                              f"NaN score")
+        if r[_BAD]:
+            raise MetricError(f"DeLong AUC of {score_col} vs {label_col}, {where}: {r[_BAD]} rows have a label that "
+                              f"is null or not 0/1")
+        if r[_MODEL] is None:
+            raise MetricError(f"DeLong test, {_where(key, group_cols)}: {r[_POS] + r[_NEG]} rows have a null "
+                              f"{model_col}")
+        by_group[key][r[_MODEL]] = (r[_POS], r[_NEG])
+    for key, sizes in by_group.items():
         if len(set(sizes.values())) > 1:
             raise MetricError(f"DeLong test, {_where(key, group_cols)}: models must score the same keys with the same "
-                              f"labels, but their (positives, negatives) differ: {sizes}")
-        poss, negs = sizes[models[0]]
+                              f"labels, but their (positives, negatives) differ: {dict(sorted(sizes.items()))}")
+    models = sorted({mod for sizes in by_group.values() for mod in sizes})
+    cols = {mod: f"__m_v{i}" for i, mod in enumerate(models)}
+    n_parts = num_partitions or int(df.sparkSession.conf.get("spark.sql.shuffle.partitions"))
+    wide = (df.select(*group_cols, m.alias(_MODEL), F.col(key_col).alias(_KEY), s.alias(_S), y.alias(_Y))
+            .repartition(n_parts, *group_cols, _KEY)
+            .groupBy(*group_cols, _KEY)
+            .agg(F.count(F.lit(1)).alias(_NROWS), F.min(_Y).alias(_YMIN), F.max(_Y).alias(_Y),
+                 *[F.max(F.when(F.col(_MODEL) == mod, F.col(_S))).alias(c) for mod, c in cols.items()]))
+    return delong_wide(wide, cols, _Y, group_cols, on_one_class=on_one_class,
+                       _key_check=(model_col, {k: len(v) for k, v in by_group.items()}))
+
+
+def delong_wide(df: DataFrame, models, label_col: str, group_cols=(), *, on_one_class: str = "raise",
+                _key_check=None) -> dict[tuple, DeLongResult]:
+    """DeLong covariance per group from *wide* rows: one row per key, one score column per model.
+
+    ``models``: ``{model id: score column}`` (or a list of columns, which are then the ids). A model takes part in a
+    group when its column is non-null in that group; it must then be non-null on every row of the group (a model that
+    scores only some keys raises ``MetricError``), so groups may hold different models (e.g. the CTR task of the
+    methods with a CTR tower of their own). NaN scores and labels outside {0, 1} raise. Four passes over ``df``
+    (persisted here): group counts, the minority class's distinct scores, the majority class counted against them,
+    and the placement sums (module docstring); nothing row-level reaches the driver, only distinct scores of the
+    smaller class of each group.
+    """
+    _check_on_one_class(on_one_class)
+    group_cols = tuple(group_cols)
+    if not isinstance(models, dict):
+        models = {c: c for c in models}
+    names = sorted(models, key=str)
+    cols = [models[n] for n in names]
+    y = F.col(label_col)
+    aggs = [F.count(F.lit(1)).alias("n"), F.sum(F.when(y == 1, 1).otherwise(0)).cast("long").alias("p"),
+            F.sum(F.when((y == 0) | (y == 1), 0).otherwise(1)).cast("long").alias("bad")]
+    for i, c in enumerate(cols):
+        aggs += [F.count(F.col(c)).alias(f"c{i}"), F.sum(F.when(F.isnan(F.col(c)), 1).otherwise(0)).alias(f"nan{i}")]
+    if _key_check:
+        aggs += [F.sum(_NROWS).alias("rows"), F.sum(F.when(F.col(_YMIN) != y, 1).otherwise(0)).alias("mixed")]
+    owned = df.storageLevel == StorageLevel.NONE  # five passes: keep the input unless the caller already does
+    if owned:
+        df = df.persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        return _delong_wide(df, names, cols, aggs, label_col, group_cols, on_one_class, _key_check)
+    finally:
+        if owned:
+            df.unpersist()
+
+
+def _delong_wide(df, names, cols, aggs, label_col, group_cols, on_one_class, _key_check):
+    stats = df.groupBy(*group_cols).agg(*aggs).collect()
+    groups, results = [], {}
+    for r in sorted(stats, key=lambda r: tuple((r[g] is None, str(r[g])) for g in group_cols)):
+        key = tuple(r[g] for g in group_cols)
+        where = _where(key, group_cols)
+        present = [i for i in range(len(cols)) if r[f"c{i}"] > 0]
+        for i in present:
+            if r[f"nan{i}"]:
+                raise MetricError(f"DeLong AUC, {where}, model {names[i]!r}: {r[f'nan{i}']} rows have a null or NaN "
+                                  f"score")
+        if r["bad"]:
+            raise MetricError(f"DeLong AUC vs {label_col}, {where}: {r['bad']} rows have a label that is null or "
+                              f"not 0/1")
+        n, poss = r["n"], r["p"]
+        gm = [names[i] for i in present]
+        if _key_check:
+            model_col, k_of = _key_check
+            scored = {names[i]: r[f"c{i}"] for i in present}
+            if r["rows"] != n * k_of[key] or r["mixed"] or set(scored.values()) != {n} or len(gm) != k_of[key]:
+                raise MetricError(
+                    f"DeLong test, {where}: the models {gm} (column {model_col!r}) do not score the same keys with "
+                    f"the same labels: {n} distinct keys, {r['rows']} rows, {r['mixed']} keys with differing labels, "
+                    f"keys scored per model {scored}; expected every key scored exactly once by every model")
+        else:
+            short = {names[i]: r[f"c{i}"] for i in present if r[f"c{i}"] != n}
+            if short:
+                raise MetricError(f"DeLong test, {where}: models {sorted(short)} score only {short} of the group's "
+                                  f"{n} keys (a model must score every key of a group it takes part in)")
+        negs = n - poss
         if poss == 0 or negs == 0:
-            msg = (f"DeLong test of {score_col} is undefined for {_where(key, group_cols)}: label column "
-                   f"{label_col!r} has one class only (positives={poss}, negatives={negs})")
+            msg = (f"DeLong test vs {label_col} is undefined for {where}: one class only "
+                   f"(positives={poss}, negatives={negs})")
             if on_one_class == "raise":
                 raise MetricError(msg)
             log.warning("%s; reporting NaN", msg)
-            k = len(models)
-            results[key] = _delong_result(models, np.full(k, math.nan), np.full((k, k), math.nan), poss, negs)
+            k = len(gm)
+            results[key] = _delong_result(tuple(gm), np.full(k, math.nan), np.full((k, k), math.nan), poss, negs)
             continue
-        specs.append((key, models, poss, negs, [(by_model[m][0], by_model[m][1]) for m in models]))
-    if specs:
-        results.update(_delong_pass2(rows, counts, specs, group_cols, n_parts, model_col))
+        groups.append((key, present, poss, negs))
+    if groups:
+        results.update(_delong_passes(df, cols, names, label_col, group_cols, groups))
     return {key: results[key] for key in sorted(results, key=lambda k: tuple((v is None, str(v)) for v in k))}
+
+
+def _delong_passes(df: DataFrame, cols: list, names: list, label_col: str, group_cols: tuple,
+                   groups: list) -> dict[tuple, DeLongResult]:
+    """The three data passes of ``delong_wide`` for the groups with both classes (module docstring)."""
+    # gid: the group's index; the minority class (the smaller one) is "1" after flipping: label == minority,
+    # and a flipped group negates its scores (AUC, placements and covariance are invariant under the flip).
+    cond = None
+    for gid, (key, *_rest) in enumerate(groups):
+        match = F.lit(True)
+        for g, v in zip(group_cols, key):
+            match = match & F.col(g).eqNullSafe(F.lit(v))
+        cond = F.when(match, gid) if cond is None else cond.when(match, gid)
+    minority = [1 if poss <= negs else 0 for _, _, poss, negs in groups]
+    present = [p for _, p, _, _ in groups]
+    vcols = [f"__m_v{i}" for i in range(len(cols))]
+    data = (df.select(cond.alias(_GID), F.col(label_col).cast("int").alias(_Y),
+                      *[F.col(c).cast("double").alias(v) for c, v in zip(cols, vcols)])
+            .where(F.col(_GID).isNotNull()))
+    spark = df.sparkSession
+    plan = {"minority": minority, "present": present, "vcols": vcols}
+    # pass A: distinct scores of the minority class, per (group, model)
+    mins = (data.mapInArrow(_make_minority_scores(plan), _GKT_SCHEMA)
+            .groupBy(_GID, _MIDX, _S).agg(F.sum(_POS).alias(_POS)).toArrow())
+    tables = _minority_tables(mins, groups)
+    bc = spark.sparkContext.broadcast({k: v[0] for k, v in tables.items()})
+    # pass A': the majority class counted against those scores: strictly below each, and tied with each
+    hist = (data.mapInArrow(_make_majority_counter(plan, bc), _HIST_SCHEMA)
+            .groupBy(_GID, _MIDX, _BUCKET).agg(F.sum(_NEG).alias(_NEG), F.sum(_POS).alias(_POS)).toArrow())
+    placements = _placement_tables(tables, hist, groups)
+    bc.unpersist()
+    bc = spark.sparkContext.broadcast(placements)
+    # pass B: every row's placements (centered on the exact AUCs), summed with their cross products per class
+    sums = data.mapInArrow(_make_placement_summer(plan, bc), _SUMS_SCHEMA).collect()
+    bc.unpersist()
+    acc = {}
+    for r in sums:
+        k = (r[_GID], r[_Y])
+        n, s, q = r["n"], np.array(r["s"]), np.array(r["q"])
+        if k in acc:
+            acc[k] = (acc[k][0] + n, acc[k][1] + s, acc[k][2] + q)
+        else:
+            acc[k] = (n, s, q)
+    out = {}
+    for gid, (key, idx, poss, negs) in enumerate(groups):
+        k = len(idx)
+        auc_values = np.array([placements[(gid, i)][3] for i in idx], dtype=np.float64)
+        cov = np.zeros((k, k))
+        for cls, size in ((1, min(poss, negs)), (0, max(poss, negs))):
+            n, s, q = acc.get((gid, cls), (0, np.zeros(k), np.zeros(k * k)))
+            if n != size:
+                raise RuntimeError(f"DeLong test, {_where(key, group_cols)}: the placement pass saw {n} rows of a "
+                                   f"class of {size}: the input changed between passes (persist it)")
+            if np.any(np.abs(s) > 1e-9 * n):
+                raise RuntimeError(f"DeLong test, {_where(key, group_cols)}: placements do not average to the exact "
+                                   f"AUCs (mean deviations {(s / n).tolist()}): the input changed between passes")
+            q = q.reshape(k, k)
+            cov += (q - np.outer(s, s) / n) / (n - 1) / n if n > 1 else np.full((k, k), math.nan)
+        out[key] = _delong_result(tuple(names[i] for i in idx), auc_values, (cov + cov.T) / 2, poss, negs)
+    return out
+
+
+_GKT_SCHEMA = StructType([StructField(_GID, IntegerType(), False), StructField(_MIDX, IntegerType(), False),
+                          StructField(_S, DoubleType(), False), StructField(_POS, LongType(), False)])
+_HIST_SCHEMA = StructType([StructField(_GID, IntegerType(), False), StructField(_MIDX, IntegerType(), False),
+                           StructField(_BUCKET, LongType(), False), StructField(_NEG, LongType(), False),
+                           StructField(_POS, LongType(), False)])
+_SUMS_SCHEMA = StructType([StructField(_GID, IntegerType(), False), StructField(_Y, IntegerType(), False),
+                           StructField("n", LongType(), False), StructField("s", ArrayType(DoubleType(), False)),
+                           StructField("q", ArrayType(DoubleType(), False))])
+
+
+def _class_views(batch, plan):
+    """(gid, is-minority, {column index: oriented scores}) of one Arrow batch, as numpy (executor side)."""
+    gid = batch.column(_GID).to_numpy(zero_copy_only=False)
+    lab = batch.column(_Y).to_numpy(zero_copy_only=False)
+    flip = np.array(plan["minority"])[gid] == 0
+    minority = np.where(flip, lab == 0, lab == 1)
+    sign = np.where(flip, -1.0, 1.0)
+    scores = {}
+    for i, v in enumerate(plan["vcols"]):
+        col = batch.column(v)
+        if col.null_count < len(col):
+            scores[i] = col.to_numpy(zero_copy_only=False).astype(np.float64) * sign + 0.0  # + 0.0: -0.0 -> 0.0
+    return gid, minority, scores
+
+
+def _segments(gid):
+    """(gid value, row indices) for each group present in a batch."""
+    for g in np.unique(gid):
+        yield int(g), np.flatnonzero(gid == g)
+
+
+def _make_minority_scores(plan):
+    def run(batches):
+        import pyarrow as pa
+        for batch in batches:
+            gid, minority, scores = _class_views(batch, plan)
+            for g, rows in _segments(gid):
+                rows = rows[minority[rows]]
+                for i in plan["present"][g]:
+                    t, cnt = np.unique(scores[i][rows], return_counts=True)
+                    yield pa.RecordBatch.from_arrays(
+                        [pa.array(np.full(len(t), g, np.int32)), pa.array(np.full(len(t), i, np.int32)), pa.array(t),
+                         pa.array(cnt.astype(np.int64))], names=[_GID, _MIDX, _S, _POS])
+    return run
+
+
+def _minority_tables(mins, groups) -> dict:
+    """{(gid, model index): (sorted distinct minority scores, their counts)} from pass A's collected counts."""
+    gid = mins.column(_GID).to_numpy()
+    midx = mins.column(_MIDX).to_numpy()
+    t = mins.column(_S).to_numpy()
+    cnt = mins.column(_POS).to_numpy().astype(np.int64)
+    out = {}
+    for g, (_key, idx, _p, _n) in enumerate(groups):
+        for i in idx:
+            sel = (gid == g) & (midx == i)
+            order = np.argsort(t[sel], kind="stable")
+            out[(g, i)] = (t[sel][order], cnt[sel][order])
+    return out
+
+
+def _make_majority_counter(plan, bc):
+    def run(batches):
+        import pyarrow as pa
+        tables = bc.value
+        acc = {}
+        for batch in batches:
+            gid, minority, scores = _class_views(batch, plan)
+            for g, rows in _segments(gid):
+                rows = rows[~minority[rows]]
+                for i in plan["present"][g]:
+                    t = tables[(g, i)]
+                    s = scores[i][rows]
+                    right = np.searchsorted(t, s, "right")
+                    left = np.searchsorted(t, s, "left")
+                    below = np.bincount(right, minlength=len(t) + 1)       # majority rows with right == r
+                    tie = np.bincount(left[right - left == 1], minlength=len(t) + 1)
+                    a = acc.setdefault((g, i), [np.zeros(len(t) + 1, np.int64), np.zeros(len(t) + 1, np.int64)])
+                    a[0] += below
+                    a[1] += tie
+        for (g, i), (below, tie) in acc.items():
+            nz = np.flatnonzero((below > 0) | (tie > 0))
+            yield pa.RecordBatch.from_arrays(
+                [pa.array(np.full(len(nz), g, np.int32)), pa.array(np.full(len(nz), i, np.int32)), pa.array(nz),
+                 pa.array(below[nz]), pa.array(tie[nz])], names=[_GID, _MIDX, _BUCKET, _NEG, _POS])
+    return run
+
+
+def _placement_tables(tables: dict, hist, groups) -> dict:
+    """{(gid, i): (minority scores, minority placements, cumulative minority counts, exact AUC)} (driver side).
+
+    With T the sorted distinct minority scores, c their counts, b[j] the majority rows scored below T[j] and e[j]
+    those tied with it: a minority row at T[j] has placement (2 b[j] + e[j]) / 2N (N: majority size), and the
+    exact AUC is sum_j c[j] (2 b[j] + e[j]) / 2PN, an integer numerator as in ``auc``."""
+    gid = hist.column(_GID).to_numpy()
+    midx = hist.column(_MIDX).to_numpy()
+    binx = hist.column(_BUCKET).to_numpy()
+    nb, nt = hist.column(_NEG).to_numpy(), hist.column(_POS).to_numpy()
+    out = {}
+    for g, (_key, idx, poss, negs) in enumerate(groups):
+        n_min, n_maj = min(poss, negs), max(poss, negs)
+        for i in idx:
+            t, c = tables[(g, i)]
+            sel = (gid == g) & (midx == i)
+            below_at = np.zeros(len(t) + 1, np.int64)
+            tie = np.zeros(len(t) + 1, np.int64)
+            below_at[binx[sel]] = nb[sel]
+            tie[binx[sel]] = nt[sel]
+            below = np.cumsum(below_at)[:len(t)]      # majority with score < T[j]  (right index <= j)
+            num = 2 * below + tie[:len(t)]
+            twice = sum(int(a) * int(b) for a, b in zip(c, num)) if n_min * n_maj * 2 >= 2 ** 62 else int(c @ num)
+            out[(g, i)] = (t, num / (2.0 * n_maj), np.cumsum(c), twice / (2 * n_min * n_maj))
+    return out
+
+
+def _make_placement_summer(plan, bc):
+    def run(batches):
+        import pyarrow as pa
+        tables = bc.value
+        acc = {}
+        for batch in batches:
+            gid, minority, scores = _class_views(batch, plan)
+            for g, rows in _segments(gid):
+                idx = plan["present"][g]
+                for cls, sel in ((1, rows[minority[rows]]), (0, rows[~minority[rows]])):
+                    if len(sel) == 0:
+                        continue
+                    c = np.empty((len(sel), len(idx)))
+                    for j, i in enumerate(idx):
+                        t, v_min, cum, auc_value = tables[(g, i)]
+                        s = scores[i][sel]
+                        if cls == 1:
+                            v = v_min[np.searchsorted(t, s, "left")]
+                        else:  # (2 #minority above s + #minority tied) / 2 n_min
+                            right = np.searchsorted(t, s, "right")
+                            left = np.searchsorted(t, s, "left")
+                            upto = np.where(right > 0, cum[np.maximum(right - 1, 0)], 0)
+                            tied = upto - np.where(left > 0, cum[np.maximum(left - 1, 0)], 0)
+                            v = (2.0 * (cum[-1] - upto) + tied) / (2.0 * cum[-1])
+                        c[:, j] = v - auc_value
+                    a = acc.setdefault((g, cls), [0, np.zeros(len(idx)), np.zeros((len(idx), len(idx)))])
+                    a[0] += len(sel)
+                    a[1] += c.sum(axis=0)
+                    a[2] += c.T @ c
+        if acc:
+            keys = list(acc)
+            yield pa.RecordBatch.from_arrays(
+                [pa.array([k[0] for k in keys], pa.int32()), pa.array([k[1] for k in keys], pa.int32()),
+                 pa.array([acc[k][0] for k in keys], pa.int64()),
+                 pa.array([acc[k][1].tolist() for k in keys], pa.list_(pa.float64())),
+                 pa.array([acc[k][2].ravel().tolist() for k in keys], pa.list_(pa.float64()))],
+                names=[_GID, _Y, "n", "s", "q"])
+    return run
 
 
 def _delong_result(models, auc_values, cov, poss, negs) -> DeLongResult:
@@ -374,163 +661,6 @@ def _delong_result(models, auc_values, cov, poss, negs) -> DeLongResult:
         a.setflags(write=False)
     return DeLongResult(models, auc_values, cov, int(poss), int(negs))
 
-
-def _delong_pass2(rows: DataFrame, counts: DataFrame, specs: list, group_cols: tuple, n_parts: int,
-                  model_col: str) -> dict[tuple, DeLongResult]:
-    """Placements, per-key assembly and the covariance sums for the groups of ``specs`` (module docstring, 2-3)."""
-    gm = (*group_cols, _MODEL)
-    all_models = sorted({m for _, models, *_ in specs for m in models})
-    midx_of = {m: i for i, m in enumerate(all_models)}
-    # driver-side tables, indexed by gid (one per valid (group, model)) and by flat bucket = base[gid] + bucket
-    lookup, bounds, base, nbuckets, pos_before, neg_before = [], [], [], [], [], []
-    tot_p, tot_n, exact_auc, midx = [], [], [], []
-    for key, models, poss, negs, per_model in specs:
-        for m, (ordered, twice_num) in zip(models, per_model):
-            lookup.append((*key, m, len(lookup)))
-            bounds.append(np.array([r[_FIRST] for r in ordered], dtype=np.float64))
-            base.append(len(pos_before))
-            nbuckets.append(len(ordered))
-            pos_before += np.cumsum([0] + [r[_POS] for r in ordered[:-1]]).tolist()
-            neg_before += np.cumsum([0] + [r[_NEG] for r in ordered[:-1]]).tolist()
-            tot_p.append(poss)
-            tot_n.append(negs)
-            exact_auc.append(twice_num / (2 * poss * negs))
-            midx.append(midx_of[m])
-    tables = {"base": np.array(base, np.int64), "nbuckets": np.array(nbuckets, np.int64),
-              "pos_before": np.array(pos_before, np.int64), "neg_before": np.array(neg_before, np.int64),
-              "P": np.array(tot_p, np.int64), "N": np.array(tot_n, np.int64),
-              "auc": np.array(exact_auc, np.float64), "midx": np.array(midx, np.int32)}
-
-    spark = rows.sparkSession
-    lk_names = [f"__m_lk{i}" for i in range(len(gm))]
-    lk_schema = StructType([StructField(n, counts.schema[c].dataType) for n, c in zip(lk_names, gm)]
-                           + [StructField(_GID, IntegerType(), False)])
-    lk = F.broadcast(spark.createDataFrame(lookup, lk_schema))
-    data = rows.select(*gm, _KEY, _S, F.col(_Y).cast("int").alias(_Y), F.lit(1).alias(_KIND))
-    headers = counts.select(*gm, _S, _POS, _NEG, F.lit(0).alias(_KIND))
-    both = data.unionByName(headers, allowMissingColumns=True)
-    both = (both.join(lk, on=[both[c].eqNullSafe(lk[n]) for c, n in zip(gm, lk_names)], how="inner")
-            .select(*group_cols, _KEY, _Y, _S, _POS, _NEG, _KIND, _GID))
-    bucketed_schema = StructType(both.schema.fields + [StructField(_BUCKET, IntegerType(), False)])
-    bucketed = both.mapInArrow(_make_bucketer(dict(enumerate(bounds))), bucketed_schema)
-    placed_schema = StructType([both.schema[g] for g in group_cols]
-                               + [both.schema[_KEY], both.schema[_Y], StructField(_MIDX, IntegerType(), False),
-                                  StructField(_C, DoubleType(), False)])
-    placed = (bucketed.repartition(n_parts, _GID, _BUCKET)
-              .sortWithinPartitions(_GID, _BUCKET, _S, _KIND)
-              .mapInArrow(_make_placer(tables, list(group_cols)), placed_schema))
-
-    v = [f"__m_v{k}" for k in range(len(all_models))]
-    per_key = placed.groupBy(*group_cols, _KEY, _Y).agg(
-        F.count(F.lit(1)).alias(_NROWS),
-        *[F.max(F.when(F.col(_MIDX) == k, F.col(_C))).alias(v[k]) for k in range(len(all_models))])
-    pairs = sorted({(midx_of[a], midx_of[b]) for _, models, *_ in specs for a in models for b in models
-                    if midx_of[a] <= midx_of[b]})
-    sums = per_key.groupBy(*group_cols, _Y).agg(
-        F.count(F.lit(1)).alias("keys"), F.sum(_NROWS).alias("rows"),
-        *[F.count(v[k]).alias(f"n{k}") for k in range(len(all_models))],
-        *[F.sum(v[k]).alias(f"s{k}") for k in range(len(all_models))],
-        *[F.sum(F.col(v[k]) * F.col(v[l])).alias(f"q{k}_{l}") for k, l in pairs]).collect()
-    by_class = {(tuple(r[g] for g in group_cols), r[_Y]): r for r in sums}
-
-    out = {}
-    for key, models, poss, negs, per_model in specs:
-        where = _where(key, group_cols)
-        ids = [midx_of[m] for m in models]
-        scatter = []
-        for label, n in ((1, poss), (0, negs)):
-            r = by_class.get((key, label))
-            matched = {m: (r[f"n{i}"] if r is not None else 0) for m, i in zip(models, ids)}
-            if r is None or r["keys"] != n or r["rows"] != n * len(models) or set(matched.values()) != {n}:
-                got = (r["keys"], r["rows"]) if r is not None else (0, 0)
-                raise MetricError(
-                    f"DeLong test, {where}: the models {list(models)} (column {model_col!r}) do not score the same "
-                    f"keys with the same labels: label {label} has {got[0]} distinct keys and {got[1]} rows, keys "
-                    f"scored per model {matched}; expected {n} keys scored exactly once by every model")
-            s = np.array([r[f"s{i}"] for i in ids], dtype=np.float64)
-            q = np.array([[r[f"q{min(i, j)}_{max(i, j)}"] for j in ids] for i in ids], dtype=np.float64)
-            if np.any(np.abs(s) > 1e-9 * n):  # placements average to the exact AUC unless buckets went wrong
-                raise RuntimeError(f"DeLong test, {where}: placements do not average to the exact AUCs "
-                                   f"(mean deviations {(s / n).tolist()})")
-            scatter.append((q - np.outer(s, s) / n) / (n - 1) / n if n > 1 else np.full(q.shape, math.nan))
-        auc_values = np.array([twice / (2 * poss * negs) for _, twice in per_model], dtype=np.float64)
-        out[key] = _delong_result(models, auc_values, scatter[0] + scatter[1], poss, negs)
-    return out
-
-
-def _make_bucketer(bounds: dict):
-    """Executor function (before the bucket shuffle): bucket = index of the last boundary <= score, per gid."""
-
-    def assign(batches):
-        import numpy as np
-        import pyarrow as pa
-        for batch in batches:
-            gid = batch.column(_GID).to_numpy(zero_copy_only=False)
-            score = batch.column(_S).to_numpy(zero_copy_only=False)
-            bucket = np.empty(len(gid), dtype=np.int32)
-            for g in np.unique(gid):  # one numpy step per (group, model) present in the batch
-                m = gid == g
-                bucket[m] = np.searchsorted(bounds[int(g)], score[m], side="right") - 1
-            yield pa.RecordBatch.from_arrays([*batch.columns, pa.array(bucket, pa.int32())],
-                                             names=[*batch.schema.names, _BUCKET])
-
-    return assign
-
-
-def _make_placer(t: dict, group_cols: list):
-    """Executor function over (gid, bucket, score, header-first)-sorted rows: each data row's centered placement.
-
-    Within a bucket, header rows carry ``(pos_s, neg_s)`` of the score that the following data rows have; the
-    inclusive running sums of header counts (``pos_upto``/``neg_upto``) and the last header's counts are carried
-    from one Arrow batch to the next while the bucket continues.
-    """
-
-    def place(batches):
-        import numpy as np
-        import pyarrow as pa
-        import pyarrow.compute as pc
-        carry = None  # (gid, bucket, pos_upto, neg_upto, pos_s, neg_s) at the end of the previous batch
-        for batch in batches:
-            n = batch.num_rows
-            if n == 0:
-                continue
-            gid = batch.column(_GID).to_numpy(zero_copy_only=False).astype(np.int64)
-            bucket = batch.column(_BUCKET).to_numpy(zero_copy_only=False).astype(np.int64)
-            header = batch.column(_KIND).to_numpy(zero_copy_only=False) == 0
-            pos, neg = (np.where(header, pc.fill_null(batch.column(c), 0).to_numpy(zero_copy_only=False), 0)
-                        .astype(np.int64) for c in (_POS, _NEG))
-            if np.any(bucket < 0) or np.any(bucket >= t["nbuckets"][gid]):
-                raise RuntimeError("DeLong placement: a score falls outside its (group, model)'s buckets")
-            new = np.ones(n, dtype=bool)
-            new[1:] = (gid[1:] != gid[:-1]) | (bucket[1:] != bucket[:-1])
-            starts = np.flatnonzero(new)
-            lengths = np.diff(np.append(starts, n))
-            pos_upto, neg_upto = np.cumsum(pos), np.cumsum(neg)
-            pos_upto -= np.repeat(pos_upto[starts] - pos[starts], lengths)  # inclusive, within the segment
-            neg_upto -= np.repeat(neg_upto[starts] - neg[starts], lengths)
-            last = np.maximum.accumulate(np.where(header, np.arange(n), -1))  # the row's score's header
-            pos_s, neg_s = pos[np.maximum(last, 0)], neg[np.maximum(last, 0)]
-            orphan = last < 0  # data rows before the batch's first header: their header was in an earlier batch
-            if carry is not None and (carry[0], carry[1]) == (gid[0], bucket[0]):
-                pos_upto[:lengths[0]] += carry[2]
-                neg_upto[:lengths[0]] += carry[3]
-                pos_s[orphan], neg_s[orphan] = carry[4], carry[5]
-            elif orphan.any():
-                raise RuntimeError("DeLong placement: rows arrived before their score's header")
-            carry = (gid[-1], bucket[-1], pos_upto[-1], neg_upto[-1], pos_s[-1], neg_s[-1])
-
-            data = ~header
-            g, flat = gid[data], t["base"][gid[data]] + bucket[data]
-            label = batch.column(_Y).filter(pa.array(data)).to_numpy(zero_copy_only=False)
-            v10 = (2 * (t["neg_before"][flat] + neg_upto[data]) - neg_s[data]) / (2.0 * t["N"][g])
-            v01 = (2 * (t["P"][g] - t["pos_before"][flat] - pos_upto[data]) + pos_s[data]) / (2.0 * t["P"][g])
-            centered = np.where(label == 1, v10, v01) - t["auc"][g]
-            picked = batch.filter(pa.array(data))
-            cols = [picked.column(c) for c in [*group_cols, _KEY, _Y]]
-            cols += [pa.array(t["midx"][g], pa.int32()), pa.array(centered, pa.float64())]
-            yield pa.RecordBatch.from_arrays(cols, names=[*group_cols, _KEY, _Y, _MIDX, _C])
-
-    return place
 
 
 # ------------------------------------------------------------------------------------------- log-loss and calibration
@@ -565,6 +695,130 @@ def _calibration_row(r, group_cols: tuple, score_col: str, label_col: str) -> di
 
 
 # -------------------------------------------------------------------------------------------------- paper protocol
+
+def protocol_metrics(pred_df: DataFrame, truth_df: DataFrame | None, runs: dict, *, own_ctr=("ctr", "esmm", "esmm_ns"),
+                     on_one_class: str = "nan", num_partitions: int | None = None) -> tuple[list[dict], dict, dict]:
+    """The paper's protocol for the runs of one prediction table, with DeLong's covariance, in a few passes.
+
+    ``runs``: ``{run_id: method}`` of the table (``schemas.dataset.PREDICTION_SCHEMA``, one row per test impression
+    and run). The table is pivoted once to one row per impression (a column per run and output), and every task is a
+    filter of those rows: ``ctr``, ``cvr`` (clicked rows), ``ctcvr``, and with the ground truth ``cvr_entire`` and
+    ``cvr_entire_clicked`` (p_cvr against ``would_convert``). ``delong_wide`` gives each task's exact AUCs and their
+    covariance, one aggregation the log-loss and calibration. The reference CTR network (method ``ctr``, NaN p_cvr)
+    takes part in the CTR task only; methods outside ``own_ctr`` score CTR with the reference network's pCTR (the
+    paper's protocol), so their CTR row is the reference's (mapped in the returned aliases, not recomputed).
+
+    Returns ``(rows, {task: DeLongResult}, {task: {run_id: run_id it shares scores with}})``; ``rows`` are the dicts
+    of ``task_metrics``/``entire_space_cvr_metrics`` (``run_id, task, auc, logloss, calibration, n, positives``), and
+    equal theirs (a test checks it).
+    """
+    names = sorted(runs)
+    col = {(r, o): f"__m_{o}_{i}" for i, r in enumerate(names) for o in ("ctr", "cvr", "ctcvr")}
+    ref = next((r for r in names if runs[r] == "ctr"), None)
+    n_parts = num_partitions or int(pred_df.sparkSession.conf.get("spark.sql.shuffle.partitions"))
+    run = F.col(RUN_ID)
+    wide = (pred_df.repartition(n_parts, SAMPLE_ID).groupBy(SAMPLE_ID)
+            .agg(F.count(F.lit(1)).alias(_NROWS), F.max(CLICK).alias(CLICK), F.max(CONVERSION).alias(CONVERSION),
+                 *[F.max(F.when(run == r, F.col(src))).alias(col[(r, o)]) for r in names
+                   for o, src in (("ctr", P_CTR), ("cvr", P_CVR), ("ctcvr", P_CTCVR))]))
+    if truth_df is not None:
+        wide = wide.join(truth_df.select(SAMPLE_ID, WOULD_CONVERT), SAMPLE_ID, "left")
+    wide = wide.persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        y, z = F.col(CLICK), F.col(CONVERSION)
+        cvr_runs = [r for r in names if runs[r] != "ctr"]
+        ctr_runs = [r for r in names if ref is None or runs[r] in own_ctr]
+        tasks = [("ctr", None, y, "ctr", ctr_runs), ("cvr", y == 1, z, "cvr", cvr_runs),
+                 ("ctcvr", None, y * z, "ctcvr", cvr_runs)]
+        if truth_df is not None:
+            w = F.col(WOULD_CONVERT)
+            tasks += [("cvr_entire", None, w, "cvr", cvr_runs), ("cvr_entire_clicked", y == 1, w, "cvr", cvr_runs)]
+        parts = []
+        for task, cond, label, out, members in tasks:
+            part = wide if cond is None else wide.where(cond)
+            parts.append(part.select(F.lit(task).alias(TASK), label.cast("int").alias(_Y), F.col(_NROWS),
+                                     *[(F.col(col[(r, out)]) if r in members else F.lit(None)).cast("double")
+                                       .alias(f"__m_s{i}") for i, r in enumerate(names)]))
+        stacked = parts[0]
+        for p in parts[1:]:
+            stacked = stacked.unionByName(p)
+        stacked = stacked.persist(StorageLevel.MEMORY_AND_DISK)
+        try:
+            bad = stacked.where(F.col(_NROWS) != len(names)).count()
+            if bad:
+                raise MetricError(f"protocol metrics: {bad} task rows come from impressions that are not scored by "
+                                  f"exactly the {len(names)} runs {names}")
+            scols = {r: f"__m_s{i}" for i, r in enumerate(names)}
+            dl = delong_wide(stacked, scols, _Y, (TASK,), on_one_class=on_one_class)
+            ll = _wide_logloss(stacked, scols)
+        finally:
+            stacked.unpersist()
+    finally:
+        wide.unpersist()
+    rows, aliases = [], {}
+    order = [t[0] for t in tasks]
+    for task in order:
+        res = dl.get((task,))
+        if res is None:
+            continue
+        members = [r for r in names if r in res.models]
+        aliases[task] = {r: ref for r in names if task == "ctr" and r not in members and ref is not None}
+        for r in names:
+            src = aliases[task].get(r, r)
+            if src not in members:
+                continue
+            c = ll[(task, src)]
+            rows.append({RUN_ID: r, TASK: task, "auc": float(res.auc[res.index(src)]), **c})
+    rows.sort(key=lambda d: (d[RUN_ID], order.index(d[TASK])))
+    return rows, {t: dl[(t,)] for t in order if (t,) in dl}, aliases
+
+
+def oracle_protocol_metrics(test_df_with_truth: DataFrame) -> list[dict]:
+    """``oracle_metrics``'s rows (true probabilities as scores) plus each AUC's DeLong standard error ``auc_se``, from
+    one ``delong_wide`` job over the task-stacked rows (no range-partitioned AUC pass; the AUCs are the same)."""
+    y, z, ctr, cvr = F.col(CLICK), F.col(CONVERSION), F.col(TRUE_CTR), F.col(TRUE_CVR)
+    tasks = (("ctr", None, ctr, y), ("cvr", y == 1, cvr, z), ("ctcvr", None, ctr.cast("double") * cvr.cast("double"),
+                                                               y * z),
+             ("cvr_entire", None, cvr, F.col(WOULD_CONVERT)))
+    stacked = None
+    for task, cond, score, label in tasks:
+        part = (test_df_with_truth if cond is None else test_df_with_truth.where(cond)).select(
+            F.lit(task).alias(TASK), label.cast("int").alias(_Y), score.cast("double").alias("__m_s0"))
+        stacked = part if stacked is None else stacked.unionByName(part)
+    stacked = stacked.persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        dl = delong_wide(stacked, {"oracle": "__m_s0"}, _Y, (TASK,), on_one_class="nan")
+        ll = _wide_logloss(stacked, {"oracle": "__m_s0"})
+    finally:
+        stacked.unpersist()
+    rows = []
+    for task, *_ in tasks:
+        if (task,) in dl:
+            res = dl[(task,)]
+            rows.append({METHOD: "oracle", TASK: task, "auc": float(res.auc[0]), **ll[(task, "oracle")],
+                         "auc_se": res.se("oracle")})
+    return rows
+
+
+def _wide_logloss(stacked: DataFrame, scols: dict) -> dict:
+    """{(task, run): {logloss, calibration, n, positives}} in one aggregation over the stacked wide rows."""
+    y = F.col(_Y)
+    aggs = [F.sum(y).alias("pos"), F.count(F.lit(1)).alias("n")]
+    for r, c in scols.items():
+        s = F.col(c)
+        p = F.least(F.greatest(s, F.lit(EPS)), F.lit(1.0 - EPS))
+        aggs += [F.avg(-(y * F.log(p) + (1 - y) * F.log(1 - p))).alias(f"ll_{c}"), F.avg(s).alias(f"mp_{c}"),
+                 F.count(s).alias(f"n_{c}")]
+    out = {}
+    for row in stacked.groupBy(TASK).agg(*aggs).collect():
+        for r, c in scols.items():
+            if row[f"n_{c}"]:
+                rate = row["pos"] / row["n"]
+                out[(row[TASK], r)] = {"logloss": row[f"ll_{c}"],
+                                       "calibration": row[f"mp_{c}"] / rate if rate > 0 else math.nan,
+                                       "n": row["n"], "positives": row["pos"]}
+    return out
+
 
 def task_metrics(pred_df: DataFrame, group_cols=(METHOD,), *, on_one_class: str = "raise") -> list[dict]:
     """The paper's protocol over a prediction table (``schemas.dataset.PREDICTION_SCHEMA`` columns).

@@ -44,24 +44,30 @@ def label(method: str) -> str:
 
 # ------------------------------------------------------------------------------------------------ DeLong records
 
-def delong_record(result) -> dict:
-    """JSON form of a ``metrics.DeLongResult`` (what a unit record stores per task)."""
+def delong_record(result, aliases: dict | None = None) -> dict:
+    """JSON form of a ``metrics.DeLongResult`` (what a unit record stores per task); ``aliases`` maps runs that share
+    another run's scores (e.g. the reference network's pCTR) to that run."""
     return {"models": list(result.models), "auc": [float(a) for a in result.auc],
             "cov": [[float(c) for c in row] for row in np.asarray(result.cov)],
-            "positives": int(result.positives), "negatives": int(result.negatives)}
+            "positives": int(result.positives), "negatives": int(result.negatives), "aliases": dict(aliases or {})}
+
+
+def _index(rec: dict, name: str) -> int | None:
+    name = rec.get("aliases", {}).get(name, name)
+    return rec["models"].index(name) if name in rec["models"] else None
 
 
 def _half_width(rec: dict | None, name: str) -> float:
-    if not rec or name not in rec["models"]:
+    i = _index(rec, name) if rec else None
+    if i is None:
         return math.nan
-    i = rec["models"].index(name)
     v = rec["cov"][i][i]
     return Z95 * math.sqrt(v) if v == v and v >= 0 else math.nan
 
 
 def compare(rec: dict, a: str, b: str) -> dict:
     """Paired DeLong test of AUC(a) - AUC(b) from a unit's stored record: diff, se, 95% CI, z, two-sided p."""
-    i, j = rec["models"].index(a), rec["models"].index(b)
+    i, j = _index(rec, a), _index(rec, b)
     c = rec["cov"]
     diff = rec["auc"][i] - rec["auc"][j]
     var = c[i][i] + c[j][j] - 2 * c[i][j]
@@ -134,10 +140,10 @@ def comparisons(units: list[dict], chosen_by_rate: dict, reference: str = REFERE
             continue
         for task in SIG_TASKS:
             rec = u.get("delong", {}).get(task)
-            if not rec or chosen[reference] not in rec["models"]:
+            if not rec or _index(rec, chosen[reference]) is None:
                 continue
             for m, name in chosen.items():
-                if m in (reference, "ctr") or name not in rec["models"]:
+                if m in (reference, "ctr") or _index(rec, name) is None:
                     continue
                 c = compare(rec, chosen[reference], name)
                 rows.append({"unit": u["unit"], "repeat": u["repeat"], "rate": u["rate"], "task": task,

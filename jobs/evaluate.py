@@ -28,7 +28,7 @@ def main(argv=None) -> dict:
     out = args.out or os.path.join(cfg.paths.runs, "evaluation")
     os.makedirs(out, exist_ok=True)
     truth = args.truth or os.path.join(cfg.paths.raw, "ground_truth")
-    res = evaluate_runs(spark, args.dataset or cfg.paths.dataset, args.runs, args.ctr, out, truth, cfg.train.threads,
+    res = evaluate_runs(spark, args.dataset or cfg.paths.dataset, args.runs, args.ctr, out, truth, cfg.evaluate.threads,
                         cfg.evaluate)
     print(f"{'run':24s} {'task':18s} {'AUC':>8s} {'logloss':>8s} {'calib':>7s} {'n':>9s}")
     for r in sorted(res["metrics"], key=lambda r: (r["run_id"], r["task"])):

@@ -8,7 +8,7 @@ import pytest
 from pyspark.sql import functions as F
 from scipy.stats import rankdata
 
-from esmm.metrics import MetricError, auc, delong
+from esmm.metrics import MetricError, auc, delong, delong_wide
 
 EXACT = 1e-12
 
@@ -206,35 +206,30 @@ def test_swapped_labels_raise_and_bad_values_raise(spark):
         delong(base.withColumn("y", base.y * 0), "s", "y", "m", "k", num_partitions=2)
 
 
-def test_placements_do_not_depend_on_arrow_batch_cuts():
-    # The executor step alone (no Spark): one model's bucket-sorted stream of headers and rows, cut into batches of
-    # every size from 1 row up, must give the direct placements; tie runs of 3 rows span batch boundaries.
-    import pyarrow as pa
-    from esmm.metrics import _BUCKET, _GID, _KEY, _KIND, _NEG, _POS, _S, _Y, _C, _make_placer
-    scores, labels = _hand_scores()
-    s, y = np.array(scores["b"] + scores["a"]), np.array(labels + labels)  # 14 keys, scores 0 / 0.1 ... 1 with ties
-    cut = 0.3  # bucket 0: s < 0.3, bucket 1: s >= 0.3
-    wins = (s[y == 1][:, None] > s[y == 0][None, :]) + 0.5 * (s[y == 1][:, None] == s[y == 0][None, :])
-    expect = np.empty(len(s))
-    expect[y == 1], expect[y == 0] = wins.mean(axis=1), wins.mean(axis=0)
-    p, n = int(y.sum()), int((1 - y).sum())
-    low = s < cut
-    tables = {"base": np.array([0]), "nbuckets": np.array([2]), "P": np.array([p]), "N": np.array([n]),
-              "pos_before": np.array([0, int((low & (y == 1)).sum())]),
-              "neg_before": np.array([0, int((low & (y == 0)).sum())]),
-              "auc": np.array([wins.mean()]), "midx": np.array([0], np.int32)}
-    stream = []  # (bucket, score, kind, key, label, pos, neg), headers (kind 0) first at each score
-    for v in np.unique(s):
-        at = np.flatnonzero(s == v)
-        stream.append((int(v >= cut), v, 0, None, None, int(y[at].sum()), int((1 - y[at]).sum())))
-        stream += [(int(v >= cut), v, 1, int(k), int(y[k]), None, None) for k in at]
-    cols = list(zip(*stream))
-    table = pa.table({_GID: pa.array([0] * len(stream), pa.int32()), _BUCKET: pa.array(cols[0], pa.int32()),
-                      _S: pa.array(cols[1], pa.float64()), _KIND: pa.array(cols[2], pa.int32()),
-                      _KEY: pa.array(cols[3], pa.int64()), _Y: pa.array(cols[4], pa.int32()),
-                      _POS: pa.array(cols[5], pa.int64()), _NEG: pa.array(cols[6], pa.int64())})
-    for size in range(1, len(stream) + 1):
-        out = pa.Table.from_batches(list(_make_placer(tables, [])(table.to_batches(max_chunksize=size))))
-        got = np.empty(len(s))
-        got[out.column(_KEY).to_numpy()] = out.column(_C).to_numpy() + wins.mean()
-        np.testing.assert_allclose(got, expect, rtol=0, atol=EXACT, err_msg=f"batches of {size} rows")
+def test_wide_rows_majority_positive_groups_and_model_subsets(spark):
+    # delong_wide: one row per key. Group "flip" has more positives than negatives (the minority class is then the
+    # negatives: scores are negated internally); group "sub" has no scores for model c (it does not take part).
+    flip, y_flip = _random_scores(7, 50, ["a", "b", "c"], 1)
+    y_flip = 1 - y_flip                                  # ~60% positives
+    sub, y_sub = _random_scores(8, 30, ["a", "b"], 2)
+    rows = [{"g": "flip", "y": int(y_flip[i]), **{m: float(flip[m][i]) for m in "abc"}} for i in range(50)]
+    rows += [{"g": "sub", "y": int(y_sub[i]), "a": float(sub["a"][i]), "b": float(sub["b"][i]), "c": None}
+             for i in range(30)]
+    df = spark.createDataFrame(pd.DataFrame(rows).sample(frac=1.0, random_state=1), "g string, y int, a double, "
+                               "b double, c double")
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "7")
+    try:
+        got = delong_wide(df.repartition(3), {"m_a": "a", "m_b": "b", "m_c": "c"}, "y", ["g"])
+    finally:
+        spark.conf.unset("spark.sql.execution.arrow.maxRecordsPerBatch")
+    assert y_flip.sum() > len(y_flip) / 2
+    for g, (scores, labels) in (("flip", (flip, y_flip)), ("sub", (sub, y_sub))):
+        ref_auc, ref_cov = _reference(scores, labels)
+        r = got[(g,)]
+        assert r.models == tuple(f"m_{m}" for m in sorted(scores))
+        np.testing.assert_allclose(r.auc, ref_auc, rtol=0, atol=EXACT, err_msg=g)
+        np.testing.assert_allclose(r.cov, ref_cov, rtol=0, atol=EXACT, err_msg=g)
+    # a model that scores only some keys of a group it takes part in is an error
+    part = df.withColumn("c", F.when((df.g == "sub") & (df.a > 0), F.lit(0.5)).otherwise(df.c))
+    with pytest.raises(MetricError, match=r"'g': 'sub'.*\['m_c'\] score only"):
+        delong_wide(part, {"m_a": "a", "m_b": "b", "m_c": "c"}, "y", ["g"])

@@ -166,7 +166,8 @@ def test_tiny_experiment_end_to_end_and_resume(spark, tiny_dataset, tmp_path):
     for task in ("ctr", "cvr", "ctcvr", "cvr_entire"):
         rec = full["delong"][task]
         exact = {r["run_id"]: r["auc"] for r in full["metrics"] if r["task"] == task}
-        assert set(rec["models"]) == set(exact)
+        assert set(rec["models"]) | set(rec["aliases"]) == set(exact)      # CTR: single-task runs alias the reference
+        assert all(exact[a] == exact[t] for a, t in rec["aliases"].items())
         for name, a in zip(rec["models"], rec["auc"]):
             assert a == pytest.approx(exact[name], abs=1e-12)
         assert all(rec["cov"][i][i] > 0 for i in range(len(rec["models"])))
@@ -188,3 +189,32 @@ def test_tiny_experiment_end_to_end_and_resume(spark, tiny_dataset, tmp_path):
                 os.remove(os.path.join(d, f))
     again = run_experiment(spark, cfg, ds, exp, os.path.join(raw, "ground_truth"))
     assert again["table2"] == rep["table2"]
+
+
+def test_protocol_metrics_equal_the_per_task_metrics_and_carry_delong(spark, trained, tiny_dataset):
+    # protocol_metrics (one pivot, every task a filter, DeLong's exact AUCs) against task_metrics and
+    # entire_space_cvr_metrics (one range-partitioned AUC job per call) on the same predictions
+    from esmm.metrics import entire_space_cvr_metrics, protocol_metrics, task_metrics
+    raw, _ = tiny_dataset
+    ds, root, runs = trained
+    out = str(root / "pred-protocol")
+    score_to_parquet(spark, ds, [runs[m] for m in ("base", "division", "esmm", "ctr")], runs["ctr"], out,
+                     read_manifest(ds)["layout"]["num_slots"])
+    pred, truth = spark.read.parquet(out), spark.read.parquet(os.path.join(raw, "ground_truth"))
+    rows, dl, aliases = protocol_metrics(pred, truth, {m: m for m in ("base", "division", "esmm", "ctr")})
+    ref = task_metrics(pred, group_cols=(S.RUN_ID,), on_one_class="nan")
+    ref += entire_space_cvr_metrics(pred, truth, group_cols=(S.RUN_ID,), on_one_class="nan")
+    key = lambda r: (r[S.RUN_ID], r["task"])  # noqa: E731
+    assert sorted(map(key, rows)) == sorted(map(key, ref))
+    ref = {key(r): r for r in ref}
+    for r in rows:
+        want = ref[key(r)]
+        assert r["auc"] == want["auc"], key(r)                       # both exact: bit-identical
+        assert (r["n"], r["positives"]) == (want["n"], want["positives"]), key(r)
+        assert r["logloss"] == pytest.approx(want["logloss"], rel=1e-9)
+        assert r["calibration"] == pytest.approx(want["calibration"], rel=1e-9)
+    # single-task methods score CTR with the reference network: they share its CTR row, aliased in the DeLong record
+    assert dl["ctr"].models == ("ctr", "esmm") and aliases["ctr"] == {"base": "ctr", "division": "ctr"}
+    assert dl["cvr"].models == ("base", "division", "esmm") and dl["cvr"].positives == ref[("esmm", "cvr")]["positives"]
+    for task, res in dl.items():
+        assert np.all(np.diag(res.cov) > 0) and np.allclose(res.cov, res.cov.T), task

@@ -7,7 +7,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from esmm.metrics import (MetricError, auc, entire_space_cvr_metrics, global_auc, logloss_and_calibration,
-                          oracle_metrics, task_metrics)
+                          oracle_metrics, oracle_protocol_metrics, task_metrics)
 from schemas.dataset import GROUND_TRUTH_SCHEMA, PREDICTION_SCHEMA
 
 TOL = 1e-9
@@ -169,6 +169,15 @@ def test_oracle_metrics(spark):
               "ctcvr": roc_auc_score(pdf.conversion, pdf.true_ctr.astype(float) * pdf.true_cvr.astype(float)),
               "cvr_entire": roc_auc_score(pdf.would_convert, pdf.true_cvr)}
     assert got == pytest.approx(expect, abs=TOL)
+    # the one-job version used by experiments: the same rows (AUCs bit-identical), plus DeLong standard errors
+    fast = oracle_protocol_metrics(truth)
+    slow = {r["task"]: r for r in oracle_metrics(truth)}
+    for r in fast:
+        want = slow[r["task"]]
+        assert r["auc"] == want["auc"] and (r["n"], r["positives"]) == (want["n"], want["positives"])
+        assert r["logloss"] == pytest.approx(want["logloss"], rel=1e-9)
+        assert 0 < r["auc_se"] < 0.1
+    assert [r["task"] for r in fast] == list(slow)
 
 
 def test_entire_space_cvr_metrics(spark):
