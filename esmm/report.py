@@ -197,8 +197,8 @@ def table2_markdown(rows: list[dict]) -> str:
     head = "| model | CVR AUC % | CTCVR AUC % | CTR AUC % | entire-space CVR AUC % | chosen |\n|---|---|---|---|---|---|"
     lines = [head]
     for r in rows:
-        def cell(t):
-            text = f"{r[t + '_auc']:.2f} ± {r[t + '_std']:.2f}"
+        def cell(t):  # one repeat: no spread over repeats to show, only the run's DeLong interval
+            text = f"{r[t + '_auc']:.2f}" + (f" ± {r[t + '_std']:.2f}" if r.get("repeats", 1) > 1 else "")
             if not math.isnan(r.get(t + "_ci95", math.nan)):
                 text += f" (±{r[t + '_ci95']:.2f})"
             mark = r.get(t + "_sig", "")
@@ -208,8 +208,8 @@ def table2_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-TABLE2_LEGEND = ("AUC % as mean ± std over the repeats, (±h) the 95% DeLong half-width of one run's AUC (test-set "
-                 "sampling, mean over repeats). `*`: ESMM is significantly higher than this method (paired DeLong "
+TABLE2_LEGEND = ("AUC % as mean ± std over the repeats (the value of the run with one repeat), (±h) the 95% DeLong "
+                 "half-width of one run's AUC (test-set sampling, mean over repeats). `*`: ESMM is significantly higher than this method (paired DeLong "
                  "test, p < 0.05) in every repeat; `†`: significantly lower in every repeat; no mark: not "
                  "significant in every repeat.")
 
@@ -242,7 +242,8 @@ def significance_markdown(summary: list[dict]) -> str:
     lines = ["| ESMM minus | task | difference (AUC points) | 95% CI | p (DeLong) | significant in |",
              "|---|---|---|---|---|---|"]
     for s in summary:
-        p = f"{s['p_value_max']:.2g}" if s["repeats"] == 1 else f"≤ {s['p_value_max']:.2g}"
+        p = f"{s['p_value_max']:.2g}" if s['p_value_max'] > 0 else "< 1e-300"   # erfc underflows past z ~ 38
+        p = p if s["repeats"] == 1 else f"≤ {p}"
         lines.append(f"| {s['competitor']} | {TASK_TITLES[s['task']]} | {s['diff']:+.2f} | "
                      f"[{s['ci_low']:+.2f}, {s['ci_high']:+.2f}] | {p} | {s['significant']}/{s['repeats']} repeats |")
     return "\n".join(lines)

@@ -3,7 +3,13 @@
     ./spark-submit.sh jobs/experiment.py --conf conf/demo.yaml [--exp DIR] [--table-rate 1.0]
 
 Resumable: finished units (<exp>/metrics/*.json) and finished trainings are skipped on a re-run.
-Writes <exp>/table2.{md,csv,json} and <exp>/figure3.{png,csv}.
+Writes <exp>/table2.{md,csv,json} (with the DeLong intervals and ESMM-vs-competitor tests), significance.csv (one
+paired test per unit, task and competitor) and <exp>/figure3.{png,csv} (AUC and ESMM's gain over BASE against
+training impressions). A scaling study is this job over several rates, e.g. (bench/RESULTS.md, "Figure 3"):
+
+    ./spark-submit.sh jobs/experiment.py --conf conf/demo.yaml --exp data/scaling \
+        --set "experiment.methods=[base, division, esmm_ns, esmm]" --set experiment.repeats=3 \
+        --set "experiment.figure_methods=[]"
 """
 import os
 import sys
@@ -27,7 +33,7 @@ def main(argv=None) -> dict:
     exp = args.exp or os.path.join(cfg.paths.runs, "experiment")
     report = run_experiment(spark, cfg, args.dataset or cfg.paths.dataset, exp,
                             truth if os.path.exists(truth) else None, args.table_rate)
-    print(report["markdown"])
+    print(report["text"])
     print("\nreports: " + ", ".join(report["paths"].values()))
     return report
 

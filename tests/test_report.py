@@ -52,6 +52,8 @@ def test_table2_intervals_and_marks():
     assert by["ESMM"]["cvr_sig"] == ""
     md = R.table2_markdown(rows)
     assert "| BASE | 65.50 ± 0.71 (±4.38) * |" in md
+    one = R.table2([u for u in units if u["repeat"] == 0], ("base", "division", "esmm"), 1.0, None)
+    assert "| BASE | 65.00 (±4.38) " in R.table2_markdown(one)   # one repeat: no "± 0.00" spread
 
 
 def test_significance_summary_over_repeats_uses_a_t_interval():
