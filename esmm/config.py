@@ -131,6 +131,7 @@ class EtlConfig:
     writer: str = "arrow"  # arrow: pyarrow in the Python workers (esmm/arrow_write.py); spark: Spark's Parquet writer
     broadcast_common_mb: int = 256  # broadcast the encoded common lines to the join when they are at most this big
     mb_per_partition: int = 32      # shuffle partitions of the join/write: one per this much raw text (at least 1)
+    max_line_bytes: int = 1 << 20   # longer raw lines are quarantined, keeping their first this-many bytes
 
     def validate(self, key: str) -> None:
         r = self.sampling_rates
@@ -145,6 +146,7 @@ class EtlConfig:
         _check(self.writer in ("arrow", "spark"), f"{key}.writer", f"must be arrow|spark, got {self.writer!r}")
         _check(self.broadcast_common_mb >= 0, f"{key}.broadcast_common_mb", "must be >= 0 (0: never broadcast)")
         _check(self.mb_per_partition >= 1, f"{key}.mb_per_partition", "must be >= 1")
+        _check(1024 <= self.max_line_bytes < 1 << 31, f"{key}.max_line_bytes", "must be in [1024, 2^31)")
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,10 @@ ENTRY = "entries"
 RAW_SPLIT = "raw_split"
 FILE = "file"
 REASON = "reason"
+LINE_BYTES = "line_bytes"   # an over-long line's length in the file (null for the others, whose value is whole)
+UNKNOWN = "unknown_fields"  # per parsed line: the field names of its entries with a field not in schemas/raw.py
+ARROW_BATCH_BYTES = 64 << 20  # spark.sql.execution.arrow.maxBytesPerBatch during the ETL (batches to the parser)
+UNKNOWN_TOP = 5             # unknown field ids listed by name in the manifest
 ORPHAN = "common_feature_index %s: no valid common features line in the matching common_features file"
 DUPLICATE = "common_feature_index %s appears on %d lines"
 
@@ -88,9 +92,16 @@ def find_inputs(spark: SparkSession, raw_dir: str) -> RawInputs:
     return RawInputs(skel, common)
 
 
-def _read_lines(spark: SparkSession, paths: dict) -> DataFrame:
-    frames = [spark.read.text(p).select(F.col("value"), F.col("_metadata.file_path").alias(FILE),
-                                        F.lit(split).alias(RAW_SPLIT))
+def _read_lines(spark: SparkSession, paths: dict, max_line_bytes: int) -> DataFrame:
+    """(value, file, raw_split, line_bytes) per raw line. Spark's text source keeps a line's bytes as they are in
+    the file (no UTF-8 decoding or U+FFFD substitution: the parsers check UTF-8 themselves); lines end at \\n, \\r
+    or \\r\\n (Hadoop's line reader). A line over ``max_line_bytes`` is cut here to its first max_line_bytes bytes
+    (``line_bytes`` keeps its length, for its quarantine reason), so nothing after the reader holds more."""
+    n = F.octet_length("value")
+    cut = F.substring(F.col("value").cast("binary"), 1, max_line_bytes).cast("string")
+    frames = [spark.read.text(p).select(F.when(n > max_line_bytes, cut).otherwise(F.col("value")).alias("value"),
+                                        F.col("_metadata.file_path").alias(FILE), F.lit(split).alias(RAW_SPLIT),
+                                        F.when(n > max_line_bytes, n).alias(LINE_BYTES))
               for split, p in sorted(paths.items())]
     df = frames[0]
     for f in frames[1:]:
@@ -147,18 +158,50 @@ def _int_col(text: Column) -> Column:
     return text.try_cast("long")
 
 
-def parse_skeleton(lines: DataFrame) -> DataFrame:
+def _line_ok() -> Column:
+    """The line is whole (not cut at etl.max_line_bytes) and valid UTF-8; the other checks only run on such lines."""
+    return F.col(LINE_BYTES).isNull() & F.is_valid_utf8(F.col("value"))
+
+
+def _line_reason(columns: tuple, max_line_bytes: int) -> Column:
+    """The reason of a line that fails ``_line_ok``, worded as in ``esmm.rawparse`` (too_long, utf8_reason); only
+    evaluated on such lines (a CASE WHEN branch).
+
+    The first invalid byte's offset: in ``make_valid_utf8`` of the line (with any U+FFFD already in it swapped for
+    U+FFFC, of the same 3 bytes), the characters before the first U+FFFD are the line's valid prefix."""
+    v = F.col("value")
+    shown = F.make_valid_utf8(F.replace(v, F.lit("\ufffd"), F.lit("\ufffc")))
+    prefix = F.substr(shown, F.lit(1), F.instr(shown, "\ufffd") - 1)
+
+    def count(text: Column, sep: str) -> Column:
+        return F.length(text) - F.length(F.replace(text, F.lit(sep), F.lit("")))
+
+    col = count(prefix, S.COL_SEP) + 1
+    entry = count(F.substring_index(prefix, S.COL_SEP, -1), S.ENTRY_SEP) + 1
+    where = (F.when(col == len(columns), F.format_string("feature_list entry %d", entry))
+             .when(col < len(columns), F.element_at(F.array(*[F.lit(c) for c in columns]), col))
+             .otherwise(F.format_string("column %d", col)))
+    return (F.when(F.col(LINE_BYTES).isNotNull(), F.format_string(
+                f"line is %d bytes, over etl.max_line_bytes={max_line_bytes} (only its first {max_line_bytes} kept)",
+                LINE_BYTES))
+            .otherwise(F.format_string("invalid UTF-8 at byte offset %d (%s)", F.octet_length(prefix), where)))
+
+
+def parse_skeleton(lines: DataFrame, max_line_bytes: int = 1 << 20) -> DataFrame:
     """Split skeleton lines into typed columns plus ``reason`` (null for a good line)."""
     c = F.split(F.col("value"), S.COL_SEP, -1)
     n = F.size(c)
     sid, clk, conv, key, num = (_int_col(F.get(c, 0)), _int_col(F.get(c, 1)), _int_col(F.get(c, 2)),
-                                F.when(n == len(S.SKELETON_COLUMNS), F.get(c, 3)), _int_col(F.get(c, 4)))
+                                F.when((n == len(S.SKELETON_COLUMNS)) & F.col("_line_ok"), F.get(c, 3)),
+                                _int_col(F.get(c, 4)))
     entries = _entries(F.coalesce(F.get(c, 5), F.lit("")))
-    df = lines.select("value", FILE, RAW_SPLIT, sid.alias(S.SAMPLE_ID), clk.alias(S.CLICK),
-                      conv.alias(S.CONVERSION), key.alias(S.COMMON_KEY), num.alias(S.FEATURE_NUM),
-                      entries.alias(ENTRY), n.alias("ncols"))
+    df = lines.withColumn("_line_ok", _line_ok()).select(
+        "value", FILE, RAW_SPLIT, sid.alias(S.SAMPLE_ID), clk.alias(S.CLICK), conv.alias(S.CONVERSION),
+        key.alias(S.COMMON_KEY), num.alias(S.FEATURE_NUM), entries.alias(ENTRY), n.alias("ncols"), "_line_ok",
+        LINE_BYTES)
     e, raw = F.col(ENTRY), lambda i: F.get(c, i)
-    reason = (F.when(F.col("ncols") != len(S.SKELETON_COLUMNS),
+    reason = (F.when(~F.col("_line_ok"), _line_reason(S.SKELETON_COLUMNS, max_line_bytes))
+              .when(F.col("ncols") != len(S.SKELETON_COLUMNS),
                      F.format_string(f"expected {len(S.SKELETON_COLUMNS)} comma-separated columns, got %d", "ncols"))
               .when(F.col(S.SAMPLE_ID).isNull(), F.format_string("sample_id: not an integer: %s", _q(raw(0))))
               .when(~F.col(S.CLICK).isin(0, 1), F.format_string("click: expected 0 or 1, got %s", _q(raw(1))))
@@ -170,25 +213,27 @@ def parse_skeleton(lines: DataFrame) -> DataFrame:
               .when(F.col(S.FEATURE_NUM) != F.size(e),
                     F.format_string("feature_num=%d but feature_list has %d entries", S.FEATURE_NUM, F.size(e)))
               .otherwise(_first_bad_entry_reason(e)))
-    return df.withColumn(REASON, reason)
+    return df.withColumn(REASON, reason).drop("_line_ok", LINE_BYTES)
 
 
-def parse_common(lines: DataFrame) -> DataFrame:
+def parse_common(lines: DataFrame, max_line_bytes: int = 1 << 20) -> DataFrame:
     """Split common lines into typed columns plus ``reason`` (duplicate keys are checked in ``build_plan``)."""
     c = F.split(F.col("value"), S.COL_SEP, -1)
     num = _int_col(F.get(c, 1))
     entries = _entries(F.coalesce(F.get(c, 2), F.lit("")))
-    key = F.when(F.size(c) == len(S.COMMON_COLUMNS), F.get(c, 0))
-    df = lines.select("value", FILE, RAW_SPLIT, key.alias(S.COMMON_KEY), num.alias(S.FEATURE_NUM),
-                      entries.alias(ENTRY), F.size(c).alias("ncols"))
+    key = F.when((F.size(c) == len(S.COMMON_COLUMNS)) & F.col("_line_ok"), F.get(c, 0))
+    df = lines.withColumn("_line_ok", _line_ok()).select(
+        "value", FILE, RAW_SPLIT, key.alias(S.COMMON_KEY), num.alias(S.FEATURE_NUM), entries.alias(ENTRY),
+        F.size(c).alias("ncols"), "_line_ok", LINE_BYTES)
     e = F.col(ENTRY)
-    reason = (F.when(F.col("ncols") != len(S.COMMON_COLUMNS),
+    reason = (F.when(~F.col("_line_ok"), _line_reason(S.COMMON_COLUMNS, max_line_bytes))
+              .when(F.col("ncols") != len(S.COMMON_COLUMNS),
                      F.format_string(f"expected {len(S.COMMON_COLUMNS)} comma-separated columns, got %d", "ncols"))
               .when(F.col(S.FEATURE_NUM).isNull(), F.format_string("feature_num: not an integer: %s", _q(F.get(c, 1))))
               .when(F.col(S.FEATURE_NUM) != F.size(e),
                     F.format_string("feature_num=%d but feature_list has %d entries", S.FEATURE_NUM, F.size(e)))
               .otherwise(_first_bad_entry_reason(e)))
-    return df.withColumn(REASON, reason)
+    return df.withColumn(REASON, reason).drop("_line_ok", LINE_BYTES)
 
 
 # ----------------------------------------------------------------------------------------------- encoding
@@ -263,16 +308,18 @@ def sample_tier_py(sample_id: int, rates: tuple) -> int:
 S_IDS, S_WTS, C_IDS, C_WTS = "s_ids", "s_wts", "c_ids", "c_wts"
 _IDS_T, _WTS_T = "array<int>", "array<float>"
 PARSED_SKELETON = (f"{RAW_SPLIT} string, {FILE} string, value string, {S.SAMPLE_ID} long, {S.CLICK} int, "
-                   f"{S.CONVERSION} int, {S.COMMON_KEY} string, {S_IDS} {_IDS_T}, {S_WTS} {_WTS_T}, {REASON} string")
+                   f"{S.CONVERSION} int, {S.COMMON_KEY} string, {S_IDS} {_IDS_T}, {S_WTS} {_WTS_T}, {REASON} string, "
+                   f"{UNKNOWN} array<string>")
 PARSED_COMMON = (f"{RAW_SPLIT} string, {FILE} string, value string, {S.COMMON_KEY} string, "
-                 f"{C_IDS} {_IDS_T}, {C_WTS} {_WTS_T}, {REASON} string")
+                 f"{C_IDS} {_IDS_T}, {C_WTS} {_WTS_T}, {REASON} string, {UNKNOWN} array<string>")
 
 
-def _arrow_parser(kind: str, layout: FeatureLayout, keep_value: bool = False):
+def _arrow_parser(kind: str, layout: FeatureLayout, keep_value: bool = False, max_line_bytes: int = 1 << 20):
     """The ``mapInArrow`` function of ``etl.parser: arrow``: raw line batches -> parsed rows (esmm/rawparse.py).
 
-    The raw line comes back only for bad lines unless ``keep_value``: most of the input's bytes do not travel back
-    to the JVM (nor through the duplicate-key shuffle).
+    Input columns: value, file, raw_split and optionally line_bytes (``_read_lines``). The raw line comes back only
+    for bad lines unless ``keep_value``: most of the input's bytes do not travel back to the JVM (nor through the
+    duplicate-key shuffle). Its bytes come back as they came in, valid UTF-8 or not.
     """
     fields = S.SKELETON_FIELDS if kind == "skeleton" else S.COMMON_FIELDS
 
@@ -298,7 +345,12 @@ def _arrow_parser(kind: str, layout: FeatureLayout, keep_value: bool = False):
                                                                       chunk_bytes)) + 1, len(value)])
             for lo, hi in zip(cuts[:-1], cuts[1:]):
                 chunk = batch.slice(lo, hi - lo)
-                out = parse(chunk.column(0), encoder)
+                nbytes = pc.binary_length(chunk.column(0)).to_numpy(zero_copy_only=False)
+                if chunk.num_columns > 3 and chunk.column(3).null_count < len(chunk):
+                    cut = chunk.column(3)
+                    nbytes = np.where(cut.is_valid().to_numpy(zero_copy_only=False),
+                                      cut.fill_null(0).to_numpy(zero_copy_only=False), nbytes)
+                out = parse(chunk.column(0), encoder, nbytes, max_line_bytes)
                 raw = chunk.column(0)
                 if not keep_value:
                     raw = raw.take(pa.array(np.arange(len(raw)), mask=~out["bad"]))
@@ -307,46 +359,54 @@ def _arrow_parser(kind: str, layout: FeatureLayout, keep_value: bool = False):
                     cols += [pa.array(out[S.SAMPLE_ID], pa.int64()), pa.array(out[S.CLICK], pa.int32()),
                              pa.array(out[S.CONVERSION], pa.int32())]
                 cols += [out[S.COMMON_KEY], as_lists(out["ids"], pa.int32()), as_lists(out["wts"], pa.float32()),
-                         pa.array(out["reason"], pa.string())]
+                         pa.array(out["reason"], pa.string()), out["unknown"]]
                 yield pa.RecordBatch.from_arrays(cols, names=names)
 
     names = [c.split(" ")[0] for c in (PARSED_SKELETON if kind == "skeleton" else PARSED_COMMON).split(", ")]
     return run
 
 
-def parse_lines(lines: DataFrame, kind: str, parser: str, layout: FeatureLayout,
-                keep_value: bool = False) -> DataFrame:
-    """Raw lines (value, file, raw_split) -> one parsed row per line (PARSED_SKELETON / PARSED_COMMON).
+def parse_lines(lines: DataFrame, kind: str, parser: str, layout: FeatureLayout, keep_value: bool = False,
+                max_line_bytes: int = 1 << 20) -> DataFrame:
+    """Raw lines (``_read_lines``) -> one parsed row per line (PARSED_SKELETON / PARSED_COMMON).
 
     Good lines have ``reason`` null and their side's encoded slots; a bad line has its reason (its slots are
-    meaningless). ``value`` (the raw line) is kept for bad lines only, unless ``keep_value``. Both parsers give the
-    same rows (tests/test_etl.py checks it).
+    meaningless). ``value`` (the raw line) is kept for bad lines only, unless ``keep_value``. ``unknown_fields``
+    lists the entries' unknown field names on lines that parse (null when none). Both parsers give the same rows
+    (tests/test_etl.py checks it).
     """
+    if LINE_BYTES not in lines.columns:
+        lines = lines.withColumn(LINE_BYTES, F.lit(None).cast("int"))
     if parser == "arrow":
         schema = PARSED_SKELETON if kind == "skeleton" else PARSED_COMMON
-        return lines.select("value", FILE, RAW_SPLIT).mapInArrow(_arrow_parser(kind, layout, keep_value), schema)
+        return lines.select("value", FILE, RAW_SPLIT, LINE_BYTES).mapInArrow(
+            _arrow_parser(kind, layout, keep_value, max_line_bytes), schema)
     value = F.col("value") if keep_value else F.when(F.col(REASON).isNotNull(), F.col("value"))
+    f = F.col(ENTRY).getField("f")                       # null for an entry whose field is unknown
+    unknown = F.when(F.col(REASON).isNull() & (F.size(f) > F.size(F.array_compact(f))),
+                     F.filter(F.col(ENTRY), lambda x: x.f.isNull()).getField("field")).alias(UNKNOWN)
     if kind == "skeleton":
-        df = parse_skeleton(lines)
+        df = parse_skeleton(lines, max_line_bytes)
         df = encode_fields(df, ENTRY, layout, S.SKELETON_FIELDS, S_IDS, S_WTS)
         return df.select(RAW_SPLIT, FILE, value.alias("value"), S.SAMPLE_ID, F.col(S.CLICK).cast("int").alias(S.CLICK),
-                         F.col(S.CONVERSION).cast("int").alias(S.CONVERSION), S.COMMON_KEY, S_IDS, S_WTS, REASON)
-    df = encode_fields(parse_common(lines), ENTRY, layout, S.COMMON_FIELDS, C_IDS, C_WTS)
-    return df.select(RAW_SPLIT, FILE, value.alias("value"), S.COMMON_KEY, C_IDS, C_WTS, REASON)
+                         F.col(S.CONVERSION).cast("int").alias(S.CONVERSION), S.COMMON_KEY, S_IDS, S_WTS, REASON,
+                         unknown)
+    df = encode_fields(parse_common(lines, max_line_bytes), ENTRY, layout, S.COMMON_FIELDS, C_IDS, C_WTS)
+    return df.select(RAW_SPLIT, FILE, value.alias("value"), S.COMMON_KEY, C_IDS, C_WTS, REASON, unknown)
 
 
 def _reread_good_lines(spark: SparkSession, paths: dict, kind: str, parser: str, layout: FeatureLayout,
-                       keys: DataFrame) -> DataFrame:
+                       keys: DataFrame, max_line_bytes: int) -> DataFrame:
     """The good (parse-valid) raw lines of ``kind`` whose (raw_split, common_feature_index) is in ``keys``, with
     their raw text: the lines rejected after parsing (duplicate common keys, skeleton orphans), whose text the
     parse did not keep. Only runs when there are such lines; the key is cut out natively, so only the few matching
     lines are parsed again."""
     key = F.substring_index(F.col("value"), S.COL_SEP, 1) if kind == "common" else \
         F.substring_index(F.substring_index(F.col("value"), S.COL_SEP, 4), S.COL_SEP, -1)
-    hits = _read_lines(spark, paths).withColumn(S.COMMON_KEY, key) \
+    hits = _read_lines(spark, paths, max_line_bytes).withColumn(S.COMMON_KEY, key) \
         .join(F.broadcast(keys.select(RAW_SPLIT, S.COMMON_KEY).distinct()), on=[RAW_SPLIT, S.COMMON_KEY],
               how="left_semi").drop(S.COMMON_KEY)
-    parsed = parse_lines(hits, kind, parser, layout, keep_value=True)
+    parsed = parse_lines(hits, kind, parser, layout, keep_value=True, max_line_bytes=max_line_bytes)
     return parsed.where(F.col(REASON).isNull()).select(RAW_SPLIT, FILE, S.COMMON_KEY, "value")
 
 
@@ -383,7 +443,8 @@ def build_plan(spark: SparkSession, cfg: Config, inputs: RawInputs) -> Plan:
     # A line whose raw text is kept is one the parse rejected; a rejected line without text was rejected later
     # (duplicate common key, orphan skeleton line): its text is read again only for the quarantine, and only if any.
     parse_bad, late = F.col("value").isNotNull(), F.col(REASON).isNotNull() & F.col("value").isNull()
-    common = parse_lines(_read_lines(spark, inputs.common), "common", cfg.etl.parser, layout)
+    mlb = cfg.etl.max_line_bytes
+    common = parse_lines(_read_lines(spark, inputs.common, mlb), "common", cfg.etl.parser, layout, max_line_bytes=mlb)
     dup = F.count(F.lit(1)).over(Window.partitionBy(*keys))
     common = common.withColumn("_lines", dup).withColumn(REASON, F.coalesce(F.col(REASON), F.when(
         F.col("_lines") > 1, F.format_string(DUPLICATE, S.COMMON_KEY, "_lines")))) \
@@ -397,12 +458,14 @@ def build_plan(spark: SparkSession, cfg: Config, inputs: RawInputs) -> Plan:
     log.info("%d good common lines (~%.0f MB encoded): %s join", n_good_common, est_mb,
              "broadcast" if est_mb <= cfg.etl.broadcast_common_mb else "shuffle")
 
-    skel = parse_lines(_read_lines(spark, inputs.skeleton), "skeleton", cfg.etl.parser, layout)
+    skel = parse_lines(_read_lines(spark, inputs.skeleton, mlb), "skeleton", cfg.etl.parser, layout,
+                       max_line_bytes=mlb)
     j = skel.join(good_common.select(*keys, "_found"), on=keys, how="left")
     reason = F.coalesce(F.col(REASON), F.when(F.col("_found").isNull(), F.format_string(ORPHAN, S.COMMON_KEY)))
     good = reason.isNull()
     rows = j.select(S.SAMPLE_ID, S.CLICK, S.CONVERSION, *keys, FILE, reason.alias(REASON),
-                    F.when(good, F.col(S_IDS)).alias(S_IDS), F.when(good, F.col(S_WTS)).alias(S_WTS), "value") \
+                    F.when(good, F.col(S_IDS)).alias(S_IDS), F.when(good, F.col(S_WTS)).alias(S_WTS), "value",
+                    UNKNOWN) \
         .withColumn(S.SAMPLE_TIER, sample_tier(F.col(S.SAMPLE_ID), cfg.etl.sampling_rates)) \
         .persist(StorageLevel.DISK_ONLY)
 
@@ -414,19 +477,21 @@ def build_plan(spark: SparkSession, cfg: Config, inputs: RawInputs) -> Plan:
              common.where(parse_bad).select(F.lit("common").alias(S.Q_KIND), REASON, FILE, "value")]
     orphans = rows.where(late).select(*keys)
     if not orphans.isEmpty():
-        lines = _reread_good_lines(spark, inputs.skeleton, "skeleton", cfg.etl.parser, layout, orphans)
+        lines = _reread_good_lines(spark, inputs.skeleton, "skeleton", cfg.etl.parser, layout, orphans, mlb)
         parts.append(lines.select(F.lit("skeleton").alias(S.Q_KIND), F.format_string(ORPHAN, S.COMMON_KEY).alias(REASON),
                                   FILE, "value"))
     dups = common.where(late).select(*keys, "_lines")
     if not dups.isEmpty():
-        lines = _reread_good_lines(spark, inputs.common, "common", cfg.etl.parser, layout, dups)
+        lines = _reread_good_lines(spark, inputs.common, "common", cfg.etl.parser, layout, dups, mlb)
         lines = lines.join(F.broadcast(dups.distinct()), on=keys) \
             .withColumn(REASON, F.format_string(DUPLICATE, S.COMMON_KEY, "_lines"))
         parts.append(lines.select(F.lit("common").alias(S.Q_KIND), REASON, FILE, "value"))
     q = parts[0]
     for part in parts[1:]:
         q = q.unionByName(part)
-    q = q.select(S.Q_KIND, F.col(REASON).alias(S.Q_REASON), F.col(FILE).alias(S.Q_FILE), F.col("value").alias(S.Q_LINE))
+    # the line's bytes as read (cut at etl.max_line_bytes) in raw_bytes; as text in line, invalid UTF-8 shown as U+FFFD
+    q = q.select(S.Q_KIND, F.col(REASON).alias(S.Q_REASON), F.col(FILE).alias(S.Q_FILE),
+                 F.make_valid_utf8("value").alias(S.Q_LINE), F.col("value").cast("binary").alias(S.Q_RAW))
     return Plan(dataset, q, rows, common)
 
 
@@ -474,8 +539,12 @@ def run_etl(spark: SparkSession, cfg: Config, raw_dir: str | None = None, out: s
     partitions = max(1, math.ceil(raw_mb / cfg.etl.mb_per_partition))
     log.info("ETL %s (%.0f MB, %s parser, %d shuffle partitions) -> %s (staging in %s)", raw_dir, raw_mb,
              cfg.etl.parser, partitions, out, tmp)
-    previous = spark.conf.get("spark.sql.shuffle.partitions")
+    # The parser's memory is bounded in bytes: lines are cut at etl.max_line_bytes by the reader, and Arrow batches
+    # to the Python workers at ARROW_BATCH_BYTES (or maxRecordsPerBatch lines, whichever comes first).
+    saved = {k: spark.conf.get(k, None) for k in ("spark.sql.shuffle.partitions",
+                                                  "spark.sql.execution.arrow.maxBytesPerBatch")}
     spark.conf.set("spark.sql.shuffle.partitions", str(partitions))
+    spark.conf.set("spark.sql.execution.arrow.maxBytesPerBatch", str(ARROW_BATCH_BYTES))
     plan = None
     try:
         plan = build_plan(spark, cfg, inputs)
@@ -486,7 +555,11 @@ def run_etl(spark: SparkSession, cfg: Config, raw_dir: str | None = None, out: s
         plan.quarantine.write.parquet(f"{tmp}/{S.QUARANTINE}")
         manifest = _account(spark, cfg, tmp, plan, split_info)
     finally:
-        spark.conf.set("spark.sql.shuffle.partitions", previous)
+        for k, v in saved.items():
+            if v is None:
+                spark.conf.unset(k)
+            else:
+                spark.conf.set(k, v)
         if plan is not None:
             plan.release()
     manifest.update({"inputs": fingerprint, "config_hash": chash, "seconds": round(time.time() - t0, 2),
@@ -537,6 +610,15 @@ def _write_dataset(spark: SparkSession, cfg: Config, data: DataFrame, tmp: str) 
     return n_files
 
 
+def _unknown_fields(parsed: DataFrame) -> tuple[int, dict]:
+    """(entries with a field not in schemas/raw.py, {field: entries} of the UNKNOWN_TOP most frequent) over the
+    lines that parse; one pass over the persisted rows, the distinct unknown fields aggregated on the executors."""
+    by_field = parsed.where(F.col(UNKNOWN).isNotNull()).select(F.explode(UNKNOWN).alias("f")).groupBy("f").count()
+    top = by_field.select("f", "count", F.sum("count").over(Window.partitionBy()).alias("total")) \
+        .orderBy(F.desc("count"), "f").limit(UNKNOWN_TOP).collect()
+    return (int(top[0]["total"]) if top else 0), {r["f"]: r["count"] for r in top}
+
+
 def _account(spark: SparkSession, cfg: Config, tmp: str, plan: Plan, split_info: dict) -> dict:
     """Counts from what was written (cheap Parquet reads) and the accounting identity."""
     rates = cfg.etl.sampling_rates
@@ -564,11 +646,15 @@ def _account(spark: SparkSession, cfg: Config, tmp: str, plan: Plan, split_info:
             subsets[str(rate)] = {"tier": t, "rows": cum[0], "clicks": cum[1], "conversions": cum[2]}
         splits[split] = {"rows": cum[0], "clicks": cum[1], "conversions": cum[2], "subsets": subsets}
     written = sum(s["rows"] for s in splits.values())
+    unknown = {kind: _unknown_fields(df) for kind, df in (("skeleton", plan.rows), ("common", plan.common))}
     manifest = {
         "rows": {"skeleton_read": read_skel, "written": written, "skeleton_quarantined": q_counts.get("skeleton", 0),
                  "common_read": read_common, "common_quarantined": q_counts.get("common", 0)},
         "splits": splits, "split": split_info, "sampling_rates": list(rates),
         "quarantine_reasons": [{"kind": r[S.Q_KIND], "reason": r["r"], "count": r["count"]} for r in reasons],
+        # entries whose field is not one of schemas/raw.py's (not encoded; their line is kept), and the top ids
+        "unknown_fields": {kind: n for kind, (n, _) in unknown.items()},
+        "unknown_field_ids": {kind: top for kind, (_, top) in unknown.items()},
         "layout": FeatureLayout.from_config(cfg.features).to_dict(),
         "schema": json.loads(S.DATASET_SCHEMA.json()), "config": to_dict(cfg), "version": 1,
     }

@@ -8,12 +8,16 @@ The ETL's default parser (``etl.parser: arrow``) runs this on Arrow batches of r
 
 What a chunk goes through (the output has one row per input line, a ``reason`` for each bad one):
 
+0. whole lines: a line over ``etl.max_line_bytes`` (its length comes from the JVM, which already cut it to its
+   first max_line_bytes bytes), then invalid UTF-8: one ``validate(full=True)`` per chunk, bisected down to the bad
+   lines only when it fails; such lines are blanked so no later kernel (or ``as_py``) sees their bytes;
 1. columns: ``count_substring(",")`` checks the column count, ``split_pattern`` splits the line;
 2. numbers: one ``cast`` per column; when a chunk holds a bad number the cast is retried behind a regex mask, so the
    bad value becomes "not an integer" for its line only (integers: ``-?[0-9]{1,18}``; values: decimal or
    scientific, finite);
 3. entries: ``split_pattern("\\x01")`` then one anchored regex per entry (``field^Bid^Cvalue``), ``index_in`` for
-   the field's slot-order index (an unknown field is ignored, like in the native parser);
+   the field's slot-order index (an unknown field is not encoded, like in the native parser, but returned
+   per line in ``unknown`` so the manifest counts it);
 4. encoding: one ``lexsort`` by (line, field, -value, id) puts every field's top-K first, ranks come from the group
    starts, ids are hashed with ``esmm.features.hash_ids_fields`` (Spark's xxhash64, bit-identical), weights are
    value / sum(kept values) in float64 then float32, exactly as ``encode_line_features`` computes them.
@@ -155,6 +159,67 @@ class SideEncoder:
 
 # ------------------------------------------------------------------------------------------------ parsing
 
+def too_long(nbytes: int, max_line_bytes: int) -> str:
+    return f"line is {nbytes} bytes, over etl.max_line_bytes={max_line_bytes} (only its first {max_line_bytes} kept)"
+
+
+def utf8_reason(raw: bytes, columns: tuple) -> str:
+    """Where the first invalid UTF-8 sequence of ``raw`` starts: byte offset, and the column (or feature_list entry)."""
+    try:
+        raw.decode("utf-8")
+        return None
+    except UnicodeDecodeError as e:
+        at = e.start
+    prefix = raw[:at]
+    col = prefix.count(S.COL_SEP.encode()) + 1
+    if col == len(columns):
+        where = f"feature_list entry {prefix.rsplit(S.COL_SEP.encode(), 1)[-1].count(S.ENTRY_SEP.encode()) + 1}"
+    elif col < len(columns):
+        where = columns[col - 1]
+    else:
+        where = f"column {col}"
+    return f"invalid UTF-8 at byte offset {at} ({where})"
+
+
+def invalid_utf8(lines: pa.Array) -> np.ndarray:
+    """Indices of the lines that are not valid UTF-8: one C++ validation of the whole chunk, bisected on failure."""
+    def ok(lo: int, hi: int) -> bool:
+        try:
+            lines.slice(lo, hi - lo).validate(full=True)
+            return True
+        except pa.ArrowInvalid:
+            return False
+
+    bad, todo = [], [(0, len(lines))] if len(lines) else []
+    while todo:
+        lo, hi = todo.pop()
+        if ok(lo, hi):
+            continue
+        if hi - lo == 1:
+            bad.append(lo)
+        else:
+            mid = (lo + hi) // 2
+            todo += [(mid, hi), (lo, mid)]
+    return np.array(sorted(bad), np.int64)
+
+
+def _whole_lines(lines: pa.Array, nbytes, max_line_bytes, columns: tuple, reasons: "_Reasons") -> pa.Array:
+    """Over-long lines, then invalid UTF-8; returns ``lines`` with those lines blanked (later checks skip them)."""
+    if nbytes is None:
+        nbytes = pc.binary_length(lines).to_numpy(zero_copy_only=False)
+    if max_line_bytes is not None:
+        reasons.add(nbytes > max_line_bytes, lambda i: too_long(int(nbytes[i]), max_line_bytes))
+    bad = invalid_utf8(lines)
+    if len(bad):
+        raw = lines.view(pa.binary()) if pa.types.is_string(lines.type) else lines.view(pa.large_binary())
+        mask = np.zeros(len(lines), bool)
+        mask[bad] = True
+        reasons.add(mask, lambda i: utf8_reason(raw[i].as_py(), columns))
+    if reasons.bad.any():
+        lines = pc.if_else(pa.array(~reasons.bad), lines, pa.scalar("", lines.type))
+    return lines
+
+
 class _Reasons:
     """Per-line reasons; the first one assigned to a line wins (the checks run in the native parser's order)."""
 
@@ -191,16 +256,28 @@ def _entries(fl: pa.Array, lines: np.ndarray, n_ent: np.ndarray, reasons: _Reaso
         reasons.add(mask, lambda i: (
             f"feature_list entry {bad_entry[i] - first_entry[bad_entry[i]] + 1}: expected 'field^Bid^Cvalue' "
             f"with integer id and numeric value, got {_q(flat[bad_entry[i]].as_py())}"))
-    use = ~reasons.bad[line] & f_idx.is_valid().to_numpy(zero_copy_only=False)
+    known = f_idx.is_valid().to_numpy(zero_copy_only=False)
+    use = ~reasons.bad[line] & known
     field = f_idx.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
-    return encoder.encode(n, line[use], field[use], fid[use], val[use])
+    ids, wts = encoder.encode(n, line[use], field[use], fid[use], val[use])
+    return ids, wts, _unknown(n, line, ~reasons.bad[line] & ~known, parts.field("f"))
+
+
+def _unknown(n: int, line: np.ndarray, mask: np.ndarray, names: pa.Array) -> pa.Array:
+    """Per line: the field names of its entries with an unknown field (null when none), for the manifest."""
+    if not mask.any():
+        return pa.nulls(n, pa.list_(pa.string()))
+    count = np.bincount(line[mask], minlength=n)
+    offsets = np.r_[0, np.cumsum(count)].astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets, mask=np.r_[count == 0, False]), names.filter(pa.array(mask)))
 
 
 def _feature_lists(fl: pa.Array, rows: np.ndarray, num: np.ndarray, num_ok: np.ndarray, reasons: _Reasons,
                    encoder: SideEncoder, n: int) -> tuple[np.ndarray, np.ndarray]:
     """feature_num check, then the entries of the lines still good; ``fl`` holds the feature lists of ``rows``.
 
-    Returns the side's ids/wts for all ``n`` lines (defaults for lines that are bad or have no entries).
+    Returns the side's ids/wts for all ``n`` lines (defaults for lines that are bad or have no entries) and each
+    line's unknown field names (``_unknown``).
     """
     length = pc.binary_length(fl).to_numpy(zero_copy_only=False)
     n_ent = np.where(length == 0, 0, pc.count_substring(fl, S.ENTRY_SEP).to_numpy(zero_copy_only=False) + 1)
@@ -209,7 +286,7 @@ def _feature_lists(fl: pa.Array, rows: np.ndarray, num: np.ndarray, num_ok: np.n
     sel = np.flatnonzero(~reasons.bad[rows] & (n_ent > 0))
     if len(sel) == 0:
         empty = np.zeros(0, np.int64)
-        return encoder.encode(n, empty, empty, empty, np.zeros(0))
+        return (*encoder.encode(n, empty, empty, empty, np.zeros(0)), pa.nulls(n, pa.list_(pa.string())))
     return _entries(fl.take(pa.array(sel)) if len(sel) < len(fl) else fl, rows[sel], n_ent[sel], reasons,
                     encoder, n)
 
@@ -255,10 +332,15 @@ def _spread(n: int, rows: np.ndarray, values: np.ndarray, fill=0) -> np.ndarray:
     return out
 
 
-def parse_skeleton(lines: pa.Array, encoder: SideEncoder) -> dict:
-    """Skeleton lines -> columns (NumPy / Arrow) for every line; ``reason`` is None for a good line."""
+def parse_skeleton(lines: pa.Array, encoder: SideEncoder, nbytes: np.ndarray | None = None,
+                   max_line_bytes: int | None = None) -> dict:
+    """Skeleton lines -> columns (NumPy / Arrow) for every line; ``reason`` is None for a good line.
+
+    ``nbytes``: each line's length in the file (defaults to its length here; longer when the JVM cut it short).
+    """
     n = len(lines)
     reasons = _Reasons(n)
+    lines = _whole_lines(lines, nbytes, max_line_bytes, S.SKELETON_COLUMNS, reasons)
     c = _Columns(lines, len(S.SKELETON_COLUMNS), reasons)
     raw = [c.get(j) for j in range(len(S.SKELETON_COLUMNS))]
     (sid, sid_ok), (clk, clk_ok), (conv, conv_ok), (num, num_ok) = (c.ints(raw[j]) for j in (0, 1, 2, 4))
@@ -268,18 +350,22 @@ def parse_skeleton(lines: pa.Array, encoder: SideEncoder) -> dict:
                 lambda i: f"conversion: expected 0 or 1, got {_q(c.text(raw[2])(i))}")
     reasons.add((clk == 0) & (conv == 1), lambda i: "conversion=1 with click=0")
     reasons.add(~num_ok, lambda i: f"feature_num: not an integer: {_q(c.text(raw[4])(i))}")
-    ids, wts = _feature_lists(raw[5], c.rows, num, num_ok, reasons, encoder, n)
+    ids, wts, unknown = _feature_lists(raw[5], c.rows, num, num_ok, reasons, encoder, n)
     return {S.SAMPLE_ID: sid, S.CLICK: clk.astype(np.int32), S.CONVERSION: conv.astype(np.int32),
-            S.COMMON_KEY: c.full(raw[3]), "ids": ids, "wts": wts, "reason": reasons.text, "bad": reasons.bad}
+            S.COMMON_KEY: c.full(raw[3]), "ids": ids, "wts": wts, "reason": reasons.text, "bad": reasons.bad,
+            "unknown": unknown}
 
 
-def parse_common(lines: pa.Array, encoder: SideEncoder) -> dict:
+def parse_common(lines: pa.Array, encoder: SideEncoder, nbytes: np.ndarray | None = None,
+                 max_line_bytes: int | None = None) -> dict:
     """Common lines -> columns for every line (duplicate keys are checked by the caller, across chunks)."""
     n = len(lines)
     reasons = _Reasons(n)
+    lines = _whole_lines(lines, nbytes, max_line_bytes, S.COMMON_COLUMNS, reasons)
     c = _Columns(lines, len(S.COMMON_COLUMNS), reasons)
     raw = [c.get(j) for j in range(len(S.COMMON_COLUMNS))]
     num, num_ok = c.ints(raw[1])
     reasons.add(~num_ok, lambda i: f"feature_num: not an integer: {_q(c.text(raw[1])(i))}")
-    ids, wts = _feature_lists(raw[2], c.rows, num, num_ok, reasons, encoder, n)
-    return {S.COMMON_KEY: c.full(raw[0]), "ids": ids, "wts": wts, "reason": reasons.text, "bad": reasons.bad}
+    ids, wts, unknown = _feature_lists(raw[2], c.rows, num, num_ok, reasons, encoder, n)
+    return {S.COMMON_KEY: c.full(raw[0]), "ids": ids, "wts": wts, "reason": reasons.text, "bad": reasons.bad,
+            "unknown": unknown}

@@ -18,7 +18,8 @@ Layout on disk: ``<dataset>/{train,test}/sample_tier=<t>/part-*.parquet``, ``<da
 """
 from __future__ import annotations
 
-from pyspark.sql.types import (ArrayType, FloatType, IntegerType, LongType, StringType, StructField, StructType)
+from pyspark.sql.types import (ArrayType, BinaryType, FloatType, IntegerType, LongType, StringType, StructField,
+                               StructType)
 
 from schemas.raw import CLICK, CONVERSION, SAMPLE_ID
 
@@ -46,12 +47,14 @@ TRAIN_COLUMNS = (SAMPLE_ID, CLICK, CONVERSION, FEAT_IDS, FEAT_WTS)
 Q_KIND = "kind"          # "skeleton" | "common"
 Q_REASON = "reason"
 Q_FILE = "file"
-Q_LINE = "line"
+Q_LINE = "line"          # the line as text; invalid UTF-8 shown as U+FFFD (the first etl.max_line_bytes bytes)
+Q_RAW = "raw_bytes"      # the same line's exact bytes (what `line` shows, before any U+FFFD substitution)
 QUARANTINE_SCHEMA = StructType([
     StructField(Q_KIND, StringType(), False),
     StructField(Q_REASON, StringType(), False),
     StructField(Q_FILE, StringType(), True),
     StructField(Q_LINE, StringType(), True),
+    StructField(Q_RAW, BinaryType(), True),
 ])
 
 # Ground truth written by the generator, keyed by sample_id.

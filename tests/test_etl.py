@@ -196,3 +196,100 @@ def test_native_parser_gives_the_same_dataset_and_quarantine(spark, etl_out, tin
     run_etl(spark, test_cfg, gen_raw, str(tmp_path / "gen-native"))
     native_rows, arrow_rows = _rows(spark, tmp_path / "gen-native"), _rows(spark, Path(gen_out))
     assert len(arrow_rows[0]) > 1000 and native_rows == arrow_rows
+
+
+# ------------------------------------------------------------------------------------------ dirty bytes
+
+MAX_LINE = 2048
+
+
+def dirty_raw(tmp_path):
+    """Raw files with dirty bytes; returns (raw dir, {kind: {line bytes as the quarantine keeps them: reason part}},
+    number of good skeleton lines)."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    b = lambda s: s.encode()                                                        # noqa: E731
+    long_common = b(common(KB, [("101", 10**9 + k, "1.0") for k in range(200)]))     # > MAX_LINE bytes
+    long_skel = b(skel(30, 0, 0, KA, [("205", 10**6 + k, "1.0") for k in range(200)]))
+    long_skel = long_skel[:MAX_LINE - 1] + "\u00e9".encode() + long_skel[MAX_LINE - 1:]   # the cut splits the e-acute
+    assert len(long_common) > MAX_LINE and len(long_skel) > MAX_LINE
+    fffd = b(f"6,0,0,{KA},2,205{I}\ufffd{V}1{E}205{I}6{V}")                      # a real U+FFFD, then a bad byte
+    commons = [
+        (b(common(KA, A_ENT + [("999", 1, "1.0"), ("999", 2, "1.0"), ("888", 3, "1.0")])), None),  # unknown fields
+        (b"\xff" + b(KC[1:] + ",1," + fl([("101", 1, "1.0")])),
+         "invalid UTF-8 at byte offset 0 (common_feature_index)"),
+        (b(f"{KD},2,{fl([('101', 1, '1.0')])}{E}101{I}2{V}") + b"1\xff\xfe\x80", "(feature_list entry 2)"),
+        (long_common, f"line is {len(long_common)} bytes, over etl.max_line_bytes={MAX_LINE}"),
+        (b(f"{KA[:15]}\x00,1,{fl([('101', 7, '1.0')])}"), None),                    # NUL in a key: just a key
+    ]
+    skels = [
+        (b(skel(1, 1, 0, KA, [("205", 1, "1.0"), ("777", 5, "2.0")])), None),       # good, one unknown field
+        (b(skel(2, 0, 0, KA, [("205", 2, "1.0")])), None),
+        # the reported line: \xff\xfe\x80 in a feature value
+        (b(f"3,0,0,{KA},1,205{I}3{V}") + b"\xff\xfe\x80", "invalid UTF-8 at byte offset 31 (feature_list entry 1)"),
+        (b"4\xc0\x80" + b(f",0,0,{KA},0,"), "invalid UTF-8 at byte offset 1 (sample_id)"),
+        (b(f"5,0,0,{KA},2,{fl([('205', 5, '1.0')])}{E}205{I}") + b"5\xed\xa0\x80" + b(f"{V}1.0"),
+         "(feature_list entry 2)"),                                                 # a surrogate, in an id
+        # a real U+FFFD before the first invalid byte: the offset still counts bytes of the raw line
+        (fffd + b"\xe2\x82", f"invalid UTF-8 at byte offset {len(fffd)} (feature_list entry 2)"),
+        (b(f"7,0,0,{KA},1,205{I}1\x002{V}1.0"), "feature_list entry 1: expected"),    # NUL inside an id
+        (b(skel(8, 0, 0, KA[:15] + "\x00", [("205", 8, "1.0")])), None),          # NUL in its key: it matches
+        (b(skel(14, 0, 0, KB, [("205", 14, "1.0")])), "no valid common features line"),  # KB's line is too long
+        (long_skel, f"line is {len(long_skel)} bytes, over etl.max_line_bytes={MAX_LINE}"),
+        (b(skel(9, 0, 0, KA, [("205", 9, "1.0"), ("999", 1, "1.0")])), None),        # unknown field, good
+        (b"10,0,0,\x80\x80,0,", "invalid UTF-8 at byte offset 7 (common_feature_index)"),
+        (b"11,0,0,x,0,,\xff", "invalid UTF-8 at byte offset 12 (column 7)"),
+    ]
+    # CR: Hadoop's line reader ends a line at \n, \r or \r\n; a CRLF line is one good line, a stray CR splits one
+    (raw / "common_features_train.csv").write_bytes(b"\n".join(x for x, _ in commons) + b"\n")
+    (raw / "sample_skeleton_train.csv").write_bytes(
+        b"\n".join(x for x, _ in skels) + b"\n" + b(skel(12, 0, 0, KA, [("205", 12, "1.0")])) + b"\r\n"
+        + b(f"13,0,0,{KA},1,205{I}13{V}1.") + b"\r" + b"0\n")
+    (raw / "common_features_test.csv").write_bytes(b(common(KA, A_ENT)) + b"\n\xfe\n")
+    (raw / "sample_skeleton_test.csv").write_bytes(b(skel(100, 1, 0, KA, [("205", 1, "1.0")])) + b"\n\xfe\xff\n")
+    expect = {"common": {x[:MAX_LINE]: r for x, r in commons if r is not None},
+              "skeleton": {x[:MAX_LINE]: r for x, r in skels if r is not None}}
+    expect["skeleton"][b"0"] = "expected 6 comma-separated columns, got 1"            # the fragment after the CR
+    expect["common"][b"\xfe"] = "invalid UTF-8 at byte offset 0 (common_feature_index)"
+    expect["skeleton"][b"\xfe\xff"] = "invalid UTF-8 at byte offset 0 (sample_id)"
+    return raw, expect, 7                                                   # 1, 2, 8, 9; 12, 13 (CR); 100
+
+
+@pytest.mark.parametrize("parser", ["arrow", "native"])
+def test_dirty_bytes_are_quarantined_never_raised(spark, tmp_path, parser):
+    raw, expect, n_good = dirty_raw(tmp_path)
+    cfg = load_config(None, ["etl.max_quarantine_share=1.0", f"etl.max_line_bytes={MAX_LINE}",
+                             f"etl.parser={parser}"])
+    m = run_etl(spark, cfg, str(raw), str(tmp_path / "out"))
+    r = m["rows"]
+    assert r["written"] == n_good
+    assert r["skeleton_read"] == r["written"] + r["skeleton_quarantined"] == n_good + len(expect["skeleton"])
+    assert r["common_read"] == 5 + 2 and r["common_quarantined"] == len(expect["common"])
+    q = spark.read.parquet(str(tmp_path / "out" / S.QUARANTINE)).collect()
+    for kind in ("skeleton", "common"):
+        got = {bytes(row[S.Q_RAW]): row for row in q if row[S.Q_KIND] == kind}
+        assert sorted(got) == sorted(expect[kind])                  # each rejected line, byte for byte (or its cut)
+        for line, want in expect[kind].items():
+            assert want in got[line][S.Q_REASON], (line, got[line][S.Q_REASON])
+            assert got[line][S.Q_LINE] == line.decode("utf-8", "replace")
+    # the over-long line is kept by its first MAX_LINE bytes; the cut fell inside the e-acute
+    long_row = next(row for row in q if "over etl.max_line_bytes" in row[S.Q_REASON] and row[S.Q_KIND] == "skeleton")
+    assert len(long_row[S.Q_RAW]) == MAX_LINE and long_row[S.Q_LINE].endswith("\ufffd")
+    assert m["unknown_fields"] == {"skeleton": 2, "common": 3}
+    assert m["unknown_field_ids"] == {"skeleton": {"777": 1, "999": 1}, "common": {"999": 2, "888": 1}}
+    train = sorted(row[S.SAMPLE_ID] for row in spark.read.parquet(str(tmp_path / "out" / "train")).collect())
+    assert train == [1, 2, 8, 9, 12, 13]
+
+
+def test_dirty_bytes_both_parsers_agree(spark, tmp_path):
+    raw, _, _ = dirty_raw(tmp_path)
+    outs = {}
+    for parser, writer in (("arrow", "arrow"), ("native", "spark")):
+        cfg = load_config(None, ["etl.max_quarantine_share=1.0", f"etl.max_line_bytes={MAX_LINE}",
+                                 f"etl.parser={parser}", f"etl.writer={writer}"])
+        outs[parser] = run_etl(spark, cfg, str(raw), str(tmp_path / parser))
+    a, n = outs["arrow"], outs["native"]
+    assert a["rows"] == n["rows"] and a["splits"] == n["splits"]
+    assert (a["unknown_fields"], a["unknown_field_ids"]) == (n["unknown_fields"], n["unknown_field_ids"])
+    assert a["quarantine_reasons"] == n["quarantine_reasons"]
+    assert _rows(spark, tmp_path / "arrow") == _rows(spark, tmp_path / "native")

@@ -152,3 +152,45 @@ def test_sort_order_equals_lexsort(case):
     if case == "big_values":
         val = rng.choice([1.0, 2.0**30, 7.0], n)
     assert np.array_equal(sort_order(group, val, fid), np.lexsort((fid, -val, group)))
+
+
+def test_dirty_bytes_are_reasons_not_exceptions():
+    good = f"5,1,1,{KEY},2,{fl([('205', 1, '1'), ('999', 4, '1')])}"
+    dirty = [b"1,0,0," + KEY.encode() + b",1,205" + I.encode() + b"7" + V.encode() + b"\xff\xfe\x80",
+             b"\xc0\x80,0,0,x,0,", b"1,0,0,\xed\xa0\x80,0,", b"1,0,0,x,0,,\xe2\x82"]
+    lines = [good.encode(), *dirty, good.encode()]
+    arr = pa.array(lines, pa.binary()).view(pa.string())          # as Spark hands them over: unvalidated bytes
+    s = parse_skeleton(arr, SE)
+    assert s["reason"].tolist() == [
+        None, "invalid UTF-8 at byte offset 31 (feature_list entry 1)", "invalid UTF-8 at byte offset 0 (sample_id)",
+        "invalid UTF-8 at byte offset 6 (common_feature_index)", "invalid UTF-8 at byte offset 11 (column 7)", None]
+    clean = parse_skeleton(pa.array([good, good]), SE)
+    assert np.array_equal(s["ids"][[0, 5]], clean["ids"]) and np.array_equal(s["wts"][[0, 5]], clean["wts"])
+    assert s[S.COMMON_KEY].to_pylist() == [KEY, None, None, None, None, KEY]
+    assert s["unknown"].to_pylist() == [["999"], None, None, None, None, ["999"]]
+
+
+def test_invalid_utf8_finds_exactly_the_bad_lines():
+    rng = random.Random(5)
+    lines = [f"line {k}".encode() for k in range(2000)]
+    bad = sorted(rng.sample(range(2000), 37))
+    for k in bad:
+        lines[k] = lines[k] + rng.choice([b"\xff", b"\xc3", b"\xed\xa0\x80", b"\xf4\x90\x80\x80"])
+    arr = pa.array(lines, pa.binary()).view(pa.string())
+    assert rawparse.invalid_utf8(arr).tolist() == bad
+    assert rawparse.invalid_utf8(arr.slice(0, 0)).tolist() == []
+
+
+def test_over_long_lines_and_unknown_fields():
+    lines = [f"{KEY},2,{fl([('101', 1, '1'), ('77', 2, '1')])}", f"{KEY},1,{fl([('101', 1, '1')])}"]
+    c = parse_common(pa.array(lines), CE, np.array([len(lines[0]), 5000]), 4096)
+    assert c["reason"].tolist() == [None, "line is 5000 bytes, over etl.max_line_bytes=4096 (only its first 4096 kept)"]
+    assert c["unknown"].to_pylist() == [["77"], None]
+    # through the mapInArrow function, whose 4th column is the line's length when the JVM cut it
+    batch = pa.RecordBatch.from_arrays([pa.array(lines), pa.array(["f.csv"] * 2), pa.array(["train"] * 2),
+                                        pa.array([None, 5000], pa.int32())],
+                                       names=["value", "file", "raw_split", "line_bytes"])
+    out = pa.Table.from_batches(list(_arrow_parser("common", LAYOUT, max_line_bytes=4096)([batch])))
+    assert out.column("reason").to_pylist() == c["reason"].tolist()
+    assert out.column("value").to_pylist() == [None, lines[1]]
+    assert out.column("unknown_fields").to_pylist() == [["77"], None]
