@@ -243,7 +243,7 @@ def significance_markdown(summary: list[dict]) -> str:
              "|---|---|---|---|---|---|"]
     for s in summary:
         p = f"{s['p_value_max']:.2g}" if s['p_value_max'] > 0 else "< 1e-300"   # erfc underflows past z ~ 38
-        p = p if s["repeats"] == 1 else f"≤ {p}"
+        p = p if s["repeats"] == 1 or p.startswith("<") else f"≤ {p}"
         lines.append(f"| {s['competitor']} | {TASK_TITLES[s['task']]} | {s['diff']:+.2f} | "
                      f"[{s['ci_low']:+.2f}, {s['ci_high']:+.2f}] | {p} | {s['significant']}/{s['repeats']} repeats |")
     return "\n".join(lines)
