@@ -613,10 +613,13 @@ def _write_dataset(spark: SparkSession, cfg: Config, data: DataFrame, tmp: str) 
 def _unknown_fields(parsed: DataFrame) -> tuple[int, dict]:
     """(entries with a field not in schemas/raw.py, {field: entries} of the UNKNOWN_TOP most frequent) over the
     lines that parse; one pass over the persisted rows, the distinct unknown fields aggregated on the executors."""
-    by_field = parsed.where(F.col(UNKNOWN).isNotNull()).select(F.explode(UNKNOWN).alias("f")).groupBy("f").count()
-    top = by_field.select("f", "count", F.sum("count").over(Window.partitionBy()).alias("total")) \
-        .orderBy(F.desc("count"), "f").limit(UNKNOWN_TOP).collect()
-    return (int(top[0]["total"]) if top else 0), {r["f"]: r["count"] for r in top}
+    with_unknown = parsed.where(F.col(UNKNOWN).isNotNull())
+    total = with_unknown.select(F.sum(F.size(UNKNOWN))).first()[0] or 0
+    if not total:
+        return 0, {}
+    top = (with_unknown.select(F.explode(UNKNOWN).alias("f")).groupBy("f").count()
+           .orderBy(F.desc("count"), "f").limit(UNKNOWN_TOP).collect())
+    return int(total), {r["f"]: r["count"] for r in top}
 
 
 def _account(spark: SparkSession, cfg: Config, tmp: str, plan: Plan, split_info: dict) -> dict:
