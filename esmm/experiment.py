@@ -25,7 +25,6 @@ import os
 from dataclasses import dataclass
 
 from pyspark.sql import SparkSession
-from pyspark.sql import functions as F
 
 import schemas as S
 from esmm import report as R

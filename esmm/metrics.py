@@ -88,8 +88,8 @@ TASK = "task"
 # Internal column names (prefixed so they do not collide with the caller's group columns).
 _S, _Y, _POS, _NEG, _BAD = "__m_score", "__m_label", "__m_pos", "__m_neg", "__m_bad_label"
 _FIRST, _NUM2, _BAD_S = "__m_first_score", "__m_twice_num", "__m_bad_score"
-_MODEL, _KEY, _KIND, _GID, _BUCKET, _MIDX, _C, _NROWS = ("__m_model", "__m_key", "__m_kind", "__m_gid",
-                                                      "__m_bucket", "__m_midx", "__m_centered", "__m_nrows")
+_MODEL, _KEY, _GID, _BUCKET, _MIDX, _NROWS = ("__m_model", "__m_key", "__m_gid", "__m_bucket", "__m_midx",
+                                              "__m_nrows")
 _YMIN = "__m_label_min"
 _SUMMARY_FIELDS = [StructField(_FIRST, DoubleType()), StructField(_NUM2, DecimalType(38, 0)),
                    StructField(_POS, LongType()), StructField(_NEG, LongType()),
