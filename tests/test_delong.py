@@ -233,3 +233,14 @@ def test_wide_rows_majority_positive_groups_and_model_subsets(spark):
     part = df.withColumn("c", F.when((df.g == "sub") & (df.a > 0), F.lit(0.5)).otherwise(df.c))
     with pytest.raises(MetricError, match=r"'g': 'sub'.*\['m_c'\] score only"):
         delong_wide(part, {"m_a": "a", "m_b": "b", "m_c": "c"}, "y", ["g"])
+
+
+def test_protocol_metrics_refuses_impressions_not_scored_by_every_run(spark):
+    # a prediction table where run "b" lacks impression 3: a clear error naming the runs, no silently dropped rows
+    from esmm.metrics import protocol_metrics
+    rows = [(i, i % 2, 0, 0.1 * (i + 1) / 2, 0.2, 0.02, "base", r) for r in ("a", "b") for i in range(6)
+            if not (r == "b" and i == 3)]
+    df = spark.createDataFrame(rows, "sample_id long, click int, conversion int, p_ctr float, p_cvr float, "
+                                     "p_ctcvr float, method string, run_id string")
+    with pytest.raises(MetricError, match=r"not scored by exactly the 2 runs \['a', 'b'\]"):
+        protocol_metrics(df, None, {"a": "base", "b": "base"})
