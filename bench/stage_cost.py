@@ -80,6 +80,21 @@ def run_stage(cmd: list[str], log_path: str) -> dict:
     return {"seconds": time.time() - t0, **{f"{k}_mb": v / 2**20 for k, v in peaks.items()}}
 
 
+def _experiment_split(exp_dir: str) -> dict:
+    """Training / scoring / metrics seconds of the experiment stage, from the unit JSONs it wrote."""
+    units = []
+    for name in sorted(os.listdir(os.path.join(exp_dir, "metrics"))):
+        if name.startswith("r") and name.endswith(".json"):
+            with open(os.path.join(exp_dir, "metrics", name)) as f:
+                units.append(json.load(f))
+    sec = {k: sum(u.get("seconds", {}).get(k, 0.0) for u in units) for k in ("train", "score", "metrics")}
+    per = [{"unit": u["unit"], "method": t["method"], "seconds": t["seconds"], "samples_per_s": t["samples_per_s"]}
+           for u in units for t in u["train"]]
+    samples = sum(t["samples_per_s"] * t["seconds"] for t in per)
+    return {"train_s": sec["train"], "score_s": sec["score"], "metrics_s": sec["metrics"], "trainings": len(per),
+            "train_samples_per_s": samples / max(sum(t["seconds"] for t in per), 1e-9), "per_training": per}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="1000000,4000000")
@@ -99,10 +114,18 @@ def main():
             cmd = ["./spark-submit.sh", "--master", "local[2]", job, *common]
             os.makedirs(base, exist_ok=True)
             r = run_stage(cmd, os.path.join(base, f"{stage}.log"))
+            if stage == "experiment":
+                r.update(_experiment_split(os.path.join(base, "runs", "experiment")))
             results.append({"impressions": size, "stage": stage, **r})
             print(f"{size:>12,} {stage:10s} {r['seconds']:8.1f}s  tree {r['tree_mb']:8.0f} MB  jvm {r['jvm_mb']:7.0f}  "
                   f"py driver {r['py_driver_mb']:6.0f}  py workers {r['py_worker_mb']:6.0f}  "
                   f"horovod {r['horovod_mb']:6.0f}", flush=True)
+            if stage == "experiment":
+                print(f"{'':12} {'':10} of which training {r['train_s']:.0f}s ({r['trainings']} trainings, "
+                      f"{r['train_samples_per_s']:,.0f} samples/s), scoring {r['score_s']:.0f}s, "
+                      f"metrics {r['metrics_s']:.0f}s", flush=True)
+                for t in r["per_training"]:
+                    print(f"{'':25} {t['method']:>14s} {t['seconds']:8.1f}s  {t['samples_per_s']:10,.0f} samples/s")
     sizes = sorted({r["impressions"] for r in results})
     if len(sizes) > 1:
         print(f"\ngrowth {sizes[0]:,} -> {sizes[-1]:,} impressions ({sizes[-1] / sizes[0]:.0f}x the log):")

@@ -22,6 +22,7 @@ import dataclasses
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 
 from pyspark.sql import SparkSession
@@ -98,12 +99,15 @@ def run_unit(spark: SparkSession, cfg: Config, dataset: str, exp_dir: str, repea
         with open(out_path) as f:
             return json.load(f)
     jobs = [(config_for(cfg, s, exp_dir), dataset, s.run_dir(exp_dir)) for s in specs]
+    t0 = time.time()
     summaries = launch(jobs, cfg.train.workers, spark)
+    t1 = time.time()
     ref = ScoredRun("ctr", specs[0].name, os.path.join(specs[0].run_dir(exp_dir), EXPORT))
     runs = [ScoredRun(s.method, s.name, os.path.join(s.run_dir(exp_dir), EXPORT)) for s in specs]
     width = read_manifest(dataset)["layout"]["num_slots"]
     pred_path = os.path.join(exp_dir, "predictions", specs[0].unit)
     info = score_to_parquet(spark, dataset, runs, ref, pred_path, width, cfg.evaluate.threads, cfg.evaluate)
+    t2 = time.time()
     pred = spark.read.parquet(pred_path)
     truth = spark.read.parquet(truth_path) if truth_path else None
     rows, dl, aliases = protocol_metrics(pred, truth, {s.name: s.method for s in specs},
@@ -111,6 +115,9 @@ def run_unit(spark: SparkSession, cfg: Config, dataset: str, exp_dir: str, repea
     result = {"unit": specs[0].unit, "repeat": repeat, "rate": rate, "metrics": rows,
               "delong": {t: R.delong_record(r, aliases.get(t)) for t, r in dl.items()},
               "division_clipped": info["division_clipped"],
+              # wall seconds of this run of the unit (training includes runs resumed or skipped as already done)
+              "seconds": {"train": round(t1 - t0, 1), "score": round(t2 - t1, 1),
+                          "metrics": round(time.time() - t2, 1)},
               "train": [{k: v for k, v in s.items() if k != "history"} for s in summaries]}
     _atomic_json(out_path, result)
     return result
