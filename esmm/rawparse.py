@@ -49,9 +49,15 @@ def _q(text) -> str:
 # ------------------------------------------------------------------------------------------------ numbers
 
 def to_int64(s: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """Strings -> (int64 values, valid mask). Valid: ``-?[0-9]{1,18}``; invalid entries get 0."""
-    short = pc.less_equal(pc.binary_length(s), 19)
-    if pc.all(short).as_py() is not False:
+    """Strings -> (int64 values, valid mask). Valid: ``-?[0-9]{1,18}``; invalid entries get 0.
+
+    Fast path: one Arrow cast of the whole array, taken only where that cast cannot accept more than the grammar:
+    every string at most 18 bytes (19-byte negatives go the regex way) and none starting with ``0x``/``0X``, the hex
+    that Arrow's integer parser also reads. Otherwise a chunk's '0x1f' or 19-digit id would be valid or not
+    depending on the other ids in the chunk.
+    """
+    short = pc.less_equal(pc.binary_length(s), 18)
+    if pc.all(short).as_py() is not False and not any(pc.any(pc.starts_with(s, p)).as_py() for p in ("0x", "0X")):
         try:
             return pc.cast(s, pa.int64()).to_numpy(zero_copy_only=False), np.ones(len(s), bool)
         except pa.ArrowInvalid:
