@@ -36,6 +36,7 @@ import schemas as S
 from esmm import spark as sparkfs
 from esmm.config import Config, to_dict
 from esmm.features import FeatureLayout
+from esmm.rawparse import FLOAT_RE, INT_RE
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +129,8 @@ def _entries(feature_list: Column) -> Column:
     def one(e: Column) -> Column:
         field = F.substring_index(e, S.ID_SEP, 1)
         rest = F.substring_index(e, S.ID_SEP, -1)
-        fid = F.substring_index(rest, S.VALUE_SEP, 1).try_cast("long")
-        val = F.substring_index(rest, S.VALUE_SEP, -1).try_cast("double")
+        fid = _int_col(F.substring_index(rest, S.VALUE_SEP, 1))
+        val = _float_col(F.substring_index(rest, S.VALUE_SEP, -1))
         well_formed = (F.size(F.split(e, f"[{S.ID_SEP}{S.VALUE_SEP}]")) == 3) & \
             (F.instr(e, S.ID_SEP) < F.instr(e, S.VALUE_SEP))
         return F.struct(F.element_at(_field_index(), field).alias("f"), (-val).alias("nv"), fid.alias("id"),
@@ -155,7 +156,14 @@ def _q(text: Column) -> Column:
 
 
 def _int_col(text: Column) -> Column:
-    return text.try_cast("long")
+    """Text -> long by esmm.rawparse's integer grammar, so both parsers accept the same numbers (Spark's cast alone
+    also takes '+1', ' 1', '1\\x00' and 19 digits)."""
+    return F.when(text.rlike(INT_RE), text.try_cast("long"))
+
+
+def _float_col(text: Column) -> Column:
+    """Text -> double by esmm.rawparse's number grammar (Spark's cast alone also takes ' 1', '1d', '0x1p3')."""
+    return F.when(text.rlike(FLOAT_RE), text.try_cast("double"))
 
 
 def _line_ok() -> Column:
@@ -388,8 +396,10 @@ def parse_lines(lines: DataFrame, kind: str, parser: str, layout: FeatureLayout,
     if kind == "skeleton":
         df = parse_skeleton(lines, max_line_bytes)
         df = encode_fields(df, ENTRY, layout, S.SKELETON_FIELDS, S_IDS, S_WTS)
-        return df.select(RAW_SPLIT, FILE, value.alias("value"), S.SAMPLE_ID, F.col(S.CLICK).cast("int").alias(S.CLICK),
-                         F.col(S.CONVERSION).cast("int").alias(S.CONVERSION), S.COMMON_KEY, S_IDS, S_WTS, REASON,
+        # try_cast: a bad line's click may be any long, and a failing cast (ANSI mode) would fail the whole job
+        return df.select(RAW_SPLIT, FILE, value.alias("value"), S.SAMPLE_ID,
+                         F.col(S.CLICK).try_cast("int").alias(S.CLICK),
+                         F.col(S.CONVERSION).try_cast("int").alias(S.CONVERSION), S.COMMON_KEY, S_IDS, S_WTS, REASON,
                          unknown)
     df = encode_fields(parse_common(lines, max_line_bytes), ENTRY, layout, S.COMMON_FIELDS, C_IDS, C_WTS)
     return df.select(RAW_SPLIT, FILE, value.alias("value"), S.COMMON_KEY, C_IDS, C_WTS, REASON, unknown)
@@ -527,13 +537,22 @@ def run_etl(spark: SparkSession, cfg: Config, raw_dir: str | None = None, out: s
     inputs = find_inputs(spark, raw_dir)
     fingerprint = inputs.fingerprint(spark)
     chash = _config_hash(cfg)
-    existing = _read_manifest(spark, out)
-    if existing is not None and not overwrite:
-        if existing.get("inputs") == fingerprint and existing.get("config_hash") == chash:
-            log.info("ETL output %s is up to date (same inputs and config): nothing to do", out)
-            return existing
-        raise EtlError(f"{out} exists and was built from other inputs or config; pass --overwrite to replace it")
+    with sparkfs.output_lock(spark, out, "etl"):
+        sparkfs.clean_stale_staging(spark, out)
+        sparkfs.owned(spark, out, "dataset", legacy=S.MANIFEST)  # a foreign directory raises, --overwrite or not
+        existing = _read_manifest(spark, out)
+        if existing is not None and not overwrite:
+            if existing.get("inputs") == fingerprint and existing.get("config_hash") == chash:
+                log.info("ETL output %s is up to date (same inputs and config): nothing to do", out)
+                return existing
+            raise EtlError(f"{out} exists and was built from other inputs or config; pass --overwrite to replace it")
+        return _run_locked(spark, cfg, raw_dir, out, inputs, fingerprint, chash, existing, t0)
 
+
+def _run_locked(spark: SparkSession, cfg: Config, raw_dir: str, out: str, inputs: RawInputs, fingerprint: list,
+                chash: str, existing: dict | None, t0: float) -> dict:
+    """The ETL proper, while this job holds ``out``'s lock: stage, account, check, commit."""
+    from esmm.outputs import marker_record
     tmp = f"{out}.tmp-{uuid.uuid4().hex[:8]}"
     raw_mb = sum(x["bytes"] for x in fingerprint) / 2**20
     partitions = max(1, math.ceil(raw_mb / cfg.etl.mb_per_partition))
@@ -562,9 +581,14 @@ def run_etl(spark: SparkSession, cfg: Config, raw_dir: str | None = None, out: s
                 spark.conf.set(k, v)
         if plan is not None:
             plan.release()
+    upstream = sparkfs.read_marker(spark, raw_dir.rstrip("/"))  # the generator's run (None for real Ali-CCP files)
+    owner = marker_record("dataset", {"inputs": fingerprint, "config_hash": chash,
+                                      "raw_run_id": upstream.get("run_id") if upstream else None})
     manifest.update({"inputs": fingerprint, "config_hash": chash, "seconds": round(time.time() - t0, 2),
-                     "parser": cfg.etl.parser, "writer": cfg.etl.writer, "shuffle_partitions": partitions})
+                     "parser": cfg.etl.parser, "writer": cfg.etl.writer, "shuffle_partitions": partitions,
+                     "run_id": owner["run_id"], "raw_run_id": owner["inputs"]["raw_run_id"]})
     sparkfs.write_text(spark, f"{tmp}/{S.MANIFEST}", json.dumps(manifest, indent=2, sort_keys=True))
+    sparkfs.write_marker(spark, tmp, owner)
     _check_quarantine(cfg, manifest, tmp)
     sparkfs.commit_dir(spark, tmp, out, replace=existing is not None)
     log.info("ETL done in %.1fs: %s", time.time() - t0, json.dumps(manifest["rows"]))
@@ -685,7 +709,8 @@ def _read_manifest(spark: SparkSession, out: str) -> dict | None:
     path = f"{out}/{S.MANIFEST}"
     if not sparkfs.exists(spark, path):
         if sparkfs.exists(spark, out):
-            raise EtlError(f"{out} exists but has no {S.MANIFEST} (not an ETL output?); remove it or choose another path")
+            raise EtlError(f"{out} exists but has no {S.MANIFEST} (not an ETL output?); move it away or choose "
+                           f"another path")
         return None
     return json.loads(sparkfs.read_text(spark, path))
 

@@ -266,9 +266,14 @@ def score_to_parquet(spark: SparkSession, dataset: str, runs: list[ScoredRun], r
     from esmm.config import EvaluateConfig
     ev = evaluate if evaluate is not None else EvaluateConfig()
     ev.validate("evaluate")
+    from esmm import outputs as O
+    from esmm.train import read_manifest
     scored, ref = _resolve(runs, reference_ctr)
     if not scored:
         raise EvaluateError("no runs to score")
+    other = check_exports(scored + ([ref] if ref and ref not in scored else []), read_manifest(dataset))
+    O.owned(out, "predictions")  # a foreign directory at ``out`` is refused before any work
+    O.clean_stale_staging(out)   # the caller holds the lock of the directory ``out`` lives in
     mode = _export_mode(spark, ev.exports)
     passes = plan_passes(len(scored), ev.models_per_pass)
     test = spark.read.parquet(os.path.join(dataset, S.TEST))
@@ -285,13 +290,43 @@ def score_to_parquet(spark: SparkSession, dataset: str, runs: list[ScoredRun], r
             finally:
                 for bc in broadcasts:
                     bc.destroy()
+        O.write_marker(tmp, O.marker_record("predictions", {"runs": {e.run.run_id: e.digest for e in scored}}))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if os.path.exists(out):
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return {"division_clipped": int(clips.value), "passes": len(passes)}
+        old = f"{out}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(out, old)      # checked above: our own predictions
+        os.replace(tmp, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out)
+    return {"division_clipped": int(clips.value), "passes": len(passes), "trained_on_other_dataset": list(other)}
+
+
+def check_exports(exports: list, manifest: dict) -> dict:
+    """Refuse exports whose feature layout is not the dataset's (their ids would index other hash buckets);
+    returns {run_id: True} for exports trained on another build of the dataset (same layout: scoring is valid,
+    but the caller should know). Reads only the exports' metadata (memory-mapped load)."""
+    import torch
+
+    from esmm.outputs import dataset_fingerprint
+    lay = manifest["layout"]
+    want = {k: list(lay[k]) for k in ("fields", "buckets", "max_len")}
+    other = {}
+    for e in exports:
+        blob = torch.load(e.path, map_location="cpu", weights_only=True, mmap=True)
+        got = {k: list(blob["layout"][k]) for k in ("fields", "buckets", "max_len")}
+        if got != want:
+            diff = [k for k in want if got[k] != want[k]]
+            raise EvaluateError(f"model export {e.path} ({e.run.run_id}) was trained on another feature layout than "
+                                f"the dataset's (differs in {', '.join(diff)}): its ids would index other buckets; "
+                                f"retrain it on this dataset or score it on the dataset it was trained on")
+        fp = blob.get("dataset_fingerprint")
+        if fp is not None and fp != dataset_fingerprint(manifest):
+            other[e.run.run_id] = True
+            log.warning("%s (%s) was trained on another build of this dataset (same layout)", e.run.run_id, e.path)
+    return other
 
 
 def evaluate_runs(spark: SparkSession, dataset: str, run_dirs: list[str], ctr_dir: str | None, out: str,
@@ -299,25 +334,56 @@ def evaluate_runs(spark: SparkSession, dataset: str, run_dirs: list[str], ctr_di
     """Score ``run_dirs`` (each holding a ``model.pt``) on the test split, write predictions under ``out`` and
     return {"metrics": rows per run/task, "delong": {task: DeLong record}, "division_clipped": n, "predictions": path}
     (``metrics.protocol_metrics``). ``evaluate``: an
-    ``EvaluateConfig`` (models per pass, how exports reach the executors); None = its defaults."""
-    import json
+    ``EvaluateConfig`` (models per pass, how exports reach the executors); None = its defaults.
 
+    ``out`` is an evaluation directory this project owns (created, or an earlier evaluation replaced; a foreign
+    directory is refused), written by one job at a time (``<out>.lock``). Run ids are the run directories' names,
+    lengthened by parent names where two would collide (``unique_run_ids``)."""
     import torch
 
-    from esmm.metrics import protocol_metrics
-    from esmm.report import delong_record
+    from esmm import outputs as O
     from esmm.train import EXPORT, read_manifest
+
+    ids = unique_run_ids(run_dirs + ([ctr_dir] if ctr_dir else []))
 
     def spec(d: str) -> ScoredRun:
         path = os.path.join(d, EXPORT)
         if not os.path.exists(path):
             raise EvaluateError(f"no model export at {path}: train that run first")
-        method = torch.load(path, map_location="cpu", weights_only=True)["method"]
-        return ScoredRun(method, os.path.basename(os.path.normpath(d)), path)
+        method = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["method"]
+        return ScoredRun(method, ids[os.path.abspath(d)], path)
 
     runs = [spec(d) for d in run_dirs]
     ref = spec(ctr_dir) if ctr_dir else next((r for r in runs if r.method == "ctr"), None)
     width = read_manifest(dataset)["layout"]["num_slots"]
+    with O.OutputLock(out, "evaluate"):
+        O.claim_dir(out, "evaluation")
+        return _evaluate_locked(spark, dataset, runs, ref, out, width, truth_path, threads, evaluate)
+
+
+def unique_run_ids(run_dirs: list[str]) -> dict:
+    """{absolute run dir: run id}: the directory's name, lengthened by parent names (``r0-rate1.0/esmm``) until no
+    two different directories share one, so runs of different units never collide in one predictions table."""
+    dirs = list(dict.fromkeys(os.path.abspath(d) for d in run_dirs))
+    parts = {d: d.strip(os.sep).split(os.sep) for d in dirs}
+    depth = {d: 1 for d in dirs}
+    while True:
+        ids = {d: "/".join(parts[d][-depth[d]:]) for d in dirs}
+        seen: dict = {}
+        for d, i in ids.items():
+            seen.setdefault(i, []).append(d)
+        clashes = [ds for ds in seen.values() if len(ds) > 1]
+        if not clashes:
+            return ids
+        for ds in clashes:
+            for d in ds:
+                depth[d] += 1
+
+
+def _evaluate_locked(spark, dataset, runs, ref, out, width, truth_path, threads, evaluate) -> dict:
+    from esmm.metrics import protocol_metrics
+    from esmm.outputs import atomic_write_json
+    from esmm.report import delong_record
     pred_path = os.path.join(out, "predictions")
     info = score_to_parquet(spark, dataset, runs, ref, pred_path, width, threads, evaluate)
     pred = spark.read.parquet(pred_path)
@@ -325,7 +391,7 @@ def evaluate_runs(spark: SparkSession, dataset: str, run_dirs: list[str], ctr_di
     rows, dl, aliases = protocol_metrics(pred, truth, {r.run_id: r.method for r in runs + ([ref] if ref else [])},
                                          own_ctr=("ctr",) + OWN_CTR_METHODS)
     result = {"metrics": rows, "delong": {t: delong_record(r, aliases.get(t)) for t, r in dl.items()},
-              "division_clipped": info["division_clipped"], "predictions": pred_path}
-    with open(os.path.join(out, "metrics.json"), "w") as f:
-        json.dump(result, f, indent=2, default=float)
+              "division_clipped": info["division_clipped"], "predictions": pred_path,
+              "trained_on_other_dataset": sorted(info["trained_on_other_dataset"])}
+    atomic_write_json(os.path.join(out, "metrics.json"), result)
     return result

@@ -37,6 +37,10 @@ from esmm.train import EXPORT, launch, read_manifest
 log = logging.getLogger(__name__)
 
 
+class ExperimentError(RuntimeError):
+    """The experiment directory holds results of another dataset or config; the message says what to do."""
+
+
 @dataclass(frozen=True)
 class RunSpec:
     repeat: int
@@ -94,10 +98,16 @@ def run_unit(spark: SparkSession, cfg: Config, dataset: str, exp_dir: str, repea
     """Train, score and measure one (repeat, rate); returns and persists the unit's metrics."""
     specs = unit_specs(cfg, repeat, rate, methods)
     out_path = os.path.join(exp_dir, "metrics", f"{specs[0].unit}.json")
+    identity = unit_identity(cfg, dataset, specs, exp_dir)
     if os.path.exists(out_path):
-        log.info("unit %s already measured: skipping", specs[0].unit)
         with open(out_path) as f:
-            return json.load(f)
+            done = json.load(f)
+        if done.get("identity") != identity:
+            raise ExperimentError(f"unit {specs[0].unit} in {exp_dir} was measured with another config, method list "
+                                  f"or dataset build than this run's; pass --overwrite to start the experiment over, "
+                                  f"or choose another --exp")
+        log.info("unit %s already measured: skipping", specs[0].unit)
+        return done
     jobs = [(config_for(cfg, s, exp_dir), dataset, s.run_dir(exp_dir)) for s in specs]
     t0 = time.time()
     summaries = launch(jobs, cfg.train.workers, spark)
@@ -112,7 +122,8 @@ def run_unit(spark: SparkSession, cfg: Config, dataset: str, exp_dir: str, repea
     truth = spark.read.parquet(truth_path) if truth_path else None
     rows, dl, aliases = protocol_metrics(pred, truth, {s.name: s.method for s in specs},
                                          own_ctr=("ctr",) + OWN_CTR_METHODS)
-    result = {"unit": specs[0].unit, "repeat": repeat, "rate": rate, "metrics": rows,
+    result = {"unit": specs[0].unit, "repeat": repeat, "rate": rate, "identity": identity,
+              "run_ids": {s.name: _run_id(s.run_dir(exp_dir)) for s in specs}, "metrics": rows,
               "delong": {t: R.delong_record(r, aliases.get(t)) for t, r in dl.items()},
               "division_clipped": info["division_clipped"],
               # wall seconds of this run of the unit (training includes runs resumed or skipped as already done)
@@ -123,12 +134,25 @@ def run_unit(spark: SparkSession, cfg: Config, dataset: str, exp_dir: str, repea
     return result
 
 
+def unit_identity(cfg: Config, dataset: str, specs: list, exp_dir: str) -> str:
+    """What a unit's metrics depend on: the dataset build and every run's model/train config."""
+    from esmm.outputs import dataset_fingerprint, fingerprint
+    runs = {}
+    for s in specs:
+        c = config_for(cfg, s, exp_dir)
+        runs[s.name] = {"model": to_dict(c.model), "train": to_dict(c.train)}
+    return fingerprint({"dataset": dataset_fingerprint(read_manifest(dataset)), "runs": runs})
+
+
+def _run_id(run_dir: str) -> str | None:
+    from esmm.outputs import read_marker
+    rec = read_marker(run_dir)
+    return rec.get("run_id") if rec else None
+
+
 def _atomic_json(path: str, obj) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=float)
-    os.replace(tmp, path)
+    from esmm.outputs import atomic_write_json
+    atomic_write_json(path, obj)
 
 
 def oracle(spark: SparkSession, dataset: str, truth_path: str, exp_dir: str) -> list[dict]:
@@ -146,8 +170,22 @@ def oracle(spark: SparkSession, dataset: str, truth_path: str, exp_dir: str) -> 
 # ------------------------------------------------------------------------------------------------ driver
 
 def run_experiment(spark: SparkSession, cfg: Config, dataset: str, exp_dir: str, truth_path: str | None,
-                   table_rate: float | None = None) -> dict:
-    """Run (or resume) every unit, then write Table 2 and Figure 3 under ``exp_dir``; returns the report paths."""
+                   table_rate: float | None = None, overwrite: bool = False) -> dict:
+    """Run (or resume) every unit, then write Table 2 and Figure 3 under ``exp_dir``; returns the report paths.
+
+    ``exp_dir`` is an experiment directory this project owns, written by one job at a time (``<exp_dir>.lock``).
+    Finished units and trainings are reused only when they were built from the same dataset build and config
+    (else :class:`ExperimentError`); ``overwrite`` removes an owned ``exp_dir`` first and starts over."""
+    from esmm import outputs as O
+    with O.OutputLock(exp_dir, "experiment"):
+        if overwrite:
+            O.remove_owned(exp_dir, "experiment")
+        O.claim_dir(exp_dir, "experiment")
+        return _run_experiment(spark, cfg, dataset, exp_dir, truth_path, table_rate)
+
+
+def _run_experiment(spark: SparkSession, cfg: Config, dataset: str, exp_dir: str, truth_path: str | None,
+                    table_rate: float | None) -> dict:
     rates = list(cfg.experiment.figure_rates or cfg.etl.sampling_rates)
     table_rate = table_rate if table_rate is not None else max(rates)
     if table_rate not in rates:

@@ -676,26 +676,13 @@ def _concat_parts(parts_dir: str, dest: str) -> None:
                 shutil.copyfileobj(f, out, 16 << 20)
 
 
-def _read_marker(spark, out: str) -> dict | None:
-    path = f"{out}/{MARKER}"
-    if not sparkfs.exists(spark, path):
-        if sparkfs.exists(spark, out):
-            return {}
-        return None
+def _read_marker(spark, out: str) -> dict:
+    """The generator's summary (``_GENERATED.json``) of an output this project owns; {} when unreadable."""
+    text = sparkfs.read_small(spark, f"{out}/{MARKER}")
     try:
-        return json.loads(_read_small_text(spark, path))
+        return json.loads(text) if text is not None else {}
     except ValueError:
         return {}
-
-
-def _read_small_text(spark, path: str) -> str:
-    """A small file through the Hadoop filesystem (spark.read.text skips names starting with '_')."""
-    fs, p = sparkfs._fs(spark, path)
-    stream = fs.open(p)
-    try:
-        return spark._jvm.org.apache.commons.io.IOUtils.toString(stream, "UTF-8")
-    finally:
-        stream.close()
 
 
 def generate(spark, cfg, out: str | None = None, overwrite: bool = False) -> dict:
@@ -704,18 +691,43 @@ def generate(spark, cfg, out: str | None = None, overwrite: bool = False) -> dic
     Idempotent: when ``out`` already holds output of the same resolved generate config it is kept (summary has
     ``skipped: True``); any other existing ``out`` is refused unless ``overwrite``."""
     from esmm.config import to_dict
+    from esmm.outputs import MARKER as OWNER, marker_record
     g = cfg.generate
     out = (out or cfg.paths.raw).rstrip("/")
     resolved = to_dict(g)
-    existing = _read_marker(spark, out)
-    if existing is not None and not overwrite:
-        if existing.get("generate") == resolved:
-            log.info("%s already holds generated data of the same generate config: nothing to do", out)
-            return {**existing, "out": out, "skipped": True, "seconds": 0.0}
-        why = "was generated with another generate config" if existing else f"exists and has no readable {MARKER}"
-        raise GeneratorError(f"{out} {why}; pass overwrite=True (--overwrite) to replace it, or choose another path")
+    with sparkfs.output_lock(spark, out, "generate"):
+        sparkfs.clean_stale_staging(spark, out)
+        owner = sparkfs.owned(spark, out, "raw", legacy=MARKER)  # a foreign directory raises, --overwrite or not
+        existing = _read_marker(spark, out) if owner is not None else None
+        if existing is not None and not overwrite:
+            if existing.get("generate") == resolved:
+                log.info("%s already holds generated data of the same generate config: nothing to do", out)
+                return {**existing, "out": out, "skipped": True, "seconds": 0.0}
+            raise GeneratorError(f"{out} was generated with another generate config (or its {MARKER} is "
+                                 f"unreadable); pass --overwrite to replace it, or choose another path")
+        t0 = time.time()
+        marker = _generate_into(spark, g, out, resolved)
+        owner_rec = marker_record("raw", {"generate": resolved})
+        marker["run_id"] = owner_rec["run_id"]
+        tmp = marker.pop("_tmp")
+        local_tmp = marker.pop("_local_tmp")
+        text = json.dumps(marker, indent=2, sort_keys=True)
+        if local_tmp:
+            for name, content in ((MARKER, text), (OWNER, json.dumps(owner_rec, indent=2, sort_keys=True))):
+                with open(f"{local_tmp}/{name}", "w") as f:
+                    f.write(content)
+        else:
+            sparkfs.write_text(spark, f"{tmp}/{MARKER}", text)
+            sparkfs.write_marker(spark, tmp, owner_rec)
+        sparkfs.commit_dir(spark, tmp, out, replace=existing is not None)
+    summary = {**marker, "out": out, "skipped": False, "seconds": round(time.time() - t0, 2)}
+    log.info("generated %s in %.1fs", out, summary["seconds"])
+    return summary
 
-    t0 = time.time()
+
+def _generate_into(spark, g, out: str, resolved: dict) -> dict:
+    """Write every file into a fresh staging directory ``<out>.tmp-<id>``; returns the summary (with the staging
+    paths under ``_tmp``/``_local_tmp``). A failed run deletes its staging directory."""
     plan = make_plan(g)
     intercepts = calibrate(g)
     log.info("generating %s impressions over %s keys into %s (%d blocks; intercepts ctr %.3f cvr %.3f)",
@@ -742,21 +754,13 @@ def generate(spark, cfg, out: str | None = None, overwrite: bool = False) -> dic
         all_tasks = _split_tasks(plan, "train") + _split_tasks(plan, "test")
         _pass(spark, g, "truth", all_tasks, intercepts, acc).write.parquet(f"{tmp}/{GROUND_TRUTH_DIR}")
         log.info("wrote %s (%.1fs)", GROUND_TRUTH_DIR, time.time() - t1)
-        marker = _summarize(g, plan, intercepts, files, acc.value)
-        marker["generate"] = resolved
-        text = json.dumps(marker, indent=2, sort_keys=True)
-        if local_tmp:
-            with open(f"{local_tmp}/{MARKER}", "w") as f:
-                f.write(text)
-        else:
-            sparkfs.write_text(spark, f"{tmp}/{MARKER}", text)
-        sparkfs.commit_dir(spark, tmp, out, replace=existing is not None)
     except BaseException:
-        log.error("generation failed; staging left at %s", tmp)
+        log.error("generation failed; removing its staging directory %s", tmp)
+        sparkfs.delete(spark, tmp)
         raise
-    summary = {**marker, "out": out, "skipped": False, "seconds": round(time.time() - t0, 2)}
-    log.info("generated %s in %.1fs", out, summary["seconds"])
-    return summary
+    marker = _summarize(g, plan, intercepts, files, acc.value)
+    marker["generate"] = resolved
+    return {**marker, "_tmp": tmp, "_local_tmp": local_tmp}
 
 
 def _summarize(g, plan: Plan, intercepts: tuple, files: dict, stats: dict) -> dict:

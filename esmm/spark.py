@@ -1,8 +1,14 @@
-"""Spark session construction and small Hadoop-filesystem helpers (atomic commit by rename)."""
+"""Spark session construction and small Hadoop-filesystem helpers: atomic commit by rename, ownership markers,
+one-writer locks and stale-staging cleanup for outputs on any Hadoop filesystem (``esmm.outputs`` explains the
+rules; on the local filesystem these delegate to it)."""
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
+import re
+import socket
 import sys
 
 from pyspark.sql import SparkSession
@@ -99,3 +105,111 @@ def arrow_uri(spark: SparkSession, path: str) -> str:
     if q.startswith("s3a://"):
         return "s3://" + q[len("s3a://"):]
     return q
+
+
+# ------------------------------------------------------------------------------------------------ ownership, locks
+
+def local_path(spark: SparkSession, path: str) -> str | None:
+    """The local path of ``path`` when it lives on the local filesystem (``file:`` or a plain path), else None."""
+    fs, p = _fs(spark, path)
+    if fs.getScheme() != "file":
+        return None
+    from urllib.parse import urlparse
+    return urlparse(str(fs.makeQualified(p).toUri())).path
+
+
+def read_small(spark: SparkSession, path: str) -> str | None:
+    """A small file's text through the Hadoop filesystem, or None when it does not exist."""
+    fs, p = _fs(spark, path)
+    if not fs.exists(p):
+        return None
+    stream = fs.open(p)
+    try:
+        return spark._jvm.org.apache.commons.io.IOUtils.toString(stream, "UTF-8")
+    finally:
+        stream.close()
+
+
+def read_marker(spark: SparkSession, out: str) -> dict | None:
+    from esmm.outputs import MARKER
+    text = read_small(spark, f"{out}/{MARKER}")
+    try:
+        return json.loads(text) if text is not None else None
+    except ValueError:
+        return None
+
+
+def owned(spark: SparkSession, out: str, kind: str, legacy: str | None = None) -> dict | None:
+    """The marker of ``out`` when this project wrote it as ``kind``; None when ``out`` does not exist. A directory
+    without the marker is foreign (:class:`esmm.outputs.OutputError`), unless it holds ``legacy`` (the file older
+    versions wrote instead: the generator's ``_GENERATED.json``, the ETL's ``manifest.json``)."""
+    from esmm.outputs import MARKER, OutputError
+    fs, p = _fs(spark, out)
+    if not fs.exists(p):
+        return None
+    if fs.getFileStatus(p).isDirectory() and len(fs.listStatus(p)) == 0:
+        fs.delete(p, False)  # an empty directory (made by hand before the first run) holds nothing: adopt it
+        return None
+    rec = read_marker(spark, out)
+    if rec is None:
+        if legacy and exists(spark, f"{out}/{legacy}"):
+            return {"kind": kind, "legacy": True}
+        raise OutputError(f"{out} exists and was not created by esmm-spark (no {MARKER} marker): refusing to write "
+                          f"into, replace or delete it; move it away or choose another output path")
+    if rec.get("kind") != kind:
+        raise OutputError(f"{out} holds a {rec.get('kind')!r} output, not a {kind!r} one: refusing to replace it")
+    return rec
+
+
+def write_marker(spark: SparkSession, out: str, record: dict) -> None:
+    from esmm.outputs import MARKER
+    write_text(spark, f"{out}/{MARKER}", json.dumps(record, indent=2, sort_keys=True))
+
+
+def clean_stale_staging(spark: SparkSession, out: str) -> list[str]:
+    """Delete ``<out>.tmp-*`` / ``<out>.old-*`` directories left by killed runs (call while holding the lock)."""
+    from esmm.outputs import STAGING_RE
+    fs, p = _fs(spark, out)
+    parent = p.getParent()
+    if parent is None or not fs.exists(parent):
+        return []
+    pat = re.compile(re.escape(p.getName()) + STAGING_RE)
+    removed = []
+    for st in fs.listStatus(parent):
+        name = st.getPath().getName()
+        if pat.fullmatch(name):
+            fs.delete(st.getPath(), True)
+            removed.append(str(st.getPath()))
+    if removed:
+        log.warning("removed %d stale staging director%s of %s left by an interrupted run: %s", len(removed),
+                    "y" if len(removed) == 1 else "ies", out, ", ".join(removed))
+    return removed
+
+
+@contextlib.contextmanager
+def output_lock(spark: SparkSession, out: str, job: str):
+    """Hold ``<out>.lock`` (exclusive create) while writing ``out``; see ``esmm.outputs.OutputLock``. On a
+    non-local filesystem a stale lock cannot be told from a live one: the error names the file to delete."""
+    from esmm.outputs import OutputError, OutputLock
+    local = local_path(spark, out)
+    if local is not None:
+        with OutputLock(local, job):
+            yield
+        return
+    fs, p = _fs(spark, out.rstrip("/") + ".lock")
+    holder = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "job": job})
+    try:
+        stream = fs.create(p, False)
+    except Exception as e:  # noqa: BLE001 (py4j wraps FileAlreadyExistsException)
+        if "FileAlreadyExists" not in str(e) and not fs.exists(p):
+            raise
+        raise OutputError(f"{out} is being written by another job ({read_small(spark, str(p))}): one writer per "
+                          f"output. If that job is gone, delete {p}") from None
+    try:
+        stream.write(bytearray(holder.encode()))
+    finally:
+        stream.close()
+    try:
+        yield
+    finally:
+        fs.delete(p, False)

@@ -26,7 +26,6 @@ def main(argv=None) -> dict:
     from esmm.spark import get_spark
     spark = get_spark(cfg.spark, "esmm-evaluate")
     out = args.out or os.path.join(cfg.paths.runs, "evaluation")
-    os.makedirs(out, exist_ok=True)
     truth = args.truth or os.path.join(cfg.paths.raw, "ground_truth")
     res = evaluate_runs(spark, args.dataset or cfg.paths.dataset, args.runs, args.ctr, out, truth, cfg.evaluate.threads,
                         cfg.evaluate)

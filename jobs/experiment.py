@@ -2,7 +2,8 @@
 
     ./spark-submit.sh jobs/experiment.py --conf conf/demo.yaml [--exp DIR] [--table-rate 1.0]
 
-Resumable: finished units (<exp>/metrics/*.json) and finished trainings are skipped on a re-run.
+Resumable: finished units (<exp>/metrics/*.json) and finished trainings are skipped on a re-run, when they were built
+from the same dataset build and config (else an error; --overwrite starts over).
 Writes <exp>/table2.{md,csv,json} (with the DeLong intervals and ESMM-vs-competitor tests), significance.csv (one
 paired test per unit, task and competitor) and <exp>/figure3.{png,csv} (AUC and ESMM's gain over BASE against
 training impressions). A scaling study is this job over several rates, e.g. (bench/RESULTS.md, "Figure 3"):
@@ -25,6 +26,8 @@ def main(argv=None) -> dict:
     p.add_argument("--exp", default=None, help="experiment directory (default: <paths.runs>/experiment)")
     p.add_argument("--truth", default=None, help="generator ground truth (default: <paths.raw>/ground_truth)")
     p.add_argument("--table-rate", type=float, default=None, help="sampling rate of Table 2 (default: largest)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over: remove the experiment directory (only one this project created) first")
     args, cfg = cli.parse(p, argv)
     from esmm.experiment import run_experiment
     from esmm.spark import get_spark
@@ -32,7 +35,7 @@ def main(argv=None) -> dict:
     truth = args.truth or os.path.join(cfg.paths.raw, "ground_truth")
     exp = args.exp or os.path.join(cfg.paths.runs, "experiment")
     report = run_experiment(spark, cfg, args.dataset or cfg.paths.dataset, exp,
-                            truth if os.path.exists(truth) else None, args.table_rate)
+                            truth if os.path.exists(truth) else None, args.table_rate, args.overwrite)
     print(report["text"])
     print("\nreports: " + ", ".join(report["paths"].values()))
     return report

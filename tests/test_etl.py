@@ -293,3 +293,30 @@ def test_dirty_bytes_both_parsers_agree(spark, tmp_path):
     assert (a["unknown_fields"], a["unknown_field_ids"]) == (n["unknown_fields"], n["unknown_field_ids"])
     assert a["quarantine_reasons"] == n["quarantine_reasons"]
     assert _rows(spark, tmp_path / "arrow") == _rows(spark, tmp_path / "native")
+
+
+def test_output_ownership_lock_and_stale_staging(spark, etl_out, tmp_path):
+    import os
+
+    from esmm.outputs import MARKER, OutputError, OutputLock
+    cfg, raw, out, m = etl_out
+    marker = json.loads((out / MARKER).read_text())
+    assert marker["kind"] == "dataset" and marker["run_id"] == m["run_id"]
+    # a foreign directory is refused, --overwrite or not, and left as it was
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "keep.parquet").write_bytes(b"x")
+    for overwrite in (False, True):
+        with pytest.raises(OutputError, match="foreign exists and was not created by esmm-spark"):
+            run_etl(spark, cfg, str(raw), str(foreign), overwrite=overwrite)
+    assert (foreign / "keep.parquet").read_bytes() == b"x"
+    # a second writer while one holds the output fails fast, naming the holder
+    with OutputLock(str(out), "etl"):
+        with pytest.raises(OutputError, match=rf"being written by another job \(etl, pid {os.getpid()}"):
+            run_etl(spark, cfg, str(raw), str(out))
+    # staging left by a killed run (its lock holder gone) is removed by the next run, which keeps the output
+    stale = out.parent / "dataset.tmp-0badc0de"
+    (stale / "train").mkdir(parents=True)
+    (stale / "train" / "part-0.parquet").write_bytes(b"half written")
+    again = run_etl(spark, cfg, str(raw), str(out))
+    assert again["run_id"] == m["run_id"] and not stale.exists() and not (out.parent / "dataset.lock").exists()

@@ -13,7 +13,7 @@ from esmm.batch import Batch
 from esmm import evaluate as E
 from esmm.config import EvaluateConfig, load_config
 from esmm.evaluate import EvaluateError, ScoredRun, score_to_parquet
-from esmm.experiment import run_experiment
+from esmm.experiment import ExperimentError, run_experiment
 from esmm.methods import predict
 from esmm.train import EXPORT, load_export, read_manifest, train
 
@@ -189,6 +189,33 @@ def test_tiny_experiment_end_to_end_and_resume(spark, tiny_dataset, tmp_path):
                 os.remove(os.path.join(d, f))
     again = run_experiment(spark, cfg, ds, exp, os.path.join(raw, "ground_truth"))
     assert again["table2"] == rep["table2"]
+    assert full["run_ids"]["esmm"] != half["run_ids"]["esmm"]          # unique across units
+    # another config is refused instead of mixing old units into the new table; --overwrite starts over
+    changed = load_config(CONF, ["experiment.methods=[esmm]", "experiment.figure_rates=[1.0]", "train.lr=0.002",
+                                 "train.workers=1"])
+    with pytest.raises(ExperimentError, match="unit r0-rate1.0 in .* another config"):
+        run_experiment(spark, changed, ds, exp, None)
+    fresh = run_experiment(spark, changed, ds, exp, None, overwrite=True)
+    assert [r["model"] for r in fresh["table2"]] == ["ESMM"]
+    assert sorted(os.listdir(os.path.join(exp, "metrics"))) == ["r0-rate1.0.json"]
+
+
+def test_exports_of_another_layout_and_foreign_outputs_are_refused(spark, trained, tmp_path):
+    from esmm.outputs import OutputError
+    ds, root, runs = trained
+    blob = torch.load(runs["esmm"].export, weights_only=True)
+    blob["layout"]["buckets"] = [b * 2 for b in blob["layout"]["buckets"]]
+    other = str(tmp_path / "other.pt")
+    torch.save(blob, other)
+    width = read_manifest(ds)["layout"]["num_slots"]
+    with pytest.raises(EvaluateError, match=r"other.pt \(esmm\) was trained on another feature layout .* buckets"):
+        score_to_parquet(spark, ds, [ScoredRun("esmm", "esmm", other)], None, str(tmp_path / "p"), width)
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "data.csv").write_text("1,2")
+    with pytest.raises(OutputError, match="mine exists and was not created by esmm-spark"):
+        score_to_parquet(spark, ds, [runs["esmm"]], None, str(foreign), width)
+    assert (foreign / "data.csv").read_text() == "1,2"
 
 
 def test_protocol_metrics_equal_the_per_task_metrics_and_carry_delong(spark, trained, tiny_dataset):

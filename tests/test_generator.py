@@ -192,10 +192,16 @@ def test_determinism_directory_form_idempotence(gen, spark, cfg, tmp_path):
         assert len(first.split(",")) == (6 if name.startswith("sample") else 3)
 
 
-def test_refuses_foreign_directory(spark, cfg, tmp_path):
-    (tmp_path / "x").mkdir()
-    with pytest.raises(G.GeneratorError, match="no readable"):
-        G.generate(spark, cfg, str(tmp_path / "x"))
+def test_refuses_foreign_directory_even_with_overwrite(spark, cfg, tmp_path):
+    from esmm.outputs import OutputError
+    foreign = tmp_path / "x"
+    foreign.mkdir()
+    (foreign / "precious.txt").write_text("not ours")
+    for overwrite in (False, True):
+        with pytest.raises(OutputError, match=r"x exists and was not created by esmm-spark"):
+            G.generate(spark, cfg, str(foreign), overwrite=overwrite)
+    assert (foreign / "precious.txt").read_text() == "not ours"
+    assert not list(tmp_path.glob("x.tmp-*")) and not (tmp_path / "x.lock").exists()
 
 
 def test_job_entry_point_reuses_output(gen, spark):
