@@ -191,7 +191,11 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "workers", "threads", "checkpoint_every", "log_every", "oversampling_k",
                      "reader_workers"):
             _check(getattr(self, name) >= 1, f"{key}.{name}", "must be >= 1")
-        _check(self.lr > 0, f"{key}.lr", "must be > 0")
+        _check(math.isfinite(self.lr) and self.lr > 0, f"{key}.lr", f"must be a finite number > 0, got {self.lr}")
+        for name in ("beta1", "beta2"):  # Adam's moment decay rates: 1 never forgets (and divides by 1 - beta^t = 0)
+            v = getattr(self, name)
+            _check(0 <= v < 1, f"{key}.{name}", f"must be in [0, 1), got {v}")
+        _check(math.isfinite(self.eps) and self.eps > 0, f"{key}.eps", f"must be a finite number > 0, got {self.eps}")
         _check(0 < self.aman_rate <= 1, f"{key}.aman_rate", "must be in (0, 1]")
         _check(0 < self.unbias_min_ctr < 1, f"{key}.unbias_min_ctr", "must be in (0, 1)")
         _check(self.shuffle_buffer >= 0, f"{key}.shuffle_buffer", "must be >= 0")

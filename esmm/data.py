@@ -9,6 +9,8 @@ Sharding and epochs (what one "epoch" means across ranks):
 - one epoch therefore processes ``steps * batch_size * W >= rows`` samples; with balanced shards each row is seen
   once per epoch, plus a few wrapped-around rows to fill the last step. A rank whose shard is larger than its share
   carries the rest into the next epoch (nothing is skipped: the stream continues).
+A rank without data (more workers than row groups in the subset, or only empty row groups) is a ``DataError`` at
+its first batch; ``esmm.train`` reads every rank's first batch before training and stops all ranks with the causes.
 The stream is deterministic for a given seed, rank and world size when ``reader_workers == 1`` (Petastorm's thread
 pool returns row groups in completion order when it has more than one worker), which is also what makes resuming
 exact: a restarted run replays the stream and skips the batches it had already trained on.
@@ -113,8 +115,14 @@ def _passes(path: str, tier: int, rank: int, world: int, seed: int, workers: int
     (Petastorm's own ``num_epochs=None`` reshuffles with an unseeded RNG after the first pass.)"""
     p = 0
     while True:
-        yield from _chunks(path, tier, rank, world, seed=(seed * 1000 + rank) * 1000 + p, workers=workers,
-                           num_epochs=1)
+        rows = 0
+        for chunk in _chunks(path, tier, rank, world, seed=(seed * 1000 + rank) * 1000 + p, workers=workers,
+                             num_epochs=1):
+            rows += len(chunk[S.SAMPLE_ID])
+            yield chunk
+        if rows == 0:  # without this an empty shard would loop here forever
+            raise DataError(f"rank {rank}/{world} read no rows from {path} (tier <= {tier}): its row groups are "
+                            f"empty; use fewer workers or rebuild the dataset")
         p += 1
 
 

@@ -63,7 +63,8 @@ def broadcast_parameters(model: torch.nn.Module) -> None:
 
 
 def broadcast_object(obj, name: str):
-    """Rank 0's ``obj`` on every rank (used for the resume checkpoint, so only rank 0 needs the file)."""
+    """Rank 0's ``obj`` on every rank (rank 0's verdict on the run directory and the resume checkpoint: only rank 0
+    reads those files, and every rank acts on the same verdict)."""
     import horovod.torch as hvd
     if hvd.size() == 1:
         return obj
@@ -75,6 +76,58 @@ def allreduce_sum(values: list[float], name: str) -> list[float]:
     if hvd.size() == 1:
         return values
     return hvd.allreduce(torch.tensor(values, dtype=torch.float64), op=hvd.Sum, name=name).tolist()
+
+
+def allgather_object(obj, name: str) -> list:
+    """Every rank's ``obj``, in rank order, on every rank."""
+    import horovod.torch as hvd
+    if hvd.size() == 1:
+        return [obj]
+    return hvd.allgather_object(obj, name=name)
+
+
+def flag_ranks(flag: bool, name: str) -> list[int]:
+    """The ranks whose ``flag`` is true, on every rank (a collective: every rank must call it)."""
+    import horovod.torch as hvd
+    if hvd.size() == 1:
+        return [0] if flag else []
+    return _ranks(hvd.allreduce(_one_hot(flag), op=hvd.Sum, name=name))
+
+
+def flag_ranks_async(flag: bool, name: str):
+    """Start :func:`flag_ranks` without waiting (Horovod negotiates it along with the gradients of the same step);
+    :func:`flag_ranks_wait` returns its result."""
+    import horovod.torch as hvd
+    if hvd.size() == 1:
+        return [0] if flag else []
+    return hvd.allreduce_async(_one_hot(flag), op=hvd.Sum, name=name)
+
+
+def flag_ranks_wait(handle) -> list[int]:
+    if isinstance(handle, list):
+        return handle
+    import horovod.torch as hvd
+    return _ranks(hvd.synchronize(handle))
+
+
+def one_hot_flag(flag: bool) -> list[float]:
+    """``flag`` at this rank's position of a world-size vector: allreduced (summed), it names the flagged ranks."""
+    import horovod.torch as hvd
+    v = [0.0] * hvd.size()
+    v[hvd.rank()] = 1.0 if flag else 0.0
+    return v
+
+
+def ranks_of(summed: list[float]) -> list[int]:
+    return [r for r, v in enumerate(summed) if v > 0]
+
+
+def _one_hot(flag: bool) -> torch.Tensor:
+    return torch.tensor(one_hot_flag(flag), dtype=torch.float32)  # float32: fuses with the dense gradients
+
+
+def _ranks(t: torch.Tensor) -> list[int]:
+    return ranks_of(t.tolist())
 
 
 def under_horovodrun() -> bool:

@@ -7,15 +7,38 @@ With ``train.scale_lr`` the learning rate is multiplied by the number of workers
 averages gradients over workers x batch_size samples); off by default, so runs at different world sizes take the same
 per-step update size.
 
-Run directory (``out_dir``): ``checkpoint.pt`` (rank 0, every ``checkpoint_every`` steps and at the end, atomic),
-``model.pt`` (the export scoring needs: weights, resolved config, feature layout, method; loadable with
-``torch.load(weights_only=True)``), ``train_summary.json``.
+Run directory (``out_dir``), written by rank 0 only:
+
+- ``_ESMM_OUTPUT``: the marker (``esmm.outputs``): kind ``train_run``, a unique ``run_id`` and the run's inputs (the
+  dataset's fingerprint, its feature layout, the ``model`` and ``train`` config sections). A directory without it is
+  never written into; a checkpoint is resumed and a finished run reused only when the inputs are the same, otherwise
+  training stops and says what differs (use another run dir, or ``jobs/train.py --overwrite``). Rank 0 holds
+  ``<out_dir>.lock`` while it trains, so a second training into the same directory fails fast.
+- ``checkpoint-<step>.pt`` + ``checkpoint-<step>.json`` (every ``checkpoint_every`` steps and at the end): the
+  checkpoint (written to a temporary file, fsynced, renamed) and its sidecar with the file's size and sha256. The
+  last two are kept. Resuming verifies the newest against its sidecar (a missing sidecar, a size or checksum mismatch
+  or an unreadable file all mean corrupt), falls back to the previous one with a warning, and stops with an error
+  naming each file's problem when neither is valid. A checkpoint is complete on disk before its sidecar is written,
+  and the older ones are deleted only after both, so a crash at any point leaves the previous checkpoint intact.
+- ``model.pt``: the export scoring needs (weights, resolved config, feature layout, method, run id, dataset
+  fingerprint; loadable with ``torch.load(weights_only=True)``); ``train_summary.json`` (written atomically). The two
+  together mark the run finished.
+
+Faults stop every rank with the same ``TrainError`` instead of leaving some waiting in a collective: rank 0's verdict
+on the run directory (lock, ownership, inputs, checkpoint) is broadcast; every rank's first batch is read before
+training (a rank without data names itself and the cause); a non-finite loss is flagged every step (the loss is on
+the host already; the flag is allreduced with the step's gradients) and the parameters are checked before every
+checkpoint and the export, so nothing is written from a diverged state.
 """
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 import logging
+import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -28,12 +51,16 @@ from esmm.data import steps_per_epoch, subset_rows, train_stream
 from esmm.features import FeatureLayout
 from esmm.methods import all_rows, get_method, loss_for, predict
 from esmm.model import build_model, sparse_parameters
+from esmm.outputs import (OutputError, OutputLock, atomic_write_json, claim_dir, dataset_fingerprint, fingerprint,
+                          marker_record, read_marker, remove_owned, write_marker)
 from schemas.dataset import MANIFEST, P_CTR, TRAIN
 
 log = logging.getLogger(__name__)
 EXPORT = "model.pt"
-CHECKPOINT = "checkpoint.pt"
 SUMMARY = "train_summary.json"
+RUN_KIND = "train_run"
+CHECKPOINT_RE = re.compile(r"checkpoint-(\d{9})\.(pt|json)$")
+KEEP_CHECKPOINTS = 2
 EXPORT_FORMAT = 1
 
 
@@ -65,16 +92,25 @@ def layout_from_manifest(manifest: dict) -> FeatureLayout:
 
 
 def atomic_save(obj, path: str) -> None:
-    """torch.save to a temporary file in the same directory, then rename: readers never see a partial file."""
+    """torch.save to a temporary file in the same directory, fsync, then rename: readers never see a partial file."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
-def export_model(model: torch.nn.Module, method: str, cfg: Config, layout: FeatureLayout, path: str) -> None:
+def export_model(model: torch.nn.Module, method: str, cfg: Config, layout: FeatureLayout, path: str,
+                 identity: dict | None = None) -> None:
+    """``identity``: ``run_id`` and ``dataset_fingerprint`` of the run (extra keys; ``load_export_blob`` ignores them)."""
     atomic_save({"format": EXPORT_FORMAT, "method": method, "state_dict": model.state_dict(),
-                 "config": to_dict(cfg), "layout": layout.to_dict()}, path)
+                 "config": to_dict(cfg), "layout": layout.to_dict(), **(identity or {})}, path)
 
 
 def load_export(path: str, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
@@ -136,29 +172,220 @@ def build_state(cfg: Config, layout: FeatureLayout, dist: D.Dist) -> TrainState:
     return TrainState(model, opt_s, opt_d)
 
 
-def resume_or_broadcast(state: TrainState, ckpt_path: str, cfg: Config, dist: D.Dist) -> None:
-    """Rank 0 reads the last checkpoint (if any) and every rank gets it; otherwise rank 0's weights go to all."""
-    ckpt = None
-    if dist.is_main and os.path.exists(ckpt_path):
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if ckpt["config"]["train"] != to_dict(cfg)["train"]:
-            raise TrainError(f"{ckpt_path} was written with another train config; delete it or use another run dir")
-    ckpt = D.broadcast_object(ckpt, "resume")
-    if ckpt is not None:
-        state.restore(ckpt)
-        log.info("rank %d resumed from step %d", dist.rank, state.step)
-    else:
-        D.broadcast_parameters(state.model)
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+def checkpoint_path(out_dir: str, step: int) -> str:
+    return os.path.join(out_dir, f"checkpoint-{step:09d}.pt")
+
+
+def checkpoint_sidecar(path: str) -> str:
+    """``checkpoint-<step>.json`` next to ``checkpoint-<step>.pt``: the file's size and sha256."""
+    return path[:-len(".pt")] + ".json"
+
+
+def list_checkpoints(out_dir: str) -> list[tuple[int, str]]:
+    """(step, checkpoint path) of every step with a checkpoint file or sidecar in ``out_dir``, newest first."""
+    steps = set()
+    if os.path.isdir(out_dir):
+        for name in os.listdir(out_dir):
+            m = CHECKPOINT_RE.fullmatch(name)
+            if m:
+                steps.add(int(m.group(1)))
+    return [(st, checkpoint_path(out_dir, st)) for st in sorted(steps, reverse=True)]
+
+
+def _file_digest(path: str) -> tuple[int, str]:
+    h, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+            size += len(chunk)
+    return size, h.hexdigest()
+
+
+def save_checkpoint(ckpt: dict, out_dir: str) -> str:
+    """Write ``checkpoint-<step>.pt`` (atomic), then its sidecar; keep it and the newest older one, drop the rest.
+
+    The checksum is of the bytes on disk, read back after the fsync (a sequential read of a file that is in the
+    page cache: well under a second for a paper-sized table and its Adam moments, every ``checkpoint_every`` steps).
+    Steps above this one (left by an attempt whose newest checkpoint was corrupt) are dropped too."""
+    step = int(ckpt["step"])
+    path = checkpoint_path(out_dir, step)
+    atomic_save(ckpt, path)
+    size, digest = _file_digest(path)
+    atomic_write_json(checkpoint_sidecar(path), {"step": step, "bytes": size, "sha256": digest})
+    older = [st for st, _ in list_checkpoints(out_dir) if st < step]  # newest first
+    keep = {step, *older[:KEEP_CHECKPOINTS - 1]}
+    for st, p in list_checkpoints(out_dir):
+        if st not in keep:
+            for f in (p, checkpoint_sidecar(p)):
+                if os.path.exists(f):
+                    os.remove(f)
+    return path
+
+
+def checkpoint_problem(path: str) -> str | None:
+    """Why the checkpoint at ``path`` cannot be trusted (missing, no sidecar, size or checksum mismatch), or None."""
+    side = checkpoint_sidecar(path)
+    if not os.path.exists(path):
+        return "the checkpoint file is missing"
+    if not os.path.exists(side):
+        return f"no {os.path.basename(side)} with its checksum (its write was interrupted)"
+    try:
+        with open(side) as f:
+            meta = json.load(f)
+        want_size, want_digest = int(meta["bytes"]), str(meta["sha256"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{os.path.basename(side)} is unreadable ({e})"
+    size, digest = _file_digest(path)
+    if size != want_size:
+        return f"{size} bytes where {want_size} were written (truncated or overwritten)"
+    if digest != want_digest:
+        return "sha256 mismatch (corrupt)"
+    return None
+
+
+def load_checkpoint(out_dir: str) -> dict | None:
+    """The newest valid checkpoint of ``out_dir``, falling back to older ones with a warning; None when there is no
+    checkpoint at all; ``TrainError`` naming every file's problem when there are checkpoints but none is valid."""
+    problems = []
+    for step, path in list_checkpoints(out_dir):
+        problem = checkpoint_problem(path)
+        ckpt = None
+        if problem is None:
+            try:
+                ckpt = torch.load(path, map_location="cpu", weights_only=True)
+                if int(ckpt["step"]) != step:
+                    problem = f"holds step {ckpt['step']}, not {step}"
+            except Exception as e:  # noqa: BLE001  (whatever torch raises on a bad archive)
+                problem = f"unreadable ({type(e).__name__}: {e})"
+        if problem is None:
+            if problems:
+                log.warning("resuming from the previous checkpoint %s (step %d): %s", path, step, "; ".join(problems))
+            return ckpt
+        problems.append(f"{os.path.basename(path)}: {problem}")
+    if problems:
+        raise TrainError(f"no valid checkpoint in {out_dir} ({'; '.join(problems)}): start the run over with "
+                         f"jobs/train.py --overwrite (deletes this run directory) or use another run dir")
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ run directory
+
+def run_inputs(manifest: dict, cfg: Config) -> dict:
+    """What a run's results depend on: the dataset build, its feature layout, the model and train config sections.
+    The run directory's marker records them; resume and reuse require the same ``inputs_fingerprint``."""
+    return {"dataset": dataset_fingerprint(manifest), "layout": manifest["layout"], "model": to_dict(cfg.model),
+            "train": to_dict(cfg.train)}
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    out = []
+    if old.get("dataset") != new["dataset"]:
+        out.append(f"the dataset (fingerprint {old.get('dataset')} -> {new['dataset']}: another or a rebuilt dataset)")
+    if old.get("layout") != new["layout"]:
+        out.append("the dataset's feature layout")
+    for section in ("model", "train"):
+        a, b = old.get(section) or {}, new[section]
+        keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        if keys:
+            out.append("the config: " + ", ".join(f"{section}.{k} {a.get(k)!r} -> {b.get(k)!r}" for k in keys))
+    return out or ["inputs recorded in another form"]
+
+
+def _other_inputs_error(out_dir: str, rec: dict, inputs: dict, what: str) -> TrainError:
+    return TrainError(f"{out_dir} holds {what} ({rec.get('run_id')}) of other inputs; what differs: "
+                      f"{'; '.join(_differences(rec.get('inputs') or {}, inputs))}. Resuming or reusing it would mix "
+                      f"them: use another run dir, or jobs/train.py --overwrite to delete this run and start over")
+
+
+def _has_artifacts(out_dir: str) -> bool:
+    return bool(list_checkpoints(out_dir)) or any(os.path.exists(os.path.join(out_dir, f)) for f in (EXPORT, SUMMARY))
+
+
+def claim_run_dir(out_dir: str, inputs: dict, overwrite: bool = False) -> dict:
+    """Make ``out_dir`` this run's directory (rank 0, holding its lock); returns the marker.
+
+    ``overwrite`` first deletes the directory if it is a training run this project created (``remove_owned``; a
+    foreign directory raises ``OutputError`` either way). A directory of other inputs is refused with what differs,
+    unless nothing of its run is there yet (no checkpoint, export or summary): then it is re-claimed."""
+    if overwrite:
+        remove_owned(out_dir, RUN_KIND)
+    rec = claim_dir(out_dir, RUN_KIND, inputs)
+    if rec.get("inputs_fingerprint") == fingerprint(inputs):
+        return rec
+    if not _has_artifacts(out_dir):
+        return write_marker(out_dir, marker_record(RUN_KIND, inputs))
+    raise _other_inputs_error(out_dir, rec, inputs, "a training run")
+
+
+def finished_summary(out_dir: str, cfg: Config, manifest: dict) -> dict | None:
+    """The summary of a finished run in ``out_dir`` (export and summary present) of the same inputs (dataset, layout,
+    model and train config), else None; ``TrainError`` when the finished run had other inputs."""
+    export, summary = os.path.join(out_dir, EXPORT), os.path.join(out_dir, SUMMARY)
+    if not (os.path.exists(export) and os.path.exists(summary)):
+        return None
+    rec = read_marker(out_dir) or {}
+    inputs = run_inputs(manifest, cfg)
+    if rec.get("inputs_fingerprint") != fingerprint(inputs):
+        raise _other_inputs_error(out_dir, rec, inputs, "a finished training run")
+    with open(summary) as f:
+        return {**json.load(f), "skipped": True}
+
+
+def _remove_partial_writes(out_dir: str) -> None:
+    """Temporary files of writes a killed run left behind (``checkpoint-*.pt.tmp-<pid>``, ``*.json.tmp-*``): never
+    read, removed under the lock so they do not pile up."""
+    for name in os.listdir(out_dir):
+        if re.search(r"\.tmp-[0-9a-z-]+$", name) and os.path.isfile(os.path.join(out_dir, name)):
+            log.warning("removing %s, the partial write of an interrupted run", os.path.join(out_dir, name))
+            os.remove(os.path.join(out_dir, name))
+
+
+def _prepare(cfg: Config, dataset: str, out_dir: str, lock: OutputLock, overwrite: bool) -> dict:
+    """Rank 0's verdict: the manifest, the run's marker, and either the finished summary or the checkpoint to resume
+    (None: start from scratch). Raises whatever stops the run before it starts."""
+    manifest = read_manifest(dataset)
+    lock.acquire()
+    marker = claim_run_dir(out_dir, run_inputs(manifest, cfg), overwrite)
+    _remove_partial_writes(out_dir)
+    done = finished_summary(out_dir, cfg, manifest)
+    if done is not None:
+        return {"manifest": manifest, "marker": marker, "finished": done}
+    if get_method(cfg.train.method).needs_ctr_probs:
+        ctr_model_path(cfg, check=True)
+    return {"manifest": manifest, "marker": marker, "checkpoint": load_checkpoint(out_dir)}
+
+
+def _rank0_verdict(dist: D.Dist, decide, name: str):
+    """``decide()`` on rank 0, its result (or the error it raised) on every rank: every rank raises the same error
+    instead of some of them waiting in a collective for a rank that has stopped."""
+    verdict, error = None, None
+    if dist.is_main:
+        try:
+            verdict = decide()
+        except Exception as e:  # noqa: BLE001  (re-raised below, on every rank)
+            error, verdict = e, {"error": (type(e).__name__, str(e))}
+    verdict = D.broadcast_object(verdict, name)
+    if "error" in verdict:
+        kind, msg = verdict["error"]
+        cls = {"TrainError": TrainError, "OutputError": OutputError}.get(kind)
+        raise (cls(msg) if cls else TrainError(f"{kind}: {msg}")) from error
+    return verdict
 
 
 # ------------------------------------------------------------------------------------------------ loop
 
-def load_ctr_net(cfg: Config, device) -> torch.nn.Module:
+def ctr_model_path(cfg: Config, check: bool = False) -> str:
     path = cfg.train.ctr_model or os.path.join(cfg.paths.runs, "ctr", EXPORT)
-    if not os.path.exists(path):
+    if check and not os.path.exists(path):
         raise TrainError(f"method {cfg.train.method!r} needs the reference CTR network at {path}: "
                          f"train it first (train.method=ctr) or set train.ctr_model")
-    model, _ = load_export(path, device)
+    return path
+
+
+def load_ctr_net(cfg: Config, device) -> torch.nn.Module:
+    model, _ = load_export(ctr_model_path(cfg, check=True), device)
     return model
 
 
@@ -167,63 +394,137 @@ def world_size() -> int:
     return hvd.size()
 
 
+def _raise_if_nonfinite_loss(ranks: list[int], step: int) -> None:
+    if ranks:
+        raise TrainError(f"non-finite loss at step {step} on rank(s) {ranks} of {world_size()}: a batch holds NaN/inf "
+                         f"values or training diverged (check the dataset, lower train.lr); stopped before anything "
+                         f"was written from this state")
+
+
 def train_step(state: TrainState, method, raw, cfg: Config, gen: torch.Generator, ctr_net) -> dict:
+    """One optimizer step on this rank's batch; ``TrainError`` on every rank when any rank's loss is not finite.
+
+    The loss is on the host already (``loss_for`` returns it as a float), so the local check is free. With more than
+    one rank the flags are summed over ranks: folded into the weight allreduce the row-selecting methods do anyway,
+    else started before the backward pass and collected after the optimizer step (Horovod negotiates it with the
+    step's gradients instead of spending a round trip of its own). A flagged step may have updated the parameters
+    already; they are never written (the error propagates out of ``train``)."""
     ctr_probs = predict("ctr", ctr_net, raw)[P_CTR] if ctr_net is not None else None
     batch = method.prepare(raw, cfg.train, gen, ctr_probs)
     out = state.model(batch.ids, batch.wts)
     loss, parts = loss_for(method, out, batch)
-    if world_size() > 1 and method.rows is not all_rows:
+    step, bad, pending = state.step + 1, not math.isfinite(parts["loss"]), None
+    if world_size() == 1:
+        _raise_if_nonfinite_loss([0] if bad else [], step)
+    elif method.rows is not all_rows:
         # Horovod averages per-rank gradients; when ranks select different numbers of rows (BASE keeps clicks only)
         # (methods that train on every row with unit weights skip this extra allreduce: the shares are equal)
         # the average of per-rank means is not the mean over the global batch. Rescale each rank's mean by its
         # share of the global weight so the update equals the 1-process update on the same global batch.
         local = float(batch.weight.sum())
-        total = D.allreduce_sum([local], "selected_weight")[0]
+        summed = D.allreduce_sum([local] + D.one_hot_flag(bad), "selected_weight")
+        _raise_if_nonfinite_loss(D.ranks_of(summed[1:]), step)
+        total = summed[0]
         loss = loss * (local * world_size() / total if total > 0 else 0.0)
+    else:
+        pending = D.flag_ranks_async(bad, "nonfinite_loss")
     state.opt_sparse.zero_grad()
     state.opt_dense.zero_grad()
     loss.backward()
     state.opt_sparse.step()
     state.opt_dense.step()
+    if pending is not None:
+        _raise_if_nonfinite_loss(D.flag_ranks_wait(pending), step)
     parts["rows"] = len(batch)
     return parts
 
 
-def train(cfg: Config, dataset: str, out_dir: str, dist: D.Dist | None = None, stop_at_step: int | None = None) -> dict:
+def check_finite_parameters(state: TrainState, dist: D.Dist, before: str) -> None:
+    """Collective: ``TrainError`` on every rank when any rank's parameters hold NaN/inf (before a checkpoint or the
+    export, so a diverged state is never written)."""
+    bad = [n for n, p in state.model.named_parameters() if not bool(torch.isfinite(p).all())]
+    ranks = D.flag_ranks(bool(bad), "nonfinite_parameters")
+    if ranks:
+        raise TrainError(f"non-finite parameters at step {state.step} on rank(s) {ranks} of {dist.size} (before the "
+                         f"{before}{': ' + ', '.join(bad[:4]) if bad else ''}): training diverged (lower train.lr, "
+                         f"check the dataset); nothing was written from this state")
+
+
+def _first_batch(stream, dist: D.Dist):
+    """Collective: every rank's first batch, or ``TrainError`` on every rank naming each rank without data and why."""
+    first, problem = None, None
+    try:
+        first = next(stream)
+    except StopIteration:
+        problem = "its stream ended before the first batch"
+    except Exception as e:  # noqa: BLE001  (reported on every rank below)
+        problem = f"{type(e).__name__}: {e}"
+    problems = D.allgather_object(problem, "first_batch")
+    bad = [(r, p) for r, p in enumerate(problems) if p]
+    if bad:
+        raise TrainError(f"no training data on rank(s) {[r for r, _ in bad]} of {dist.size}, nothing was trained: "
+                         + "; ".join(f"rank {r}: {p}" for r, p in bad))
+    return first
+
+
+def train(cfg: Config, dataset: str, out_dir: str, dist: D.Dist | None = None, stop_at_step: int | None = None,
+          overwrite: bool = False) -> dict:
     """Train ``cfg.train.method`` on the train split of ``dataset``; write checkpoints/export under ``out_dir``.
 
-    A run directory that already holds a checkpoint resumes from it. ``stop_at_step`` stops after that global step
-    as a preempted job would (no final checkpoint, no export), for time-boxed runs and resume tests.
-    Returns the summary (steps, samples, seconds, samples/s, last losses) on every rank.
+    A run directory of the same inputs resumes from its newest valid checkpoint, or, when finished, returns its
+    summary (``"skipped": True``) without training; one of other inputs is refused (``overwrite`` deletes it first).
+    ``stop_at_step`` stops after that global step as a preempted job would (no final checkpoint, no export), for
+    time-boxed runs and resume tests. Returns the summary (steps, samples, seconds, samples/s, last losses, run id)
+    on every rank.
     """
     dist = dist or D.init(cfg.train.threads)
+    lock = OutputLock(out_dir, job=f"train {cfg.train.method}") if dist.is_main else None
+    try:
+        verdict = _rank0_verdict(dist, lambda: _prepare(cfg, dataset, out_dir, lock, overwrite), "train_verdict")
+        if "finished" in verdict:
+            log.info("%s already holds a finished run of the same inputs: skipping", out_dir)
+            return verdict["finished"]
+        return _train(cfg, dataset, out_dir, dist, stop_at_step, verdict)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: Config, dataset: str, out_dir: str, dist: D.Dist, stop_at_step: int | None, verdict: dict) -> dict:
     t = cfg.train
-    os.makedirs(out_dir, exist_ok=True)
-    manifest = read_manifest(dataset)
+    manifest, marker = verdict["manifest"], verdict["marker"]
     layout = layout_from_manifest(manifest)
     method = get_method(t.method)
     rows = subset_rows(manifest, TRAIN, t.sampling_rate)
     per_epoch = steps_per_epoch(rows, t.batch_size, dist.size)
     total = per_epoch * t.epochs
     state = build_state(cfg, layout, dist)
-    resume_or_broadcast(state, os.path.join(out_dir, CHECKPOINT), cfg, dist)
+    if verdict["checkpoint"] is not None:  # rank 0 read it; every rank got it with the verdict
+        state.restore(verdict["checkpoint"])
+        log.info("rank %d resumed from step %d", dist.rank, state.step)
+    else:
+        D.broadcast_parameters(state.model)
+    del verdict["checkpoint"]
     ctr_net = load_ctr_net(cfg, dist.device) if method.needs_ctr_probs else None
     stream = train_stream(os.path.join(dataset, TRAIN), manifest, t.sampling_rate, dist.rank, dist.size,
                           t.batch_size, t.shuffle_buffer, t.seed, t.reader_workers)
     if dist.is_main:
         log.info("training %s on %d rows (rate %s) x %d epochs: %d steps/epoch of %d x %d workers, from step %d",
                  t.method, rows, t.sampling_rate, t.epochs, per_epoch, t.batch_size, dist.size, state.step)
+    identity = {"run_id": marker["run_id"], "dataset_fingerprint": dataset_fingerprint(manifest)}
     try:
-        for _ in range(state.step):  # exact resume: replay the deterministic stream up to the checkpoint
-            next(stream)
-        summary = _loop(state, method, stream, cfg, dist, total, out_dir, ctr_net, stop_at_step)
+        batches = itertools.chain([_first_batch(stream, dist)], stream)
+        for _ in range(state.step if state.step < total else 0):  # exact resume: replay the deterministic stream
+            next(batches)                                              # up to the checkpoint (none left: export only)
+        summary = _loop(state, method, batches, cfg, dist, total, out_dir, ctr_net, stop_at_step)
     finally:
         stream.close()
-    summary.update({"rows": rows, "steps_per_epoch": per_epoch, "world_size": dist.size})
-    if dist.is_main and state.step == total:
-        export_model(state.model, t.method, cfg, layout, os.path.join(out_dir, EXPORT))
-        with open(os.path.join(out_dir, SUMMARY), "w") as f:
-            json.dump(summary, f, indent=2)
+    summary.update({"rows": rows, "steps_per_epoch": per_epoch, "world_size": dist.size, **identity})
+    if state.step == total:
+        check_finite_parameters(state, dist, "export")
+        if dist.is_main:
+            export_model(state.model, t.method, cfg, layout, os.path.join(out_dir, EXPORT), identity)
+            atomic_write_json(os.path.join(out_dir, SUMMARY), summary)
     return summary
 
 
@@ -247,8 +548,10 @@ def _loop(state: TrainState, method, stream, cfg: Config, dist: D.Dist, total: i
             progress(state.step, rate, parts)
         if state.step == stop_at_step:
             break
-        if dist.is_main and (state.step % t.checkpoint_every == 0 or state.step == total):
-            atomic_save(state.checkpoint(cfg), os.path.join(out_dir, CHECKPOINT))
+        if state.step % t.checkpoint_every == 0 or state.step == total:
+            check_finite_parameters(state, dist, "checkpoint")
+            if dist.is_main:
+                save_checkpoint(state.checkpoint(cfg), out_dir)
     seconds = time.time() - start
     return {"method": t.method, "steps": state.step, "steps_this_run": state.step - start_step,
             "samples_this_run": samples * dist.size, "seconds": round(seconds, 3),
@@ -279,45 +582,29 @@ def _progress(dist: D.Dist, total: int, initial: int):
 
 # ------------------------------------------------------------------------------------------------ launchers
 
-def _worker(jobs: list) -> list:
-    """Entry point of a Horovod worker (executor or horovodrun process): train each (config dict, out_dir) in turn."""
+def _worker(jobs: list, overwrite: bool = False) -> list:
+    """Entry point of a Horovod worker (executor or horovodrun process): train each (config dict, out_dir) in turn
+    (a finished run of the same inputs is skipped inside ``train``, on rank 0's verdict)."""
     from esmm.cli import setup_logging
     setup_logging()
-    dist = None
-    results = []
-    for cfg_dict, dataset, out_dir in jobs:
-        cfg = from_dict(cfg_dict)
-        done = finished_summary(out_dir, cfg)
-        if done is not None:
-            results.append(done)
-            continue
-        dist = dist or D.init(cfg.train.threads)
-        results.append(train(cfg, dataset, out_dir, dist))
-    return results
+    if not jobs:
+        return []
+    dist = D.init(from_dict(jobs[0][0]).train.threads)
+    return [train(from_dict(cfg_dict), dataset, out_dir, dist, overwrite=overwrite)
+            for cfg_dict, dataset, out_dir in jobs]
 
 
-def finished_summary(out_dir: str, cfg: Config) -> dict | None:
-    """The summary of a run directory that already holds a finished export of the same train config, else None."""
-    export, summary = os.path.join(out_dir, EXPORT), os.path.join(out_dir, SUMMARY)
-    if not (os.path.exists(export) and os.path.exists(summary)):
-        return None
-    blob = torch.load(export, map_location="cpu", weights_only=True)
-    if blob["config"]["train"] != to_dict(cfg)["train"] or blob["config"]["model"] != to_dict(cfg)["model"]:
-        return None
-    with open(summary) as f:
-        return {**json.load(f), "skipped": True}
-
-
-def launch(jobs: list[tuple[Config, str, str]], workers: int, spark=None) -> list[dict]:
+def launch(jobs: list[tuple[Config, str, str]], workers: int, spark=None, overwrite: bool = False) -> list[dict]:
     """Train several (config, dataset, out_dir) jobs with ``workers`` Horovod processes.
 
     Under ``horovodrun`` (or with one worker) this process is a worker itself; otherwise ``horovod.spark.run`` starts
-    ``workers`` processes in Spark tasks of the given session. Returns rank 0's summaries.
+    ``workers`` processes in Spark tasks of the given session. ``overwrite`` deletes each (owned) run directory
+    before its training. Returns rank 0's summaries.
     """
     local = lambda p: p if "://" in p else os.path.abspath(p)  # noqa: E731  (executors run elsewhere)
     payload = [(to_dict(c), local(d), local(o)) for c, d, o in jobs]
     if workers == 1 or D.under_horovodrun():
-        return _worker(payload)
+        return _worker(payload, overwrite)
     import horovod.spark
     if spark is None:
         raise TrainError("train.workers > 1 needs a Spark session (or run under horovodrun)")
@@ -325,7 +612,7 @@ def launch(jobs: list[tuple[Config, str, str]], workers: int, spark=None) -> lis
         raise TrainError(f"train.workers={workers} but Spark has {spark.sparkContext.defaultParallelism} task "
                          f"slots; use --master local[{workers}] or more executors")
     env, executable = _worker_env(spark.sparkContext)
-    results = horovod.spark.run(_worker, args=(payload,), num_proc=workers, use_gloo=True, verbose=1,
+    results = horovod.spark.run(_worker, args=(payload, overwrite), num_proc=workers, use_gloo=True, verbose=1,
                                 env=env, executable=executable)
     return results[0]
 

@@ -4,7 +4,9 @@
     horovodrun -np 2 python -m jobs.train --conf conf/demo.yaml --set train.method=esmm
     python -m jobs.train --conf conf/demo.yaml --set train.method=esmm            # one process
 
-Output: <paths.runs>/<method>/ (checkpoint.pt, model.pt, train_summary.json), or --out DIR.
+Output: <paths.runs>/<method>/ (checkpoint-<step>.pt/.json, model.pt, train_summary.json), or --out DIR.
+A run directory of the same dataset and config resumes (or, when finished, is reused); one of other inputs is
+refused with what differs: choose another --out, or pass --overwrite to delete that run and start over.
 """
 import os
 import sys
@@ -18,6 +20,8 @@ def main(argv=None) -> list:
     p = cli.parser(__doc__)
     p.add_argument("--dataset", default=None, help="ETL output (default: paths.dataset)")
     p.add_argument("--out", default=None, help="run directory (default: <paths.runs>/<method>)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete the run directory first (only a training run this project created) and start over")
     args, cfg = cli.parse(p, argv)
     from esmm import distributed
     from esmm.train import launch
@@ -27,7 +31,7 @@ def main(argv=None) -> list:
     if cfg.train.workers > 1 and not distributed.under_horovodrun():
         from esmm.spark import get_spark
         spark = get_spark(cfg.spark, "esmm-train")
-    summaries = launch([(cfg, dataset, out)], cfg.train.workers, spark)
+    summaries = launch([(cfg, dataset, out)], cfg.train.workers, spark, overwrite=args.overwrite)
     for s in summaries:
         print(f"{s['method']}: {s['steps']} steps, {s['samples_per_s']:,.0f} samples/s, last loss {s['last'].get('loss', float('nan')):.4f}")
     return summaries

@@ -12,7 +12,7 @@ import torch
 import schemas as S
 from esmm.config import load_config
 from esmm.data import _chunks, shuffled_batches, steps_per_epoch, subset_rows, tier_for_rate
-from esmm.train import CHECKPOINT, EXPORT, SUMMARY, launch, load_export, read_manifest, train
+from esmm.train import EXPORT, SUMMARY, launch, list_checkpoints, load_export, read_manifest, train
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -90,8 +90,8 @@ def test_resume_after_interruption_equals_uninterrupted(tiny_dataset, conf, tmp_
     full = train(cfg, ds, str(tmp_path / "full"))
     part = train(cfg, ds, str(tmp_path / "cut"), stop_at_step=7)       # "crash" after step 7: last checkpoint is 4
     assert part["steps"] == 7 and not (tmp_path / "cut" / EXPORT).exists()
-    ck = torch.load(tmp_path / "cut" / CHECKPOINT, weights_only=True)
-    assert ck["step"] == 4
+    (step, path), = list_checkpoints(str(tmp_path / "cut"))
+    assert step == 4 and torch.load(path, weights_only=True)["step"] == 4
     resumed = train(cfg, ds, str(tmp_path / "cut"))
     assert resumed["steps"] == full["steps"] and resumed["steps_this_run"] == full["steps"] - 4
     pf, _ = _params(tmp_path / "full" / EXPORT)
