@@ -75,6 +75,12 @@ import numpy as np
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark import StorageLevel
+
+# The row sets the metrics read several times are kept on local disk, not in the heap: at conf/default.yaml's 20M
+# impressions a unit's pivoted predictions (10M impressions x 9 runs x 3 outputs) and their five task filters are
+# ~5 GB, and MEMORY_AND_DISK caching of them ran the 4g local driver out of heap (java.lang.OutOfMemoryError in
+# MemoryStore.putIteratorAsBytes; bench/RESULTS.md, "A paper-scale run"). On disk, each pass holds one batch per task.
+CACHE = StorageLevel.DISK_ONLY
 from pyspark.sql.types import (ArrayType, DecimalType, DoubleType, IntegerType, LongType, StructField,
                                StructType)
 
@@ -387,7 +393,7 @@ def delong_wide(df: DataFrame, models, label_col: str, group_cols=(), *, on_one_
         aggs += [F.sum(_NROWS).alias("rows"), F.sum(F.when(F.col(_YMIN) != y, 1).otherwise(0)).alias("mixed")]
     owned = df.storageLevel == StorageLevel.NONE  # five passes: keep the input unless the caller already does
     if owned:
-        df = df.persist(StorageLevel.MEMORY_AND_DISK)
+        df = df.persist(CACHE)
     try:
         return _delong_wide(df, names, cols, aggs, label_col, group_cols, on_one_class, _key_check)
     finally:
@@ -723,7 +729,7 @@ def protocol_metrics(pred_df: DataFrame, truth_df: DataFrame | None, runs: dict,
                    for o, src in (("ctr", P_CTR), ("cvr", P_CVR), ("ctcvr", P_CTCVR))]))
     if truth_df is not None:
         wide = wide.join(truth_df.select(SAMPLE_ID, WOULD_CONVERT), SAMPLE_ID, "left")
-    wide = wide.persist(StorageLevel.MEMORY_AND_DISK)
+    wide = wide.persist(CACHE)
     try:
         y, z = F.col(CLICK), F.col(CONVERSION)
         cvr_runs = [r for r in names if runs[r] != "ctr"]
@@ -742,7 +748,7 @@ def protocol_metrics(pred_df: DataFrame, truth_df: DataFrame | None, runs: dict,
         stacked = parts[0]
         for p in parts[1:]:
             stacked = stacked.unionByName(p)
-        stacked = stacked.persist(StorageLevel.MEMORY_AND_DISK)
+        stacked = stacked.persist(CACHE)
         try:
             bad = stacked.where(F.col(_NROWS) != len(names)).count()
             if bad:
@@ -785,7 +791,7 @@ def oracle_protocol_metrics(test_df_with_truth: DataFrame) -> list[dict]:
         part = (test_df_with_truth if cond is None else test_df_with_truth.where(cond)).select(
             F.lit(task).alias(TASK), label.cast("int").alias(_Y), score.cast("double").alias("__m_s0"))
         stacked = part if stacked is None else stacked.unionByName(part)
-    stacked = stacked.persist(StorageLevel.MEMORY_AND_DISK)
+    stacked = stacked.persist(CACHE)
     try:
         dl = delong_wide(stacked, {"oracle": "__m_s0"}, _Y, (TASK,), on_one_class="nan")
         ll = _wide_logloss(stacked, {"oracle": "__m_s0"})
