@@ -102,6 +102,8 @@ def main():
     p.add_argument("--set", action="append", default=[], dest="sets")
     p.add_argument("--workdir", default="/tmp/esmm-bench-stages")
     p.add_argument("--json", default="")
+    p.add_argument("--stages", default="generate,etl,experiment",
+                   help="stages to run (a finished generate/ETL output is reused, e.g. to re-run the experiment)")
     args = p.parse_args()
     results = []
     for size in [int(x) for x in args.sizes.split(",")]:
@@ -111,6 +113,8 @@ def main():
         common = ["--conf", args.conf] + [x for s in sets for x in ("--set", s)]
         for stage, job in (("generate", "jobs/generate.py"), ("etl", "jobs/etl.py"),
                            ("experiment", "jobs/experiment.py")):
+            if stage not in args.stages.split(","):
+                continue
             cmd = ["./spark-submit.sh", "--master", "local[2]", job, *common]
             os.makedirs(base, exist_ok=True)
             r = run_stage(cmd, os.path.join(base, f"{stage}.log"))
@@ -127,7 +131,7 @@ def main():
                 for t in r["per_training"]:
                     print(f"{'':25} {t['method']:>14s} {t['seconds']:8.1f}s  {t['samples_per_s']:10,.0f} samples/s")
     sizes = sorted({r["impressions"] for r in results})
-    if len(sizes) > 1:
+    if len(sizes) > 1 and len(results) == 3 * len(sizes):
         print(f"\ngrowth {sizes[0]:,} -> {sizes[-1]:,} impressions ({sizes[-1] / sizes[0]:.0f}x the log):")
         for stage in ("generate", "etl", "experiment"):
             a = next(r for r in results if r["impressions"] == sizes[0] and r["stage"] == stage)
