@@ -36,6 +36,7 @@ import schemas as S
 from esmm import spark as sparkfs
 from esmm.config import Config, to_dict
 from esmm.features import FeatureLayout
+from esmm.outputs import OutputRefused
 from esmm.rawparse import FLOAT_RE, INT_RE
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,15 @@ DUPLICATE = "common_feature_index %s appears on %d lines"
 
 class EtlError(RuntimeError):
     """The ETL refused its input or its output; the message says which file/threshold/path and why."""
+
+
+class QuarantineGateError(EtlError):
+    """The data-quality gate: more than ``etl.max_quarantine_share`` of the skeleton lines were quarantined (the
+    output is not committed; jobs exit with code 3)."""
+
+
+class EtlOutputRefused(EtlError, OutputRefused):
+    """The output exists and was built from other inputs or config; ``--overwrite`` replaces it (exit code 4)."""
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -545,7 +555,8 @@ def run_etl(spark: SparkSession, cfg: Config, raw_dir: str | None = None, out: s
             if existing.get("inputs") == fingerprint and existing.get("config_hash") == chash:
                 log.info("ETL output %s is up to date (same inputs and config): nothing to do", out)
                 return existing
-            raise EtlError(f"{out} exists and was built from other inputs or config; pass --overwrite to replace it")
+            raise EtlOutputRefused(f"{out} exists and was built from other inputs or config; pass --overwrite to "
+                                   f"replace it")
         return _run_locked(spark, cfg, raw_dir, out, inputs, fingerprint, chash, existing, t0)
 
 
@@ -590,6 +601,7 @@ def _run_locked(spark: SparkSession, cfg: Config, raw_dir: str, out: str, inputs
     sparkfs.write_text(spark, f"{tmp}/{S.MANIFEST}", json.dumps(manifest, indent=2, sort_keys=True))
     sparkfs.write_marker(spark, tmp, owner)
     _check_quarantine(cfg, manifest, tmp)
+    sparkfs.write_success(spark, tmp)  # last: the staging directory is complete, and moves into place with it
     sparkfs.commit_dir(spark, tmp, out, replace=existing is not None)
     log.info("ETL done in %.1fs: %s", time.time() - t0, json.dumps(manifest["rows"]))
     return manifest
@@ -700,9 +712,9 @@ def _check_quarantine(cfg: Config, manifest: dict, tmp: str) -> None:
     share = manifest["rows"]["quarantined_share"]
     if share > cfg.etl.max_quarantine_share:
         top = "; ".join(f"{r['count']}x {r['kind']}: {r['reason']}" for r in manifest["quarantine_reasons"][:3])
-        raise EtlError(f"{share:.2%} of skeleton lines were quarantined (> etl.max_quarantine_share="
-                       f"{cfg.etl.max_quarantine_share:.2%}); top reasons: {top}. "
-                       f"Inspect {tmp}/{S.QUARANTINE} (output not committed)")
+        raise QuarantineGateError(f"{share:.2%} of skeleton lines were quarantined (> etl.max_quarantine_share="
+                                  f"{cfg.etl.max_quarantine_share:.2%}); top reasons: {top}. "
+                                  f"Inspect {tmp}/{S.QUARANTINE} (output not committed)")
 
 
 def _read_manifest(spark: SparkSession, out: str) -> dict | None:

@@ -382,9 +382,10 @@ def unique_run_ids(run_dirs: list[str]) -> dict:
 
 def _evaluate_locked(spark, dataset, runs, ref, out, width, truth_path, threads, evaluate) -> dict:
     from esmm.metrics import protocol_metrics
-    from esmm.outputs import atomic_write_json
+    from esmm.outputs import atomic_write_json, clear_success, write_success
     from esmm.report import delong_record
     pred_path = os.path.join(out, "predictions")
+    clear_success(out)  # predictions and metrics.json are replaced in place: finished again once both are
     info = score_to_parquet(spark, dataset, runs, ref, pred_path, width, threads, evaluate)
     pred = spark.read.parquet(pred_path)
     truth = spark.read.parquet(truth_path) if truth_path and os.path.exists(truth_path) else None
@@ -394,4 +395,5 @@ def _evaluate_locked(spark, dataset, runs, ref, out, width, truth_path, threads,
               "division_clipped": info["division_clipped"], "predictions": pred_path,
               "trained_on_other_dataset": sorted(info["trained_on_other_dataset"])}
     atomic_write_json(os.path.join(out, "metrics.json"), result)
+    write_success(out)
     return result

@@ -32,6 +32,7 @@ from esmm import report as R
 from esmm.config import Config, to_dict
 from esmm.evaluate import OWN_CTR_METHODS, ScoredRun, score_to_parquet
 from esmm.metrics import oracle_protocol_metrics, protocol_metrics
+from esmm.outputs import OutputRefused
 from esmm.train import EXPORT, launch, read_manifest
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,10 @@ log = logging.getLogger(__name__)
 
 class ExperimentError(RuntimeError):
     """The experiment directory holds results of another dataset or config; the message says what to do."""
+
+
+class ExperimentOutputRefused(ExperimentError, OutputRefused):
+    """A finished unit was measured with another config or dataset build; ``--overwrite`` starts over (exit code 4)."""
 
 
 @dataclass(frozen=True)
@@ -103,9 +108,9 @@ def run_unit(spark: SparkSession, cfg: Config, dataset: str, exp_dir: str, repea
         with open(out_path) as f:
             done = json.load(f)
         if done.get("identity") != identity:
-            raise ExperimentError(f"unit {specs[0].unit} in {exp_dir} was measured with another config, method list "
-                                  f"or dataset build than this run's; pass --overwrite to start the experiment over, "
-                                  f"or choose another --exp")
+            raise ExperimentOutputRefused(f"unit {specs[0].unit} in {exp_dir} was measured with another config, "
+                                          f"method list or dataset build than this run's; pass --overwrite to start "
+                                          f"the experiment over, or choose another --exp")
         log.info("unit %s already measured: skipping", specs[0].unit)
         return done
     jobs = [(config_for(cfg, s, exp_dir), dataset, s.run_dir(exp_dir)) for s in specs]
@@ -206,7 +211,11 @@ def _run_experiment(spark: SparkSession, cfg: Config, dataset: str, exp_dir: str
             units.append(run_unit(spark, cfg, dataset, exp_dir, repeat, rate, truth_path, methods))
     oracle_rows = oracle(spark, dataset, truth_path, exp_dir) if truth_path else None
     train_rows = {r: subsets[str(r)]["rows"] for r in rates}
-    return write_reports(units, cfg, exp_dir, sorted(rates), table_rate, oracle_rows, train_rows)
+    from esmm.outputs import clear_success, write_success
+    clear_success(exp_dir)  # the reports are rewritten in place: finished again once they all are
+    report = write_reports(units, cfg, exp_dir, sorted(rates), table_rate, oracle_rows, train_rows)
+    write_success(exp_dir)
+    return report
 
 
 def write_reports(units, cfg, exp_dir, rates, table_rate, oracle_rows, train_rows=None) -> dict:

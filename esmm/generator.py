@@ -90,6 +90,7 @@ import pyarrow.compute as pc
 from pyspark.accumulators import AccumulatorParam
 
 from esmm import spark as sparkfs
+from esmm.outputs import OutputRefused
 from schemas import raw as R
 from schemas.dataset import (CLICK, CONVERSION, GROUND_TRUTH_SCHEMA, SAMPLE_ID, TRUE_CTR, TRUE_CVR, WOULD_CONVERT)
 
@@ -130,6 +131,10 @@ def shared_affinity(g) -> float:
 
 class GeneratorError(RuntimeError):
     """The generator refused its output path (exists, not ours, different config)."""
+
+
+class GeneratorOutputRefused(GeneratorError, OutputRefused):
+    """The output holds data of another generate config; ``--overwrite`` replaces it (exit code 4)."""
 
 
 # ------------------------------------------------------------------------------------------------ ids
@@ -703,8 +708,8 @@ def generate(spark, cfg, out: str | None = None, overwrite: bool = False) -> dic
             if existing.get("generate") == resolved:
                 log.info("%s already holds generated data of the same generate config: nothing to do", out)
                 return {**existing, "out": out, "skipped": True, "seconds": 0.0}
-            raise GeneratorError(f"{out} was generated with another generate config (or its {MARKER} is "
-                                 f"unreadable); pass --overwrite to replace it, or choose another path")
+            raise GeneratorOutputRefused(f"{out} was generated with another generate config (or its {MARKER} is "
+                                         f"unreadable); pass --overwrite to replace it, or choose another path")
         t0 = time.time()
         marker = _generate_into(spark, g, out, resolved)
         owner_rec = marker_record("raw", {"generate": resolved})
@@ -719,6 +724,7 @@ def generate(spark, cfg, out: str | None = None, overwrite: bool = False) -> dic
         else:
             sparkfs.write_text(spark, f"{tmp}/{MARKER}", text)
             sparkfs.write_marker(spark, tmp, owner_rec)
+        sparkfs.write_success(spark, tmp)  # last: the staging directory is complete, and moves into place with it
         sparkfs.commit_dir(spark, tmp, out, replace=existing is not None)
     summary = {**marker, "out": out, "skipped": False, "seconds": round(time.time() - t0, 2)}
     log.info("generated %s in %.1fs", out, summary["seconds"])

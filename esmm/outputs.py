@@ -30,7 +30,15 @@ import socket
 import uuid
 
 MARKER = "_ESMM_OUTPUT"
+SUCCESS = "_SUCCESS"   # Hadoop's convention: an empty file written last into a finished output directory
 STAGING_RE = r"\.(tmp|old)-[0-9a-f]{8}$"   # <out>.tmp-1a2b3c4d (staging), <out>.old-1a2b3c4d (being replaced)
+
+
+class OutputRefused(Exception):
+    """Mixin of the errors that refuse to write, replace or reuse an output: a directory built from other inputs or
+    config without ``--overwrite`` (``EtlOutputRefused``, ``GeneratorOutputRefused``, ``TrainOutputRefused``,
+    ``ExperimentOutputRefused``); :class:`OutputError` (foreign directory, locked by another job) is the other kind.
+    The jobs exit with code 4 on either (``esmm.cli``)."""
 
 
 class OutputError(RuntimeError):
@@ -130,6 +138,26 @@ def remove_owned(path: str, kind: str) -> None:
     """Delete an output directory only if this project created it as ``kind`` (no-op when absent)."""
     if owned(path, kind) is not None:
         shutil.rmtree(path)
+
+
+def write_success(path: str) -> None:
+    """Mark directory ``path`` finished: an empty ``_SUCCESS`` file, written (and fsynced) after everything else."""
+    with open(os.path.join(path, SUCCESS), "w") as f:
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def clear_success(path: str) -> None:
+    """Unmark ``path`` before its finished content is rewritten in place (no-op when unmarked)."""
+    try:
+        os.remove(os.path.join(path, SUCCESS))
+    except FileNotFoundError:
+        pass
+
+
+def is_finished(path: str) -> bool:
+    """Whether directory ``path`` carries the ``_SUCCESS`` marker."""
+    return os.path.isfile(os.path.join(path, SUCCESS))
 
 
 def clean_stale_staging(out: str) -> list[str]:

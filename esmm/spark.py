@@ -91,6 +91,17 @@ def write_text(spark: SparkSession, path: str, text: str) -> None:
         out.close()
 
 
+def write_success(spark: SparkSession, out: str) -> None:
+    """The ``_SUCCESS`` marker (``esmm.outputs.SUCCESS``) of a finished directory, written after everything else;
+    on the local filesystem without Hadoop's ``.crc`` side file."""
+    from esmm import outputs
+    local = local_path(spark, out)
+    if local is not None:
+        outputs.write_success(local)
+    else:
+        write_text(spark, f"{out}/{outputs.SUCCESS}", "")
+
+
 def read_text(spark: SparkSession, path: str) -> str:
     return "\n".join(r.value for r in spark.read.text(path, wholetext=True).collect())
 

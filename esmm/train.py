@@ -21,8 +21,9 @@ Run directory (``out_dir``), written by rank 0 only:
   naming each file's problem when neither is valid. A checkpoint is complete on disk before its sidecar is written,
   and the older ones are deleted only after both, so a crash at any point leaves the previous checkpoint intact.
 - ``model.pt``: the export scoring needs (weights, resolved config, feature layout, method, run id, dataset
-  fingerprint; loadable with ``torch.load(weights_only=True)``); ``train_summary.json`` (written atomically). The two
-  together mark the run finished.
+  fingerprint; loadable with ``torch.load(weights_only=True)``); ``model.ts.pt`` + ``model.portable.json``, the same
+  model as TorchScript with its contract, usable without this package (``esmm.portable``); ``train_summary.json``
+  (written atomically, after them). The export and the summary together mark the run finished.
 
 Faults stop every rank with the same ``TrainError`` instead of leaving some waiting in a collective: rank 0's verdict
 on the run directory (lock, ownership, inputs, checkpoint) is broadcast; every rank's first batch is read before
@@ -51,8 +52,9 @@ from esmm.data import steps_per_epoch, subset_rows, train_stream
 from esmm.features import FeatureLayout
 from esmm.methods import all_rows, get_method, loss_for, predict
 from esmm.model import build_model, sparse_parameters
-from esmm.outputs import (OutputError, OutputLock, atomic_write_json, claim_dir, dataset_fingerprint, fingerprint,
-                          marker_record, read_marker, remove_owned, write_marker)
+from esmm.outputs import (OutputError, OutputLock, OutputRefused, atomic_write_json, claim_dir, dataset_fingerprint,
+                          fingerprint, marker_record, read_marker, remove_owned, write_marker, write_success)
+from esmm.portable import export_portable
 from schemas.dataset import MANIFEST, P_CTR, TRAIN
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,10 @@ EXPORT_FORMAT = 1
 
 class TrainError(RuntimeError):
     """Training cannot start or continue; the message says what is missing."""
+
+
+class TrainOutputRefused(TrainError, OutputRefused):
+    """The run directory holds a run of other inputs; ``--overwrite`` deletes it and starts over (exit code 4)."""
 
 
 # ------------------------------------------------------------------------------------------------ files
@@ -294,9 +300,10 @@ def _differences(old: dict, new: dict) -> list[str]:
 
 
 def _other_inputs_error(out_dir: str, rec: dict, inputs: dict, what: str) -> TrainError:
-    return TrainError(f"{out_dir} holds {what} ({rec.get('run_id')}) of other inputs; what differs: "
-                      f"{'; '.join(_differences(rec.get('inputs') or {}, inputs))}. Resuming or reusing it would mix "
-                      f"them: use another run dir, or jobs/train.py --overwrite to delete this run and start over")
+    return TrainOutputRefused(f"{out_dir} holds {what} ({rec.get('run_id')}) of other inputs; what differs: "
+                              f"{'; '.join(_differences(rec.get('inputs') or {}, inputs))}. Resuming or reusing it "
+                              f"would mix them: use another run dir, or jobs/train.py --overwrite to delete this run "
+                              f"and start over")
 
 
 def _has_artifacts(out_dir: str) -> bool:
@@ -369,7 +376,7 @@ def _rank0_verdict(dist: D.Dist, decide, name: str):
     verdict = D.broadcast_object(verdict, name)
     if "error" in verdict:
         kind, msg = verdict["error"]
-        cls = {"TrainError": TrainError, "OutputError": OutputError}.get(kind)
+        cls = {c.__name__: c for c in (TrainError, TrainOutputRefused, OutputError)}.get(kind)
         raise (cls(msg) if cls else TrainError(f"{kind}: {msg}")) from error
     return verdict
 
@@ -524,7 +531,9 @@ def _train(cfg: Config, dataset: str, out_dir: str, dist: D.Dist, stop_at_step: 
         check_finite_parameters(state, dist, "export")
         if dist.is_main:
             export_model(state.model, t.method, cfg, layout, os.path.join(out_dir, EXPORT), identity)
+            export_portable(state.model, t.method, cfg, layout, out_dir, identity)  # model.ts.pt + model.portable.json
             atomic_write_json(os.path.join(out_dir, SUMMARY), summary)
+            write_success(out_dir)  # last: export and summary are both there
     return summary
 
 

@@ -38,4 +38,4 @@ def summary(m: dict) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(main))
