@@ -81,6 +81,18 @@ from pyspark import StorageLevel
 # ~5 GB, and MEMORY_AND_DISK caching of them ran the 4g local driver out of heap (java.lang.OutOfMemoryError in
 # MemoryStore.putIteratorAsBytes; bench/RESULTS.md, "A paper-scale run"). On disk, each pass holds one batch per task.
 CACHE = StorageLevel.DISK_ONLY
+# Rows per task of those passes. Every pass is a Python mapInArrow over the cached rows, and a task costs ~0.1 s
+# whatever its size: the five task filters of a 200-partition pivot made 1,000 tasks per pass, so the metrics of a
+# 1M-impression unit took as long as a 20M one (412 s vs 537 s, bench/RESULTS.md). After caching, the rows are
+# coalesced (no shuffle) to about this many per task, but never below two tasks per core.
+ROWS_PER_TASK = 2_000_000
+
+
+def _fewer_tasks(df: DataFrame, rows: int) -> DataFrame:
+    """A persisted ``df`` of ``rows`` rows, coalesced to ~ROWS_PER_TASK rows per partition (never fewer than two
+    partitions per task slot, never more than it has)."""
+    k = max(2 * df.sparkSession.sparkContext.defaultParallelism, math.ceil(rows / ROWS_PER_TASK))
+    return df.coalesce(k) if df.rdd.getNumPartitions() > k else df
 from pyspark.sql.types import (ArrayType, DecimalType, DoubleType, IntegerType, LongType, StructField,
                                StructType)
 
@@ -367,7 +379,7 @@ def delong(df: DataFrame, score_col: str, label_col: str, model_col: str, key_co
 
 
 def delong_wide(df: DataFrame, models, label_col: str, group_cols=(), *, on_one_class: str = "raise",
-                _key_check=None) -> dict[tuple, DeLongResult]:
+                _key_check=None, cache: bool = True) -> dict[tuple, DeLongResult]:
     """DeLong covariance per group from *wide* rows: one row per key, one score column per model.
 
     ``models``: ``{model id: score column}`` (or a list of columns, which are then the ids). A model takes part in a
@@ -376,7 +388,8 @@ def delong_wide(df: DataFrame, models, label_col: str, group_cols=(), *, on_one_
     methods with a CTR tower of their own). NaN scores and labels outside {0, 1} raise. Four passes over ``df``
     (persisted here): group counts, the minority class's distinct scores, the majority class counted against them,
     and the placement sums (module docstring); nothing row-level reaches the driver, only distinct scores of the
-    smaller class of each group.
+    smaller class of each group. ``cache=False``: the caller holds ``df``'s rows already (e.g. a coalesced view of a
+    persisted frame), do not persist it again.
     """
     _check_on_one_class(on_one_class)
     group_cols = tuple(group_cols)
@@ -391,7 +404,7 @@ def delong_wide(df: DataFrame, models, label_col: str, group_cols=(), *, on_one_
         aggs += [F.count(F.col(c)).alias(f"c{i}"), F.sum(F.when(F.isnan(F.col(c)), 1).otherwise(0)).alias(f"nan{i}")]
     if _key_check:
         aggs += [F.sum(_NROWS).alias("rows"), F.sum(F.when(F.col(_YMIN) != y, 1).otherwise(0)).alias("mixed")]
-    owned = df.storageLevel == StorageLevel.NONE  # five passes: keep the input unless the caller already does
+    owned = cache and df.storageLevel == StorageLevel.NONE  # five passes: keep the input unless the caller does
     if owned:
         df = df.persist(CACHE)
     try:
@@ -755,8 +768,9 @@ def protocol_metrics(pred_df: DataFrame, truth_df: DataFrame | None, runs: dict,
                 raise MetricError(f"protocol metrics: {bad} task rows come from impressions that are not scored by "
                                   f"exactly the {len(names)} runs {names}")
             scols = {r: f"__m_s{i}" for i, r in enumerate(names)}
-            dl = delong_wide(stacked, scols, _Y, (TASK,), on_one_class=on_one_class)
-            ll = _wide_logloss(stacked, scols)
+            work = _fewer_tasks(stacked, stacked.count())
+            dl = delong_wide(work, scols, _Y, (TASK,), on_one_class=on_one_class, cache=False)
+            ll = _wide_logloss(work, scols)
         finally:
             stacked.unpersist()
     finally:
@@ -793,8 +807,9 @@ def oracle_protocol_metrics(test_df_with_truth: DataFrame) -> list[dict]:
         stacked = part if stacked is None else stacked.unionByName(part)
     stacked = stacked.persist(CACHE)
     try:
-        dl = delong_wide(stacked, {"oracle": "__m_s0"}, _Y, (TASK,), on_one_class="nan")
-        ll = _wide_logloss(stacked, {"oracle": "__m_s0"})
+        work = _fewer_tasks(stacked, stacked.count())
+        dl = delong_wide(work, {"oracle": "__m_s0"}, _Y, (TASK,), on_one_class="nan", cache=False)
+        ll = _wide_logloss(work, {"oracle": "__m_s0"})
     finally:
         stacked.unpersist()
     rows = []
