@@ -28,8 +28,8 @@ def main():
     p.add_argument("--shuffle-partitions", type=int, default=200)
     p.add_argument("--repeat", type=int, default=1)
     a = p.parse_args()
-    import json
-
+    os.environ["PYSPARK_PYTHON"] = sys.executable
+    os.environ["PYTHONPATH"] = os.pathsep.join(x for x in (ROOT, os.environ.get("PYTHONPATH")) if x)
     from pyspark.sql import SparkSession
 
     from esmm import metrics as M
@@ -38,10 +38,8 @@ def main():
              .config("spark.sql.shuffle.partitions", str(a.shuffle_partitions))
              .config("spark.ui.showConsoleProgress", "false").getOrCreate())
     spark.sparkContext.setLogLevel("ERROR")
-    with open(os.path.join(a.exp, "metrics", f"{a.unit}.json")) as f:
-        unit = json.load(f)
-    runs = {r["run_id"]: r["method"] for r in unit["metrics"]}
     pred = spark.read.parquet(os.path.join(a.exp, "predictions", a.unit))
+    runs = {r["run_id"]: r["method"] for r in pred.select("run_id", "method").distinct().collect()}
     truth = spark.read.parquet(a.truth) if a.truth else None
     n = pred.count()
     original = M._fewer_tasks
