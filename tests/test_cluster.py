@@ -37,7 +37,7 @@ def cluster(tmp_path):
         assert url.startswith("spark://127.0.0.1:") and (run / "master-url").read_text().strip() == url
         yield {"url": url, "webui": (run / "webui-url").read_text().strip(), "dir": run}
     finally:
-        stop = subprocess.run(["bash", SCRIPT, "stop"], env=env, capture_output=True, text=True, timeout=120)
+        stop = subprocess.run(["bash", SCRIPT, "stop"], env=env, capture_output=True, text=True, timeout=300)
         assert stop.returncode == 0, f"local-cluster.sh stop failed:\n{stop.stdout}\n{stop.stderr}"
 
 

@@ -54,7 +54,10 @@ def test_truncated_checkpoint_falls_back_to_the_previous_one(ctx):
     assert r["ok"], r
     assert r["rows_lost"] == 0
     assert 0 < r["resumed_from"] < r["truncated"]
-    assert "truncated" in r["fallback_reason"] and f"checkpoint-{r['truncated']:09d}.pt" in r["fallback_reason"]
+    # the newest checkpoint is reported corrupt: cut to half by the scenario ("truncated"), or, when the kill landed
+    # between a checkpoint file and its checksum sidecar, also missing its sidecar (detected first)
+    reason = r["fallback_reason"]
+    assert f"checkpoint-{r['truncated']:09d}.pt" in reason and ("truncated" in reason or "its checksum" in reason)
     _assert_same_parameters(ctx.path("train-1w-ref"), ctx.path("train-1w-cut"))
 
 
