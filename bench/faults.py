@@ -76,14 +76,7 @@ def start(ctx: Ctx, job: str, args: list[str], log_name: str) -> subprocess.Pope
 def run(ctx: Ctx, job: str, args: list[str], log_name: str, timeout: float = 1800) -> tuple[int, float, str]:
     """(exit code, seconds, log text) of a job run to its end."""
     t0 = time.time()
-    p = start(ctx, job, args, log_name)
-    try:
-        rc = p.wait(timeout)
-    except subprocess.TimeoutExpired:
-        kill_group(p)
-        raise
-    with open(ctx.path(f"{log_name}.log")) as f:
-        return rc, time.time() - t0, f.read()
+    return wait_log(ctx, start(ctx, job, args, log_name), log_name, t0, timeout)
 
 
 def kill_group(p: subprocess.Popen) -> None:

@@ -86,6 +86,16 @@ def atomic_write_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
+def file_digest(path: str) -> tuple[int, str]:
+    """(size in bytes, sha256 hex) of a file, read in 4 MiB chunks (checkpoints, exports)."""
+    h, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+            size += len(chunk)
+    return size, h.hexdigest()
+
+
 def read_marker(path: str) -> dict | None:
     """The marker of directory ``path``, or None when it has none (or is not a directory)."""
     m = os.path.join(path, MARKER)

@@ -19,7 +19,6 @@ requirements.txt) writes the same contract as ONNX; see README "Portable export"
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -33,7 +32,7 @@ from torch import nn
 from esmm.features import P1, P2, P3, P4, P5, SPARK_SEED, FeatureLayout, spark_hash_long
 from esmm.methods import TASK_CTCVR, TASK_CTR, TASK_CVR, TASK_MULTI, get_method
 from esmm.model import FieldEmbedding, build_model, probs
-from esmm.outputs import atomic_write_json
+from esmm.outputs import atomic_write_json, file_digest
 
 log = logging.getLogger(__name__)
 TORCHSCRIPT = "model.ts.pt"
@@ -225,14 +224,6 @@ def _atomic(path: str, write) -> None:
             os.remove(tmp)
 
 
-def _sha256(path: str) -> tuple[int, str]:
-    h, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-            size += len(chunk)
-    return size, h.hexdigest()
-
 
 def script(net: nn.Module, method: str, layout: FeatureLayout) -> torch.jit.ScriptModule:
     """``torch.jit.script`` of the scorer (torch 2.13 flags TorchScript as deprecated; it is what loads without this
@@ -253,7 +244,7 @@ def write_portable(net: nn.Module, method: str, layout: FeatureLayout, out_dir: 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*torch.jit.*")
         _atomic(ts_path, lambda p: torch.jit.save(module, p, _extra_files={EMBEDDED: json.dumps(spec)}))
-    size, digest = _sha256(ts_path)
+    size, digest = file_digest(ts_path)
     spec["files"] = {"torchscript": TORCHSCRIPT, "bytes": size, "sha256": digest}
     atomic_write_json(os.path.join(out_dir, CONTRACT), spec)
     log.info("portable export (%s, %s) written to %s in %.2fs", TORCHSCRIPT, CONTRACT, out_dir, time.time() - start)

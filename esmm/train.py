@@ -33,7 +33,6 @@ checkpoint and the export, so nothing is written from a diverged state.
 """
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import logging
@@ -53,7 +52,7 @@ from esmm.features import FeatureLayout
 from esmm.methods import all_rows, get_method, loss_for, predict
 from esmm.model import build_model, sparse_parameters
 from esmm.outputs import (OutputError, OutputLock, OutputRefused, atomic_write_json, claim_dir, dataset_fingerprint,
-                          fingerprint, marker_record, read_marker, remove_owned, write_marker, write_success)
+                          file_digest, fingerprint, marker_record, read_marker, remove_owned, write_marker, write_success)
 from esmm.portable import export_portable
 from schemas.dataset import MANIFEST, P_CTR, TRAIN
 
@@ -200,14 +199,6 @@ def list_checkpoints(out_dir: str) -> list[tuple[int, str]]:
     return [(st, checkpoint_path(out_dir, st)) for st in sorted(steps, reverse=True)]
 
 
-def _file_digest(path: str) -> tuple[int, str]:
-    h, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-            size += len(chunk)
-    return size, h.hexdigest()
-
 
 def save_checkpoint(ckpt: dict, out_dir: str) -> str:
     """Write ``checkpoint-<step>.pt`` (atomic), then its sidecar; keep it and the newest older one, drop the rest.
@@ -218,7 +209,7 @@ def save_checkpoint(ckpt: dict, out_dir: str) -> str:
     step = int(ckpt["step"])
     path = checkpoint_path(out_dir, step)
     atomic_save(ckpt, path)
-    size, digest = _file_digest(path)
+    size, digest = file_digest(path)
     atomic_write_json(checkpoint_sidecar(path), {"step": step, "bytes": size, "sha256": digest})
     older = [st for st, _ in list_checkpoints(out_dir) if st < step]  # newest first
     keep = {step, *older[:KEEP_CHECKPOINTS - 1]}
@@ -243,7 +234,7 @@ def checkpoint_problem(path: str) -> str | None:
         want_size, want_digest = int(meta["bytes"]), str(meta["sha256"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"{os.path.basename(side)} is unreadable ({e})"
-    size, digest = _file_digest(path)
+    size, digest = file_digest(path)
     if size != want_size:
         return f"{size} bytes where {want_size} were written (truncated or overwritten)"
     if digest != want_digest:
