@@ -2,7 +2,7 @@
 # Run any job under jobs/ with the project's venv:
 #   ./spark-submit.sh jobs/etl.py --conf conf/demo.yaml [--set key=value ...]
 # Master: --master URL (first argument) or SPARK_MASTER; default local[*]. For a cluster master (yarn, k8s://,
-# spark://) the code (esmm/ + schemas/ as a zip), the configs (--files) and a packed venv (--archives, venv-pack)
+# spark://) the code (the package's wheel, see pyproject.toml), the configs (--files) and a packed venv (--archives, venv-pack)
 # are shipped with the job, and the executors' Python is the packed venv's.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")" && pwd)"
@@ -24,8 +24,16 @@ case "$MASTER" in
     exec "$SUBMIT" --master "$MASTER" "${EXTRA[@]}" "$JOB" "$@" ;;
   *)
     BUILD="$ROOT/dist"; mkdir -p "$BUILD"
-    # the code, zipped on every submit (small); written aside and renamed so a concurrent submit never ships half a zip
-    (cd "$ROOT" && "$VENV/bin/python" -m zipfile -c "$BUILD/esmm.zip.$$" esmm schemas jobs && mv -f "$BUILD/esmm.zip.$$" "$BUILD/esmm.zip")
+    # the code: the package's wheel (pyproject.toml), built on every submit (seconds, pure Python) and shipped under a
+    # .zip name, as PySpark puts only .zip/.egg/.jar py-files on the executors' Python path (a wheel is a zip with the
+    # packages at its root). Built aside and renamed, so a concurrent submit never ships half a file.
+    WHEELS="$BUILD/wheel.$$"
+    rm -rf "$WHEELS"
+    "$VENV/bin/python" -m pip wheel -q --no-deps --no-build-isolation --no-cache-dir -w "$WHEELS" "$ROOT" >&2 \
+      || { echo "spark-submit.sh: building the esmm-spark wheel failed" >&2; exit 1; }
+    WHEEL=$(ls "$WHEELS"/esmm_spark-*.whl)
+    cp -f "$WHEEL" "$BUILD/esmm.zip.$$" && mv -f "$BUILD/esmm.zip.$$" "$BUILD/esmm.zip"
+    mv -f "$WHEEL" "$BUILD/" && rm -rf "$WHEELS" "$ROOT/build" "$ROOT"/*.egg-info
     # the venv, packed once per requirements/install version (delete dist/venv.tar.gz to force a repack). Left out,
     # as the driver and every executor unpack it: pyspark's jars (the executors' JVMs are the cluster's Spark), torch's
     # C++ headers and the packages' own test suites (0.7 GB and 17k files of 2.0 GB and 37k)

@@ -732,3 +732,17 @@ def read_manifest(spark: SparkSession, dataset: str) -> dict:
     if m is None:
         raise EtlError(f"no dataset at {dataset}: run jobs/etl.py first")
     return m
+
+
+def summary_text(m: dict) -> str:
+    """The manifest in a few lines: rows read = written + quarantined, per-split counts and rates, the layout."""
+    r = m["rows"]
+    lines = [f"rows read {r['skeleton_read']:,} = written {r['written']:,} + quarantined {r['skeleton_quarantined']:,}"
+             f" | common lines {r['common_read']:,} (quarantined {r['common_quarantined']:,})"]
+    for split, s in m["splits"].items():
+        ctr = s["clicks"] / max(s["rows"], 1)
+        cvr = s["conversions"] / max(s["clicks"], 1)
+        lines.append(f"{split:5s}: {s['rows']:>10,} rows  CTR {ctr:6.2%}  CVR|click {cvr:6.2%}  subsets "
+                     + " ".join(f"{k}:{v['rows']:,}" for k, v in s.get("subsets", {}).items()))
+    lines.append(f"slots per row {m['layout']['num_slots']}, embedding rows {m['layout']['num_embeddings']:,}")
+    return "\n".join(lines)

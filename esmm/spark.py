@@ -17,8 +17,12 @@ log = logging.getLogger(__name__)
 
 
 def get_spark(spark_cfg, app_name: str | None = None) -> SparkSession:
-    """Get or create the session. Under spark-submit the master comes from the submit command; otherwise from config."""
+    """Get or create the session. Under spark-submit the master comes from the submit command; otherwise from config.
+
+    Local Python workers (and the Horovod workers they start) are this interpreter with :func:`code_root` on their
+    PYTHONPATH, so the code they import is the driver's: a checkout or an installed package alike."""
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    with_code_root()
     builder = SparkSession.builder.appName(app_name or spark_cfg.app_name)
     if "spark.master" not in _submit_conf():
         builder = builder.master(spark_cfg.master).config("spark.driver.memory", spark_cfg.driver_memory)
@@ -29,6 +33,22 @@ def get_spark(spark_cfg, app_name: str | None = None) -> SparkSession:
              .getOrCreate())
     spark.sparkContext.setLogLevel("WARN")
     return spark
+
+
+def code_root() -> str:
+    """The directory holding the ``esmm`` and ``schemas`` packages this process imported (the checkout's root, or
+    site-packages for ``pip install .``)."""
+    import esmm
+    return os.path.dirname(os.path.dirname(os.path.abspath(esmm.__file__)))
+
+
+def with_code_root() -> None:
+    """Put :func:`code_root` first on this process's PYTHONPATH (the environment its child processes inherit; the
+    project never edits ``sys.path``)."""
+    root = code_root()
+    parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if not parts or os.path.abspath(parts[0]) != root:
+        os.environ["PYTHONPATH"] = os.pathsep.join([root] + [p for p in parts if os.path.abspath(p) != root])
 
 
 def _submit_conf() -> dict:
@@ -83,6 +103,15 @@ def commit_dir(spark: SparkSession, tmp: str, out: str, replace: bool) -> None:
 
 
 def write_text(spark: SparkSession, path: str, text: str) -> None:
+    """Write a small text file (replacing one); on the local filesystem without Hadoop's ``.crc`` side file."""
+    local = local_path(spark, path)
+    if local is not None:
+        os.makedirs(os.path.dirname(local) or ".", exist_ok=True)
+        with open(local, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        return
     fs, p = _fs(spark, path)
     out = fs.create(p, True)
     try:

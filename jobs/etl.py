@@ -2,12 +2,9 @@
 
     ./spark-submit.sh jobs/etl.py --conf conf/demo.yaml [--raw DIR] [--out DIR] [--overwrite]
 """
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from esmm import cli  # noqa: E402
+from esmm import cli
 
 
 def main(argv=None) -> dict:
@@ -16,26 +13,18 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default=None, help="output dataset directory (default: paths.dataset)")
     p.add_argument("--overwrite", action="store_true", help="replace an output built from other inputs/config")
     args, cfg = cli.parse(p, argv)
-    from esmm.etl import run_etl
+    from esmm.etl import run_etl, summary_text
     from esmm.spark import get_spark
     spark = get_spark(cfg.spark, "esmm-etl")
     manifest = run_etl(spark, cfg, args.raw, args.out, overwrite=args.overwrite)
-    print(summary(manifest))
+    print(summary_text(manifest))
     return manifest
 
 
-def summary(m: dict) -> str:
-    r = m["rows"]
-    lines = [f"rows read {r['skeleton_read']:,} = written {r['written']:,} + quarantined {r['skeleton_quarantined']:,}"
-             f" | common lines {r['common_read']:,} (quarantined {r['common_quarantined']:,})"]
-    for split, s in m["splits"].items():
-        ctr = s["clicks"] / max(s["rows"], 1)
-        cvr = s["conversions"] / max(s["clicks"], 1)
-        lines.append(f"{split:5s}: {s['rows']:>10,} rows  CTR {ctr:6.2%}  CVR|click {cvr:6.2%}  subsets "
-                     + " ".join(f"{k}:{v['rows']:,}" for k, v in s.get("subsets", {}).items()))
-    lines.append(f"slots per row {m['layout']['num_slots']}, embedding rows {m['layout']['num_embeddings']:,}")
-    return "\n".join(lines)
+def cli_main() -> int:
+    """The console script (``esmm-etl``): the exit code of :func:`main` (esmm/cli.py)."""
+    return cli.run(main)
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main))
+    sys.exit(cli_main())

@@ -9,9 +9,7 @@ Writes <out>/predictions (Parquet: sample_id, click, conversion, p_ctr, p_cvr, p
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from esmm import cli  # noqa: E402
+from esmm import cli
 
 
 def main(argv=None) -> dict:
@@ -38,5 +36,10 @@ def main(argv=None) -> dict:
     return res
 
 
+def cli_main() -> int:
+    """The console script (``esmm-evaluate``): the exit code of :func:`main` (esmm/cli.py)."""
+    return cli.run(main)
+
+
 if __name__ == "__main__":
-    sys.exit(cli.run(main))
+    sys.exit(cli_main())

@@ -15,9 +15,7 @@ training impressions). A scaling study is this job over several rates, e.g. (ben
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from esmm import cli  # noqa: E402
+from esmm import cli
 
 
 def main(argv=None) -> dict:
@@ -41,5 +39,10 @@ def main(argv=None) -> dict:
     return report
 
 
+def cli_main() -> int:
+    """The console script (``esmm-experiment``): the exit code of :func:`main` (esmm/cli.py)."""
+    return cli.run(main)
+
+
 if __name__ == "__main__":
-    sys.exit(cli.run(main))
+    sys.exit(cli_main())

@@ -3,13 +3,9 @@
     python -m jobs.generate --conf conf/demo.yaml [--set generate.impressions=1000000] [--out DIR] [--overwrite]
     ./spark-submit.sh jobs/generate.py --conf conf/demo.yaml
 """
-import os
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from esmm import cli  # noqa: E402
+from esmm import cli
 
 
 def main(argv=None) -> dict:
@@ -17,8 +13,6 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default=None, help="output directory (default: paths.raw)")
     p.add_argument("--overwrite", action="store_true", help="replace an output generated with another config")
     args, cfg = cli.parse(p, argv)
-    # Local Python workers must import esmm/ and schemas/ too.
-    os.environ["PYTHONPATH"] = os.pathsep.join(x for x in (ROOT, os.environ.get("PYTHONPATH")) if x)
     from esmm.generator import generate, summary_text
     from esmm.spark import get_spark
     spark = get_spark(cfg.spark, "esmm-generate")
@@ -27,5 +21,10 @@ def main(argv=None) -> dict:
     return summary
 
 
+def cli_main() -> int:
+    """The console script (``esmm-generate``): the exit code of :func:`main` (esmm/cli.py)."""
+    return cli.run(main)
+
+
 if __name__ == "__main__":
-    sys.exit(cli.run(main))
+    sys.exit(cli_main())

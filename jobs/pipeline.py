@@ -10,20 +10,17 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from esmm import cli  # noqa: E402
+from esmm import cli
 
 
 def main(argv=None) -> dict:
     p = cli.parser(__doc__)
     p.add_argument("--skip-generate", action="store_true", help="use the raw log already under paths.raw")
     args, cfg = cli.parse(p, argv)
-    from esmm.etl import run_etl
+    from esmm.etl import run_etl, summary_text as etl_summary
     from esmm.experiment import run_experiment
     from esmm.generator import GROUND_TRUTH_DIR, generate, summary_text
     from esmm.spark import get_spark
-    from jobs.etl import summary as etl_summary
     t0 = time.time()
     spark = get_spark(cfg.spark, "esmm-pipeline")
     stage = lambda name: print(f"\n== {name} ({time.time() - t0:.0f}s)", flush=True)  # noqa: E731
@@ -43,5 +40,10 @@ def main(argv=None) -> dict:
     return report
 
 
+def cli_main() -> int:
+    """The console script (``esmm-pipeline``): the exit code of :func:`main` (esmm/cli.py)."""
+    return cli.run(main)
+
+
 if __name__ == "__main__":
-    sys.exit(cli.run(main))
+    sys.exit(cli_main())

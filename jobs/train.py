@@ -11,9 +11,7 @@ refused with what differs: choose another --out, or pass --overwrite to delete t
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from esmm import cli  # noqa: E402
+from esmm import cli
 
 
 def main(argv=None) -> list:
@@ -37,5 +35,10 @@ def main(argv=None) -> list:
     return summaries
 
 
+def cli_main() -> int:
+    """The console script (``esmm-train``): the exit code of :func:`main` (esmm/cli.py)."""
+    return cli.run(main)
+
+
 if __name__ == "__main__":
-    sys.exit(cli.run(main))
+    sys.exit(cli_main())

@@ -5,8 +5,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[1]  # on sys.path through pytest.ini's pythonpath
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 os.environ.setdefault("PYTHONPATH", str(ROOT))
 # petastorm on pyarrow 14 uses the legacy ParquetDataset API; silence exactly those FutureWarnings.
