@@ -59,3 +59,74 @@ def esmm_loss(ctr_logit: torch.Tensor, cvr_logit: torch.Tensor, click: torch.Ten
     log_not_p = log_one_minus_sigmoid_product(ctr_logit, cvr_logit)
     ctcvr_part = weighted_mean(-(y * log_p + (1 - y) * log_not_p), weight)
     return EsmmLoss(total=ctr_part + ctcvr_part, ctr=ctr_part, ctcvr=ctcvr_part)
+
+
+class CounterfactualLoss(NamedTuple):
+    """ESCM2: total = ctr + cf_weight * cf + ctcvr_weight * ctcvr (+ imputation for DR), each a scalar tensor."""
+    total: torch.Tensor
+    ctr: torch.Tensor
+    ctcvr: torch.Tensor
+    cf: torch.Tensor
+    imputation: torch.Tensor
+
+
+def cvr_errors(cvr_logit: torch.Tensor, conversion: torch.Tensor) -> torch.Tensor:
+    """e_i = cross-entropy of the conversion label against pCVR, (B,) -> (B,), in log space (finite for saturated
+    logits). Only clicked rows' values are used (the callers multiply by the click indicator)."""
+    return F.binary_cross_entropy_with_logits(cvr_logit, conversion.to(cvr_logit.dtype), reduction="none")
+
+
+def inverse_propensity(ctr_logit: torch.Tensor, click: torch.Tensor, min_ctr: float) -> torch.Tensor:
+    """o_i / max(pCTR_i, min_ctr), (B,): the click indicator over the model's own pCTR, floored, as a constant (no
+    gradient flows into the CTR tower through the weight). ``min_ctr`` bounds a weight at 1 / min_ctr."""
+    p = torch.sigmoid(ctr_logit.detach()).clamp(min=min_ctr)
+    return click.to(p.dtype) / p
+
+
+def escm2_loss(ctr_logit: torch.Tensor, cvr_logit: torch.Tensor, click: torch.Tensor, conversion: torch.Tensor,
+               cf_weight: float, ctcvr_weight: float, min_ctr: float, imputation: Optional[torch.Tensor] = None,
+               weight: Optional[torch.Tensor] = None) -> CounterfactualLoss:
+    """ESCM2 (Wang et al., SIGIR 2022): ESMM's CTR and CTCVR losses plus a counterfactual CVR risk over the entire
+    space, estimated from the clicked rows. All terms are (weighted) means over the whole batch B (every impression).
+
+    - IPS (``imputation`` None): cf = mean_B(o_i * e_i / p_i), p_i = max(pCTR_i, min_ctr) detached (the inverse
+      propensity score estimator of the entire-space mean of e_i, e = ``cvr_errors``).
+    - DR (``imputation``: (B,) the imputation tower's estimate of e_i, >= 0): cf = mean_B(ê_i + o_i (e_i - ê_i) / p_i)
+      with ê detached, and the imputation loss mean_B(o_i (e_i - ê_i)^2 / p_i) with e detached: the CVR tower learns
+      from the doubly robust risk with the imputed errors held fixed, the imputation tower from the propensity-weighted
+      squared error with the CVR tower's errors held fixed (the joint-learning split of doubly robust estimators).
+
+    total = ctr + cf_weight * cf + ctcvr_weight * ctcvr (+ imputation loss for DR).
+    """
+    esmm = esmm_loss(ctr_logit, cvr_logit, click, conversion, weight)
+    ctr_part = esmm.ctr
+    e = cvr_errors(cvr_logit, conversion)
+    w = inverse_propensity(ctr_logit, click, min_ctr)
+    if imputation is None:
+        cf = weighted_mean(w * e, weight)
+        imp = torch.zeros_like(cf)
+    else:
+        e_hat = imputation
+        cf = weighted_mean(e_hat.detach() + w * (e - e_hat.detach()), weight)
+        imp = weighted_mean(w * (e.detach() - e_hat) ** 2, weight)
+    total = ctr_part + cf_weight * cf + ctcvr_weight * esmm.ctcvr + imp
+    return CounterfactualLoss(total=total, ctr=ctr_part, ctcvr=esmm.ctcvr, cf=cf, imputation=imp)
+
+
+class StepLoss(NamedTuple):
+    """AITM: total = ctr + ctcvr + alpha * calibration (scalar tensors)."""
+    total: torch.Tensor
+    ctr: torch.Tensor
+    ctcvr: torch.Tensor
+    calibration: torch.Tensor
+
+
+def aitm_loss(ctr_logit: torch.Tensor, ctcvr_logit: torch.Tensor, click: torch.Tensor, conversion: torch.Tensor,
+              alpha: float, weight: Optional[torch.Tensor] = None) -> StepLoss:
+    """AITM (Xi et al., KDD 2021): cross-entropy of each step over all impressions (click; click and convert) plus
+    the behavioural expectation calibrator alpha * mean(max(pCTCVR - pCTR, 0)), which penalizes predicting the later
+    step likelier than the earlier one."""
+    ctr_part = bce_logits(ctr_logit, click, weight)
+    ctcvr_part = bce_logits(ctcvr_logit, click * conversion, weight)
+    calib = weighted_mean(torch.relu(torch.sigmoid(ctcvr_logit) - torch.sigmoid(ctr_logit)), weight)
+    return StepLoss(total=ctr_part + ctcvr_part + alpha * calib, ctr=ctr_part, ctcvr=ctcvr_part, calibration=calib)

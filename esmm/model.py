@@ -121,6 +121,125 @@ class SingleTask(nn.Module):
         return self.tower(self.embedding(ids, wts))
 
 
+class Dense(nn.Module):
+    """(Linear + ReLU) per hidden width: forward((B, in_dim)) -> (B, hidden[-1]), a representation (no output layer)."""
+
+    def __init__(self, in_dim: int, hidden: tuple):
+        super().__init__()
+        if not hidden:
+            raise ValueError("Dense needs at least one hidden width")
+        layers: list[nn.Module] = []
+        for width in hidden:
+            layers += [nn.Linear(in_dim, width), nn.ReLU()]
+            in_dim = width
+        self.mlp = nn.Sequential(*layers)
+        self.out_dim = in_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x)
+
+
+class MMoE(nn.Module):
+    """Multi-gate Mixture-of-Experts (Ma et al., KDD 2018) under ESMM's two towers and entire-space product.
+
+    ESMM's shared bottom (the embedding feeding both towers directly) becomes ``experts`` MLPs over the embedded
+    input, each (F*D) -> ``expert_hidden``; each task has a softmax gate (a linear map of the same input) that mixes
+    the experts' outputs into its tower's input. The towers are ``tower_hidden`` -> 1. With the defaults
+    (8 experts of 360 -> 200, towers 200 -> 80 -> 1) each task still sees the paper's 360 x 200 x 80 widths.
+    forward(ids (B, L), wts (B, L)) -> Logits(ctr (B,), cvr (B,)); losses and p_ctcvr = p_ctr * p_cvr as ESMM's.
+    """
+
+    def __init__(self, layout: FeatureLayout, model_cfg):
+        super().__init__()
+        self.embedding = FieldEmbedding(layout, model_cfg.embedding_dim)
+        d = self.embedding.out_dim
+        self.experts = nn.ModuleList([Dense(d, tuple(model_cfg.expert_hidden)) for _ in range(model_cfg.experts)])
+        width = self.experts[0].out_dim
+        self.ctr_gate = nn.Linear(d, model_cfg.experts)
+        self.cvr_gate = nn.Linear(d, model_cfg.experts)
+        self.ctr_tower = Tower(width, tuple(model_cfg.tower_hidden))
+        self.cvr_tower = Tower(width, tuple(model_cfg.tower_hidden))
+
+    def forward(self, ids: torch.Tensor, wts: torch.Tensor) -> Logits:
+        x = self.embedding(ids, wts)                                                     # (B, F*D)
+        experts = torch.stack([e(x) for e in self.experts], dim=1)                       # (B, E, H)
+        g_ctr = torch.softmax(self.ctr_gate(x), dim=-1).unsqueeze(-1)                    # (B, E, 1)
+        g_cvr = torch.softmax(self.cvr_gate(x), dim=-1).unsqueeze(-1)
+        return Logits(ctr=self.ctr_tower((g_ctr * experts).sum(1)), cvr=self.cvr_tower((g_cvr * experts).sum(1)))
+
+
+class ImputedLogits(NamedTuple):
+    """ESCM2-DR outputs: ``ctr`` and ``cvr`` logits and ``imputation``, the estimated CVR error e_i (>= 0), each (B,)."""
+    ctr: torch.Tensor
+    cvr: torch.Tensor
+    imputation: torch.Tensor
+
+
+class ESMMImputed(nn.Module):
+    """ESMM's shared-bottom network plus an imputation tower (ESCM2-DR, Wang et al., SIGIR 2022).
+
+    The third tower, over the same shared embedding, estimates every impression's CVR error e_i (a cross-entropy,
+    so unbounded above): softplus of its output keeps the estimate >= 0 (PaddleRec's version squashes it into (0, 1)
+    with a softmax, below most errors of a converted click). forward(ids, wts) -> ImputedLogits((B,) x 3).
+    """
+
+    def __init__(self, layout: FeatureLayout, model_cfg):
+        super().__init__()
+        self.embedding = FieldEmbedding(layout, model_cfg.embedding_dim)
+        self.ctr_tower = Tower(self.embedding.out_dim, tuple(model_cfg.hidden))
+        self.cvr_tower = Tower(self.embedding.out_dim, tuple(model_cfg.hidden))
+        self.imputation_tower = Tower(self.embedding.out_dim, tuple(model_cfg.hidden))
+
+    def forward(self, ids: torch.Tensor, wts: torch.Tensor) -> ImputedLogits:
+        x = self.embedding(ids, wts)
+        return ImputedLogits(ctr=self.ctr_tower(x), cvr=self.cvr_tower(x),
+                             imputation=nn.functional.softplus(self.imputation_tower(x)))
+
+
+class StepLogits(NamedTuple):
+    """AITM outputs: the click step's and the click-and-convert step's logits, each (B,), both over all
+    impressions."""
+    ctr: torch.Tensor
+    ctcvr: torch.Tensor
+
+
+class AITM(nn.Module):
+    """Adaptive Information Transfer Multi-task network (Xi et al., KDD 2021) for the two steps impression -> click
+    -> conversion.
+
+    One tower per step over the shared field embedding: an MLP (``hidden``) gives the step's representation q, a
+    Linear gives its logit. The conversion step also receives the click step's knowledge: the transferred vector
+    p = ReLU(Linear(q_click)), and the AIT module mixes {p, q_conversion} by self-attention,
+    w_u = softmax_u(<h2(u), h3(u)> / sqrt(k)), z = sum_u w_u h1(u) (h1, h2, h3: Linear k -> k), before the
+    conversion logit. The conversion step predicts click-and-convert over all impressions (pCTCVR), so
+    pCVR = pCTCVR / pCTR at scoring time (clipped to [0, 1]; the behavioural calibrator in the loss keeps
+    pCTCVR <= pCTR). forward(ids (B, L), wts (B, L)) -> StepLogits(ctr (B,), ctcvr (B,)).
+    """
+
+    def __init__(self, layout: FeatureLayout, model_cfg):
+        super().__init__()
+        self.embedding = FieldEmbedding(layout, model_cfg.embedding_dim)
+        d = self.embedding.out_dim
+        self.ctr_mlp = Dense(d, tuple(model_cfg.hidden))
+        self.ctcvr_mlp = Dense(d, tuple(model_cfg.hidden))
+        k = self.ctr_mlp.out_dim
+        self.scale = float(k) ** -0.5
+        self.transfer = nn.Sequential(nn.Linear(k, k), nn.ReLU())
+        self.h1 = nn.Linear(k, k)   # values
+        self.h2 = nn.Linear(k, k)   # queries
+        self.h3 = nn.Linear(k, k)   # keys
+        self.ctr_out = nn.Linear(k, 1)
+        self.ctcvr_out = nn.Linear(k, 1)
+
+    def forward(self, ids: torch.Tensor, wts: torch.Tensor) -> StepLogits:
+        x = self.embedding(ids, wts)                                                     # (B, F*D)
+        q_ctr = self.ctr_mlp(x)                                                          # (B, k)
+        u = torch.stack([self.transfer(q_ctr), self.ctcvr_mlp(x)], dim=1)                # (B, 2, k): {p, q}
+        w = torch.softmax((self.h2(u) * self.h3(u)).sum(-1) * self.scale, dim=1)         # (B, 2)
+        z = (w.unsqueeze(-1) * self.h1(u)).sum(1)                                        # (B, k)
+        return StepLogits(ctr=self.ctr_out(q_ctr).squeeze(-1), ctcvr=self.ctcvr_out(z).squeeze(-1))
+
+
 def build_model(method: str, layout: FeatureLayout, model_cfg) -> nn.Module:
     """The network a method trains (``esmm.methods.METHODS[method].model_kind`` picks the architecture)."""
     from esmm.methods import get_method  # esmm.methods imports this module; resolve the registry at call time
