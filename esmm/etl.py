@@ -8,7 +8,8 @@ Every raw line is read and parsed exactly once; the join is a distributed join (
    ``mapInArrow``; ``etl.parser: native`` does the same with Spark SQL expressions (``parse_skeleton``,
    ``parse_common``, ``encode_fields``). Both give identical rows; bench/etl.py measures them side by side;
 2. encoding, per field: top-K entries by value, hashed into the field's bucket range with the one hash of
-   ``esmm.features`` (Spark's ``xxhash64``), padded to fixed length; common lines are encoded once per key;
+   ``esmm.features`` (Spark's ``xxhash64``), padded to fixed length; common lines are encoded once per key, and each
+   also gets its ``user_key`` (the same hash of its field-101 user id, kept whole; ``schemas.dataset``);
 3. common keys seen on several lines are rejected; good skeleton lines are left-joined to the good common lines on
    (raw file split, common_feature_index); a line without a match is quarantined as an orphan. The joined rows are
    persisted, so the dataset and the quarantine are two filters of one parse;
@@ -280,8 +281,9 @@ def _encode_field(ordered: Column, first: Column, index: int, offset: int, bucke
 
 
 def encode_fields(df: DataFrame, entries: str, layout: FeatureLayout, fields: tuple, ids_col: str,
-                  wts_col: str) -> DataFrame:
-    """Add ``ids_col``/``wts_col``: the encoded slots of ``fields`` (a contiguous run of layout.fields).
+                  wts_col: str, user_col: str | None = None) -> DataFrame:
+    """Add ``ids_col``/``wts_col``: the encoded slots of ``fields`` (a contiguous run of layout.fields), and with
+    ``user_col`` the line's user key (``user_key``).
 
     One native sort per line groups the entries by field (a per-field ``filter`` + lambda-comparator sort over the
     whole list costs ~10x more: higher-order functions are interpreted); the sorted array is its own projection so
@@ -297,7 +299,22 @@ def encode_fields(df: DataFrame, entries: str, layout: FeatureLayout, fields: tu
                              layout.buckets[i], layout.max_len[i])
         ids.append(a)
         wts.append(b)
-    return df.withColumn(ids_col, F.concat(*ids)).withColumn(wts_col, F.concat(*wts)).drop(srt)
+    df = df.withColumn(ids_col, F.concat(*ids)).withColumn(wts_col, F.concat(*wts))
+    if user_col is not None:
+        df = df.withColumn(user_col, user_key(F.col(srt), layout))
+    return df.drop(srt)
+
+
+def user_key(ordered: Column, layout: FeatureLayout) -> Column:
+    """The line's user key from its entries in natural struct order (``encode_fields``' sorted array): the whole
+    ``xxhash64(int index of field 101, long id)`` of its first field-101 entry (highest value, then smallest id,
+    the entry the encoding keeps first), or ``schemas.dataset.UNKNOWN_USER`` without one. ``esmm.rawparse.user_keys``
+    computes the same on Arrow batches."""
+    i = layout.field_index(S.USER_FIELD)
+    pos = F.array_position(ordered.getField("f"), F.lit(i))
+    top = F.get(ordered, (pos - 1).cast("int"))
+    return F.when(pos > 0, F.xxhash64(F.lit(i).cast("int"), top.getField("id"))) \
+        .otherwise(F.lit(S.UNKNOWN_USER).cast("long"))
 
 
 # ----------------------------------------------------------------------------------------------- assembly
@@ -329,7 +346,7 @@ PARSED_SKELETON = (f"{RAW_SPLIT} string, {FILE} string, value string, {S.SAMPLE_
                    f"{S.CONVERSION} int, {S.COMMON_KEY} string, {S_IDS} {_IDS_T}, {S_WTS} {_WTS_T}, {REASON} string, "
                    f"{UNKNOWN} array<string>")
 PARSED_COMMON = (f"{RAW_SPLIT} string, {FILE} string, value string, {S.COMMON_KEY} string, "
-                 f"{C_IDS} {_IDS_T}, {C_WTS} {_WTS_T}, {REASON} string, {UNKNOWN} array<string>")
+                 f"{C_IDS} {_IDS_T}, {C_WTS} {_WTS_T}, {S.USER_KEY} long, {REASON} string, {UNKNOWN} array<string>")
 
 
 def _arrow_parser(kind: str, layout: FeatureLayout, keep_value: bool = False, max_line_bytes: int = 1 << 20):
@@ -376,8 +393,10 @@ def _arrow_parser(kind: str, layout: FeatureLayout, keep_value: bool = False, ma
                 if kind == "skeleton":
                     cols += [pa.array(out[S.SAMPLE_ID], pa.int64()), pa.array(out[S.CLICK], pa.int32()),
                              pa.array(out[S.CONVERSION], pa.int32())]
-                cols += [out[S.COMMON_KEY], as_lists(out["ids"], pa.int32()), as_lists(out["wts"], pa.float32()),
-                         pa.array(out["reason"], pa.string()), out["unknown"]]
+                cols += [out[S.COMMON_KEY], as_lists(out["ids"], pa.int32()), as_lists(out["wts"], pa.float32())]
+                if kind == "common":
+                    cols.append(pa.array(out[S.USER_KEY], pa.int64()))
+                cols += [pa.array(out["reason"], pa.string()), out["unknown"]]
                 yield pa.RecordBatch.from_arrays(cols, names=names)
 
     names = [c.split(" ")[0] for c in (PARSED_SKELETON if kind == "skeleton" else PARSED_COMMON).split(", ")]
@@ -388,10 +407,10 @@ def parse_lines(lines: DataFrame, kind: str, parser: str, layout: FeatureLayout,
                 max_line_bytes: int = 1 << 20) -> DataFrame:
     """Raw lines (``_read_lines``) -> one parsed row per line (PARSED_SKELETON / PARSED_COMMON).
 
-    Good lines have ``reason`` null and their side's encoded slots; a bad line has its reason (its slots are
-    meaningless). ``value`` (the raw line) is kept for bad lines only, unless ``keep_value``. ``unknown_fields``
-    lists the entries' unknown field names on lines that parse (null when none). Both parsers give the same rows
-    (tests/test_etl.py checks it).
+    Good lines have ``reason`` null and their side's encoded slots (common lines also their ``user_key``); a bad
+    line has its reason (its slots are meaningless). ``value`` (the raw line) is kept for bad lines only, unless
+    ``keep_value``. ``unknown_fields`` lists the entries' unknown field names on lines that parse (null when none).
+    Both parsers give the same rows (tests/test_etl.py checks it).
     """
     if LINE_BYTES not in lines.columns:
         lines = lines.withColumn(LINE_BYTES, F.lit(None).cast("int"))
@@ -411,8 +430,8 @@ def parse_lines(lines: DataFrame, kind: str, parser: str, layout: FeatureLayout,
                          F.col(S.CLICK).try_cast("int").alias(S.CLICK),
                          F.col(S.CONVERSION).try_cast("int").alias(S.CONVERSION), S.COMMON_KEY, S_IDS, S_WTS, REASON,
                          unknown)
-    df = encode_fields(parse_common(lines, max_line_bytes), ENTRY, layout, S.COMMON_FIELDS, C_IDS, C_WTS)
-    return df.select(RAW_SPLIT, FILE, value.alias("value"), S.COMMON_KEY, C_IDS, C_WTS, REASON, unknown)
+    df = encode_fields(parse_common(lines, max_line_bytes), ENTRY, layout, S.COMMON_FIELDS, C_IDS, C_WTS, S.USER_KEY)
+    return df.select(RAW_SPLIT, FILE, value.alias("value"), S.COMMON_KEY, C_IDS, C_WTS, S.USER_KEY, REASON, unknown)
 
 
 def _reread_good_lines(spark: SparkSession, paths: dict, kind: str, parser: str, layout: FeatureLayout,
@@ -469,7 +488,8 @@ def build_plan(spark: SparkSession, cfg: Config, inputs: RawInputs) -> Plan:
     common = common.withColumn("_lines", dup).withColumn(REASON, F.coalesce(F.col(REASON), F.when(
         F.col("_lines") > 1, F.format_string(DUPLICATE, S.COMMON_KEY, "_lines")))) \
         .persist(StorageLevel.MEMORY_AND_DISK)
-    good_common = common.where(F.col(REASON).isNull()).select(*keys, C_IDS, C_WTS, F.lit(True).alias("_found"))
+    good_common = common.where(F.col(REASON).isNull()).select(*keys, C_IDS, C_WTS, S.USER_KEY,
+                                                              F.lit(True).alias("_found"))
     n_good_common = good_common.count()
     width = sum(layout.max_len[layout.field_index(f)] for f in S.COMMON_FIELDS)
     est_mb = n_good_common * (width * 8 + 80) / 2**20
@@ -492,7 +512,7 @@ def build_plan(spark: SparkSession, cfg: Config, inputs: RawInputs) -> Plan:
     # The common slots are joined again here rather than persisted with every row (41 of the 57 default slots).
     dataset = rows.where(F.col(REASON).isNull()).join(good_common, on=keys, how="inner").select(
         S.SAMPLE_ID, S.CLICK, S.CONVERSION, F.concat(C_IDS, S_IDS).alias(S.FEAT_IDS),
-        F.concat(C_WTS, S_WTS).alias(S.FEAT_WTS), S.SAMPLE_TIER, RAW_SPLIT)
+        F.concat(C_WTS, S_WTS).alias(S.FEAT_WTS), S.USER_KEY, S.SAMPLE_TIER, RAW_SPLIT)
     parts = [rows.where(parse_bad).select(F.lit("skeleton").alias(S.Q_KIND), REASON, FILE, "value"),
              common.where(parse_bad).select(F.lit("common").alias(S.Q_KIND), REASON, FILE, "value")]
     orphans = rows.where(late).select(*keys)
@@ -633,11 +653,12 @@ def _write_dataset(spark: SparkSession, cfg: Config, data: DataFrame, tmp: str) 
             pa.field(S.SAMPLE_ID, pa.int64(), False), pa.field(S.CLICK, pa.int32(), False),
             pa.field(S.CONVERSION, pa.int32(), False),
             pa.field(S.FEAT_IDS, pa.list_(pa.field("element", pa.int32(), False)), False),
-            pa.field(S.FEAT_WTS, pa.list_(pa.field("element", pa.float32(), False)), False)])
+            pa.field(S.FEAT_WTS, pa.list_(pa.field("element", pa.float32(), False)), False),
+            pa.field(S.USER_KEY, pa.int64(), False)])
         n_files = len(write_partitioned(
             data, sparkfs.arrow_uri(spark, f"{tmp}/_data"), schema, ("split", S.SAMPLE_TIER),
-            rows_per_file=cfg.etl.rows_per_file, row_group_bytes=block, row_bytes=16 + 8 * width + 16,
-            dictionary=[S.SAMPLE_ID, S.CLICK, S.CONVERSION, f"{S.FEAT_WTS}.list.element"]))
+            rows_per_file=cfg.etl.rows_per_file, row_group_bytes=block, row_bytes=16 + 8 * width + 24,
+            dictionary=[S.SAMPLE_ID, S.CLICK, S.CONVERSION, f"{S.FEAT_WTS}.list.element", S.USER_KEY]))
     # both writers lay out _data/split=<s>/sample_tier=<t>/: each split directory moves into place
     for split in S.SPLITS:
         if sparkfs.exists(spark, f"{tmp}/_data/split={split}"):

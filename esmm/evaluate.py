@@ -11,6 +11,9 @@ test impression and run:
 - every other method (paper protocol): p_ctr from the one reference CTR network, p_cvr from the method, and
   p_ctcvr = p_ctr * p_cvr; DIVISION's p_cvr = its pCTCVR network / reference pCTR, clipped to [0, 1] (clips counted).
 
+Every row also carries the test row's ``user_key`` (for GAUC, ``esmm.metrics.gauc_wide``); a dataset written before
+that column existed gives null keys, and the metrics then omit GAUC with a note.
+
 Memory bound. Each Python worker keeps a cache of loaded models keyed by the export's content hash; at the start of
 every task it evicts every model that is not part of the current pass, so a worker holds at most
 ``models_per_pass + 1`` models: the pass's group and the reference CTR network, which every pass keeps loaded for
@@ -153,14 +156,14 @@ def _score_fn(group: dict, ref_digest: str | None, sources: dict, width: int, th
                         [cols[S.SAMPLE_ID], cols[S.CLICK], cols[S.CONVERSION],
                          pa.array(p_ctr.numpy().astype(np.float32)), pa.array(p_cvr.numpy().astype(np.float32)),
                          pa.array((p_ctr * p_cvr).numpy().astype(np.float32)),
-                         _repeat(method, n), _repeat(run_id, n)],
+                         _repeat(method, n), _repeat(run_id, n), cols[S.USER_KEY].cast(pa.int64())],
                         schema=_PRED_ARROW)
     return score_batches
 
 
 _PRED_ARROW = pa.schema([(S.SAMPLE_ID, pa.int64()), (S.CLICK, pa.int32()), (S.CONVERSION, pa.int32()),
                          (S.P_CTR, pa.float32()), (S.P_CVR, pa.float32()), (S.P_CTCVR, pa.float32()),
-                         (S.METHOD, pa.string()), (S.RUN_ID, pa.string())])
+                         (S.METHOD, pa.string()), (S.RUN_ID, pa.string()), (S.USER_KEY, pa.int64())])
 
 
 # ------------------------------------------------------------------------------------------------ driver side
@@ -238,8 +241,16 @@ def _score_pass(spark: SparkSession, test: DataFrame, group: list[_Export], ref:
             raise
     fn = _score_fn({e.run.run_id: (e.run.method, e.digest) for e in group}, ref.digest if ref else None, sources,
                    width, threads, clips)
-    cols = test.select(S.SAMPLE_ID, S.CLICK, S.CONVERSION, S.FEAT_IDS, S.FEAT_WTS)
+    cols = test.select(S.SAMPLE_ID, S.CLICK, S.CONVERSION, S.FEAT_IDS, S.FEAT_WTS, _user_key(test))
     return cols.mapInArrow(fn, S.PREDICTION_SCHEMA), broadcasts
+
+
+def _user_key(test: DataFrame):
+    """The test rows' user_key column, or nulls for a dataset written before it existed (no GAUC then)."""
+    from pyspark.sql import functions as F
+    if S.USER_KEY in test.columns:
+        return F.col(S.USER_KEY)
+    return F.lit(None).cast("long").alias(S.USER_KEY)
 
 
 def score(spark: SparkSession, test: DataFrame, runs: list[ScoredRun], reference_ctr: ScoredRun | None,
@@ -277,6 +288,9 @@ def score_to_parquet(spark: SparkSession, dataset: str, runs: list[ScoredRun], r
     mode = _export_mode(spark, ev.exports)
     passes = plan_passes(len(scored), ev.models_per_pass)
     test = spark.read.parquet(os.path.join(dataset, S.TEST))
+    if S.USER_KEY not in test.columns:
+        log.warning("GAUC will be omitted: %s has no %s column (written before user keys; re-run the ETL with "
+                    "--overwrite to get them)", dataset, S.USER_KEY)
     clips = spark.sparkContext.accumulator(0)
     tmp = f"{out}.tmp-{uuid.uuid4().hex[:8]}"
     try:

@@ -60,6 +60,10 @@ pass per call; memory on the driver and in each executor is O(K x distinct minor
 CTR task's clicks dominate: ~1.7M per model). ``protocol_metrics`` applies it to a prediction table: one pivot, every
 task a filter of the wide rows, AUC + DeLong + log-loss + calibration in those passes.
 
+GAUC (``gauc_wide``): the impression-weighted mean of per-user AUCs over the users with both classes, exact, in one
+shuffle that gathers each user's rows and a numpy pass of doubled mid-ranks per user (no per-user Python step);
+``protocol_metrics`` adds it for the CTR, CVR and CTCVR tasks when the predictions carry ``user_key``.
+
 Log-loss clips probabilities to ``[1e-7, 1 - 1e-7]``; calibration is mean prediction / observed positive rate.
 """
 from __future__ import annotations
@@ -97,7 +101,7 @@ from pyspark.sql.types import (ArrayType, DecimalType, DoubleType, IntegerType, 
                                StructType)
 
 from schemas.dataset import (CLICK, CONVERSION, METHOD, P_CTCVR, P_CTR, P_CVR, RUN_ID, SAMPLE_ID, TRUE_CTR,
-                             TRUE_CVR, WOULD_CONVERT)
+                             TRUE_CVR, UNKNOWN_USER, USER_KEY, WOULD_CONVERT)
 
 log = logging.getLogger(__name__)
 
@@ -682,6 +686,204 @@ def _delong_result(models, auc_values, cov, poss, negs) -> DeLongResult:
 
 
 
+# ----------------------------------------------------------------------------------------------------------------- GAUC
+
+GAUC_TASKS = ("ctr", "cvr", "ctcvr")
+_USER = "__m_user"
+
+
+def gauc(df: DataFrame, score_col: str, label_col: str, user_col: str, group_cols=(), *, unknown_user=None,
+         num_partitions: int | None = None) -> dict[tuple, dict]:
+    """The impression-weighted per-user AUC of one score per group: ``{group_tuple: {gauc, users, impressions,
+    one_class_users}}`` (``gauc_wide`` with one model; the key is ``()`` without groups)."""
+    res = gauc_wide(df.withColumn(_S, F.col(score_col)), {score_col: _S}, label_col, user_col, group_cols,
+                    unknown_user=unknown_user, num_partitions=num_partitions)
+    return {g: r[score_col] for g, r in res.items() if score_col in r}
+
+
+def gauc_wide(df: DataFrame, models, label_col: str, user_col: str, group_cols=(), *, unknown_user=None,
+              num_partitions: int | None = None) -> dict[tuple, dict]:
+    """GAUC (the per-user AUC of Alibaba's papers, e.g. DIN, KDD 2018) of several score columns, exactly and in one
+    shuffle: ``{group_tuple: {model id: {gauc, users, impressions, one_class_users}}}``.
+
+    ::
+
+        GAUC = sum_u n_u AUC_u / sum_u n_u      over the users u with both classes in the group's rows
+
+    ``n_u`` is the user's number of rows (impressions) in the group, ``AUC_u`` the tie-aware AUC of the user's rows
+    alone (pairs tied on the score count 1/2, as in ``auc``). Users with one class only have no AUC and are left out
+    (counted in ``one_class_users``); ``users`` and ``impressions`` are those included. ``gauc`` is NaN when no user
+    has both classes.
+
+    ``df`` is wide, like ``delong_wide``'s input: one row per key, one score column per model (``models``: ``{model
+    id: column}`` or a list of columns); a model scores the rows where its column is non-null (so a group may hold
+    different models), NaN scores and labels outside {0, 1} raise ``MetricError``. Rows with a null ``user_col``,
+    or equal to ``unknown_user`` (e.g. ``schemas.dataset.UNKNOWN_USER``), belong to no user and are left out.
+
+    Distributed computation, no per-user Python and no rows at the driver: the rows are hash-partitioned by (group,
+    user) and sorted by it, so each user's rows are contiguous in one partition; a ``mapInArrow`` pass takes them in
+    Arrow batches (a user's rows split across batches are carried to the next one) and, per model, sorts the batch by
+    (user, score) with numpy and gets every user's Mann-Whitney statistic from doubled mid-ranks within the user,
+    all integers::
+
+        2 U_u = sum over u's positives of (first + last rank of its score's tie run, 1-based within u) - P_u (P_u + 1)
+        AUC_u = 2 U_u / (2 P_u N_u)
+
+    The executors return, per (partition, group, model), the included users, impressions and ``sum n_u AUC_u``
+    (float64; the only rounding); the driver adds them. Cost: one shuffle of the rows (all models at once) and a
+    numpy sort per model per batch; memory per task: one Arrow batch plus the rows of its largest user.
+    """
+    group_cols = tuple(group_cols)
+    if not isinstance(models, dict):
+        models = {c: c for c in models}
+    names = sorted(models, key=str)
+    scols = [f"__m_g{i}" for i in range(len(names))]
+    n_parts = num_partitions or int(df.sparkSession.conf.get("spark.sql.shuffle.partitions"))
+    user = F.col(user_col).cast("long")
+    keep = user.isNotNull() if unknown_user is None else user.isNotNull() & (user != F.lit(unknown_user))
+    rows = (df.where(keep)
+            .select(*group_cols, user.alias(_USER), F.col(label_col).cast("double").alias(_Y),
+                    *[F.col(models[m]).cast("double").alias(c) for m, c in zip(names, scols)])
+            .repartition(n_parts, *group_cols, _USER)
+            .sortWithinPartitions(*group_cols, _USER))
+    out_schema = StructType([df.schema[g] for g in group_cols] + [
+        StructField(_MIDX, IntegerType()), StructField("users", LongType()), StructField("one_class", LongType()),
+        StructField("impressions", LongType()), StructField("weighted", DoubleType()),
+        StructField("bad_scores", LongType()), StructField("bad_labels", LongType())])
+    parts = rows.mapInArrow(_make_gauc_fn(list(group_cols), scols), out_schema).collect()
+    acc: dict = {}
+    for r in parts:
+        key = (tuple(r[g] for g in group_cols), names[r[_MIDX]])
+        a = acc.setdefault(key, [0, 0, 0, 0.0, 0, 0])
+        for i, c in enumerate(("users", "one_class", "impressions", "weighted", "bad_scores", "bad_labels")):
+            a[i] += r[c]
+    out: dict = {}
+    for (key, name), (users, one, imps, weighted, bad_s, bad_y) in sorted(
+            acc.items(), key=lambda kv: (tuple((v is None, str(v)) for v in kv[0][0]), str(kv[0][1]))):
+        where = f"{_where(key, group_cols)}, model {name!r}"
+        if bad_s:
+            raise MetricError(f"GAUC of {models[name]} vs {label_col}, {where}: {bad_s} rows have a NaN score")
+        if bad_y:
+            raise MetricError(f"GAUC of {models[name]} vs {label_col}, {where}: {bad_y} rows have a label that is "
+                              f"null or not 0/1")
+        out.setdefault(key, {})[name] = {"gauc": weighted / imps if imps else math.nan, "users": users,
+                                         "impressions": imps, "one_class_users": one}
+    return out
+
+
+def _make_gauc_fn(group_cols: list, scols: list):
+    """The executor-side function of ``gauc_wide``'s pass; self-contained (executors need not import esmm)."""
+
+    def starts_of(batch):
+        """(group-run starts, (group, user) segment starts) of a batch sorted by (group, user)."""
+        import numpy as np
+        import pyarrow.compute as pc
+        n = batch.num_rows
+        gnew = np.zeros(n, dtype=bool)
+        gnew[0] = True
+        for g in group_cols:
+            a, b = batch.column(g).slice(1), batch.column(g).slice(0, n - 1)
+            diff = pc.or_(pc.fill_null(pc.not_equal(a, b), False), pc.not_equal(pc.is_null(a), pc.is_null(b)))
+            gnew[1:] |= diff.to_numpy(zero_copy_only=False)
+        user = batch.column(_USER).to_numpy(zero_copy_only=False)
+        snew = gnew.copy()
+        snew[1:] |= user[1:] != user[:-1]
+        return gnew, snew
+
+    def measure(batch, gnew, snew, acc):
+        """Add the batch's whole users to ``acc``: (group tuple, model index) -> [users, one-class users,
+        impressions, sum n_u AUC_u, NaN scores, bad labels]."""
+        import numpy as np
+        seg = np.cumsum(snew) - 1
+        grun = np.cumsum(gnew) - 1
+        gfirst = np.flatnonzero(gnew)
+        keys = [tuple(batch.column(g)[int(i)].as_py() for g in group_cols) for i in gfirst]
+        n_groups = len(gfirst)
+        y = batch.column(_Y).to_numpy(zero_copy_only=False).astype(np.float64)     # null -> NaN
+        y_bad = ~((y == 0) | (y == 1))
+        for j, c in enumerate(scols):
+            col = batch.column(c)
+            valid = col.is_valid().to_numpy(zero_copy_only=False)
+            s = col.to_numpy(zero_copy_only=False).astype(np.float64)
+            nan = valid & np.isnan(s)
+            bad = valid & ~nan & y_bad
+            use = np.flatnonzero(valid & ~nan & ~y_bad)
+            sums = [np.zeros(n_groups, np.int64) for _ in range(3)] + [np.zeros(n_groups)]
+            if len(use):
+                sg, ss, yy, gg = seg[use], s[use], y[use].astype(np.int64), grun[use]
+                order = np.lexsort((ss, sg))
+                sg, ss, yy, gg = sg[order], ss[order], yy[order], gg[order]
+                m = len(sg)
+                pos = np.arange(m)
+                new_seg = np.r_[True, sg[1:] != sg[:-1]]
+                first = np.maximum.accumulate(np.where(new_seg, pos, 0))      # the user's first row
+                new_run = new_seg | np.r_[True, ss[1:] != ss[:-1]]              # a run of tied scores starts
+                run_start = np.flatnonzero(new_run)
+                run_last = np.r_[run_start[1:], m] - 1
+                rid = np.cumsum(new_run) - 1
+                rank2 = (run_start[rid] - first) + (run_last[rid] - first) + 2  # twice the 1-based mid-rank
+                starts = np.flatnonzero(new_seg)
+                cnt = np.diff(np.r_[starts, m])
+                p = np.add.reduceat(yy, starts)
+                q = cnt - p
+                u2 = np.add.reduceat(rank2 * yy, starts) - p * (p + 1)
+                both = (p > 0) & (q > 0)
+                w = np.zeros(len(starts))
+                w[both] = cnt[both] * (u2[both] / (2.0 * p[both] * q[both]))
+                g_of = gg[starts]
+                sums = [np.bincount(g_of[both], minlength=n_groups), np.bincount(g_of[~both], minlength=n_groups),
+                        np.bincount(g_of[both], weights=cnt[both], minlength=n_groups).astype(np.int64),
+                        np.bincount(g_of, weights=w, minlength=n_groups)]
+            bad_s = np.bincount(grun[nan], minlength=n_groups)
+            bad_y = np.bincount(grun[bad], minlength=n_groups)
+            for gi in range(n_groups):
+                vals = (int(sums[0][gi]), int(sums[1][gi]), int(sums[2][gi]), float(sums[3][gi]), int(bad_s[gi]),
+                        int(bad_y[gi]))
+                if any(vals):
+                    a = acc.setdefault((keys[gi], j), [0, 0, 0, 0.0, 0, 0])
+                    for k, v in enumerate(vals):
+                        a[k] += v
+
+    def run(batches):
+        import numpy as np
+        import pyarrow as pa
+        acc, carry, types = {}, None, None
+
+        def last_key(b, i):
+            return tuple(b.column(g)[i].as_py() for g in group_cols), b.column(_USER)[i].as_py()
+
+        for batch in batches:
+            if batch.num_rows == 0:
+                continue
+            types = [batch.schema.field(g).type for g in group_cols]
+            if carry is not None:
+                tail = carry[-1]
+                if last_key(tail, tail.num_rows - 1) == last_key(batch, 0) == last_key(batch, batch.num_rows - 1):
+                    carry.append(batch)        # one user's rows go on: nothing to measure yet
+                    continue
+                batch = pa.Table.from_batches(carry + [batch]).combine_chunks().to_batches()[0]
+            gnew, snew = starts_of(batch)
+            cut = int(np.flatnonzero(snew)[-1])  # the last user may go on in the next batch
+            if cut:
+                measure(batch.slice(0, cut), gnew[:cut], snew[:cut], acc)
+            carry = [batch.slice(cut)]
+        if carry is not None:
+            batch = pa.Table.from_batches(carry).combine_chunks().to_batches()[0]
+            gnew, snew = starts_of(batch)
+            measure(batch, gnew, snew, acc)
+        if acc:
+            keys = list(acc)
+            cols = [pa.array([k[0][i] for k in keys], type=t) for i, t in enumerate(types)]
+            vals = list(zip(*acc.values()))
+            cols += [pa.array([k[1] for k in keys], pa.int32())]
+            cols += [pa.array(vals[i], pa.int64()) for i in range(3)] + [pa.array(vals[3], pa.float64())]
+            cols += [pa.array(vals[i], pa.int64()) for i in (4, 5)]
+            yield pa.RecordBatch.from_arrays(cols, names=[*group_cols, _MIDX, "users", "one_class", "impressions",
+                                                          "weighted", "bad_scores", "bad_labels"])
+
+    return run
+
+
 # ------------------------------------------------------------------------------------------- log-loss and calibration
 
 def logloss_and_calibration(df: DataFrame, score_col: str, label_col: str, group_cols=()) -> dict[tuple, dict]:
@@ -723,9 +925,13 @@ def protocol_metrics(pred_df: DataFrame, truth_df: DataFrame | None, runs: dict,
     and run). The table is pivoted once to one row per impression (a column per run and output), and every task is a
     filter of those rows: ``ctr``, ``cvr`` (clicked rows), ``ctcvr``, and with the ground truth ``cvr_entire`` and
     ``cvr_entire_clicked`` (p_cvr against ``would_convert``). ``delong_wide`` gives each task's exact AUCs and their
-    covariance, one aggregation the log-loss and calibration. The reference CTR network (method ``ctr``, NaN p_cvr)
-    takes part in the CTR task only; methods outside ``own_ctr`` score CTR with the reference network's pCTR (the
-    paper's protocol), so their CTR row is the reference's (mapped in the returned aliases, not recomputed).
+    covariance, one aggregation the log-loss and calibration, and ``gauc_wide`` (one more shuffle) the GAUC of the
+    ``GAUC_TASKS`` over the impressions' ``user_key`` (unknown users left out): rows of those tasks gain ``gauc``,
+    ``gauc_users`` (users with both classes, those GAUC averages over) and ``gauc_impressions``. A table without
+    user keys (a dataset written before them) gets no GAUC keys, and a one-line warning says why. The reference CTR
+    network (method ``ctr``, NaN p_cvr) takes part in the CTR task only; methods outside ``own_ctr`` score CTR with
+    the reference network's pCTR (the paper's protocol), so their CTR row is the reference's (mapped in the returned
+    aliases, not recomputed; GAUC included).
 
     Returns ``(rows, {task: DeLongResult}, {task: {run_id: run_id it shares scores with}})``; ``rows`` are the dicts
     of ``task_metrics``/``entire_space_cvr_metrics`` (``run_id, task, auc, logloss, calibration, n, positives``), and
@@ -736,10 +942,12 @@ def protocol_metrics(pred_df: DataFrame, truth_df: DataFrame | None, runs: dict,
     ref = next((r for r in names if runs[r] == "ctr"), None)
     n_parts = num_partitions or int(pred_df.sparkSession.conf.get("spark.sql.shuffle.partitions"))
     run = F.col(RUN_ID)
+    has_users = USER_KEY in pred_df.columns
+    users = [F.max(USER_KEY).alias(USER_KEY)] if has_users else []
     wide = (pred_df.repartition(n_parts, SAMPLE_ID).groupBy(SAMPLE_ID)
             .agg(F.count(F.lit(1)).alias(_NROWS), F.max(CLICK).alias(CLICK), F.max(CONVERSION).alias(CONVERSION),
-                 *[F.max(F.when(run == r, F.col(src))).alias(col[(r, o)]) for r in names
-                   for o, src in (("ctr", P_CTR), ("cvr", P_CVR), ("ctcvr", P_CTCVR))]))
+                 *users, *[F.max(F.when(run == r, F.col(src))).alias(col[(r, o)]) for r in names
+                           for o, src in (("ctr", P_CTR), ("cvr", P_CVR), ("ctcvr", P_CTCVR))]))
     if truth_df is not None:
         wide = wide.join(truth_df.select(SAMPLE_ID, WOULD_CONVERT), SAMPLE_ID, "left")
     wide = wide.persist(CACHE)
@@ -756,6 +964,7 @@ def protocol_metrics(pred_df: DataFrame, truth_df: DataFrame | None, runs: dict,
         for task, cond, label, out, members in tasks:
             part = wide if cond is None else wide.where(cond)
             parts.append(part.select(F.lit(task).alias(TASK), label.cast("int").alias(_Y), F.col(_NROWS),
+                                     *([F.col(USER_KEY)] if has_users else []),
                                      *[(F.col(col[(r, out)]) if r in members else F.lit(None)).cast("double")
                                        .alias(f"__m_s{i}") for i, r in enumerate(names)]))
         stacked = parts[0]
@@ -771,6 +980,7 @@ def protocol_metrics(pred_df: DataFrame, truth_df: DataFrame | None, runs: dict,
             work = _fewer_tasks(stacked, stacked.count())
             dl = delong_wide(work, scols, _Y, (TASK,), on_one_class=on_one_class, cache=False)
             ll = _wide_logloss(work, scols)
+            ga = _task_gauc(work, scols, has_users, num_partitions)
         finally:
             stacked.unpersist()
     finally:
@@ -788,28 +998,57 @@ def protocol_metrics(pred_df: DataFrame, truth_df: DataFrame | None, runs: dict,
             if src not in members:
                 continue
             c = ll[(task, src)]
-            rows.append({RUN_ID: r, TASK: task, "auc": float(res.auc[res.index(src)]), **c})
+            rows.append({RUN_ID: r, TASK: task, "auc": float(res.auc[res.index(src)]), **c,
+                         **_gauc_fields(ga, task, src)})
     rows.sort(key=lambda d: (d[RUN_ID], order.index(d[TASK])))
     return rows, {t: dl[(t,)] for t in order if (t,) in dl}, aliases
 
 
+def _task_gauc(stacked: DataFrame, scols: dict, has_users: bool, num_partitions: int | None) -> dict | None:
+    """``gauc_wide`` of the GAUC_TASKS rows of the task-stacked wide rows, or None (with a one-line warning) when
+    the predictions carry no user keys."""
+    note = ("GAUC omitted: the predictions carry no user_key (a dataset written before user keys; re-run the ETL "
+            "with --overwrite and evaluate again to get it)")
+    if not has_users:
+        log.warning(note)
+        return None
+    res = gauc_wide(stacked.where(F.col(TASK).isin(*GAUC_TASKS)), scols, _Y, USER_KEY, (TASK,),
+                    unknown_user=UNKNOWN_USER, num_partitions=num_partitions)
+    if not res:
+        log.warning(note)
+        return None
+    log.info("GAUC over %s", ", ".join(f"{t}: {max(v['users'] for v in res[(t,)].values()):,} users"
+                                       for t in GAUC_TASKS if (t,) in res))
+    return res
+
+
+def _gauc_fields(ga: dict | None, task: str, run: str) -> dict:
+    """The GAUC keys of one metrics row (none without a GAUC result for the task and run)."""
+    r = (ga or {}).get((task,), {}).get(run)
+    return {} if r is None else {"gauc": r["gauc"], "gauc_users": r["users"], "gauc_impressions": r["impressions"]}
+
+
 def oracle_protocol_metrics(test_df_with_truth: DataFrame) -> list[dict]:
     """``oracle_metrics``'s rows (true probabilities as scores) plus each AUC's DeLong standard error ``auc_se``, from
-    one ``delong_wide`` job over the task-stacked rows (no range-partitioned AUC pass; the AUCs are the same)."""
+    one ``delong_wide`` job over the task-stacked rows (no range-partitioned AUC pass; the AUCs are the same); with a
+    ``user_key`` column, also the GAUC keys of ``protocol_metrics``' rows."""
     y, z, ctr, cvr = F.col(CLICK), F.col(CONVERSION), F.col(TRUE_CTR), F.col(TRUE_CVR)
     tasks = (("ctr", None, ctr, y), ("cvr", y == 1, cvr, z), ("ctcvr", None, ctr.cast("double") * cvr.cast("double"),
                                                                y * z),
              ("cvr_entire", None, cvr, F.col(WOULD_CONVERT)))
     stacked = None
+    has_users = USER_KEY in test_df_with_truth.columns
     for task, cond, score, label in tasks:
         part = (test_df_with_truth if cond is None else test_df_with_truth.where(cond)).select(
-            F.lit(task).alias(TASK), label.cast("int").alias(_Y), score.cast("double").alias("__m_s0"))
+            F.lit(task).alias(TASK), label.cast("int").alias(_Y), score.cast("double").alias("__m_s0"),
+            *([F.col(USER_KEY)] if has_users else []))
         stacked = part if stacked is None else stacked.unionByName(part)
     stacked = stacked.persist(CACHE)
     try:
         work = _fewer_tasks(stacked, stacked.count())
         dl = delong_wide(work, {"oracle": "__m_s0"}, _Y, (TASK,), on_one_class="nan", cache=False)
         ll = _wide_logloss(work, {"oracle": "__m_s0"})
+        ga = _task_gauc(work, {"oracle": "__m_s0"}, True, None) if has_users else None
     finally:
         stacked.unpersist()
     rows = []
@@ -817,7 +1056,7 @@ def oracle_protocol_metrics(test_df_with_truth: DataFrame) -> list[dict]:
         if (task,) in dl:
             res = dl[(task,)]
             rows.append({METHOD: "oracle", TASK: task, "auc": float(res.auc[0]), **ll[(task, "oracle")],
-                         "auc_se": res.se("oracle")})
+                         "auc_se": res.se("oracle"), **_gauc_fields(ga, task, "oracle")})
     return rows
 
 

@@ -20,7 +20,9 @@ What a chunk goes through (the output has one row per input line, a ``reason`` f
    per line in ``unknown`` so the manifest counts it);
 4. encoding: one ``lexsort`` by (line, field, -value, id) puts every field's top-K first, ranks come from the group
    starts, ids are hashed with ``esmm.features.hash_ids_fields`` (Spark's xxhash64, bit-identical), weights are
-   value / sum(kept values) in float64 then float32, exactly as ``encode_line_features`` computes them.
+   value / sum(kept values) in float64 then float32, exactly as ``encode_line_features`` computes them;
+5. the user key (common lines): the full signed 64-bit hash of the first field-101 entry in that order
+   (``user_keys``), ``schemas.dataset.UNKNOWN_USER`` for a line without one.
 
 Reasons are worded exactly like the native parser's, so the two parsers produce the same quarantine.
 """
@@ -31,7 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 import schemas as S
-from esmm.features import FeatureLayout, hash_ids_fields
+from esmm.features import P1, P2, P4, P5, _FIELD_SEEDS, _np_fmix, _np_rotl, FeatureLayout, hash_ids_fields
 
 INT_RE = r"^-?[0-9]{1,18}$"
 FLOAT_RE = r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$"
@@ -84,6 +86,32 @@ def to_float64(s: pa.Array) -> tuple[np.ndarray, np.ndarray]:
 
 # ----------------------------------------------------------------------------------------------- encoding
 
+def hash64(field_index: int, feature_ids: np.ndarray) -> np.ndarray:
+    """Spark's ``xxhash64(int field_index, long id)`` as a signed int64 array (``esmm.features.spark_hash_long``,
+    vectorized): the hash ``hash_ids_fields`` reduces to a bucket, kept whole."""
+    with np.errstate(over="ignore"):
+        x = np.asarray(feature_ids, dtype=np.int64).view(np.uint64)
+        h = _FIELD_SEEDS[field_index] + np.uint64(P5) + np.uint64(8)
+        h = h ^ (_np_rotl(x * np.uint64(P2), 31) * np.uint64(P1))
+        h = _np_rotl(h, 27) * np.uint64(P1) + np.uint64(P4)
+        return _np_fmix(h).view(np.int64)
+
+
+def user_keys(n: int, line: np.ndarray, field: np.ndarray, fid: np.ndarray, val: np.ndarray,
+              user_field: int) -> np.ndarray:
+    """Per line (``n`` lines): ``hash64(user_field, id)`` of its first ``user_field`` entry in the encoding's order
+    (value descending, then smallest id), or ``schemas.dataset.UNKNOWN_USER`` when it has none. Only the user
+    field's entries are sorted (one per line in Ali-CCP)."""
+    out = np.full(n, S.UNKNOWN_USER, np.int64)
+    sel = np.flatnonzero(field == user_field)
+    if len(sel):
+        line, fid, val = line[sel], fid[sel], val[sel]
+        order = np.lexsort((fid, -val, line))
+        line, fid = line[order], fid[order]
+        first = np.r_[True, line[1:] != line[:-1]]
+        out[line[first]] = hash64(user_field, fid[first])
+    return out
+
 def sort_order(group: np.ndarray, val: np.ndarray, fid: np.ndarray) -> np.ndarray:
     """The permutation sorting entries by (group ascending, val descending, fid ascending).
 
@@ -133,6 +161,8 @@ class SideEncoder:
         self.buckets = np.array(layout.buckets, np.int64)
         self.default_ids = np.concatenate([np.full(layout.max_len[i], layout.offsets[i], np.int32) for i in idx])
         self.default_wts = np.concatenate([np.r_[1.0, np.zeros(layout.max_len[i] - 1)] for i in idx]).astype(np.float32)
+        # the side that holds the user id (field 101) also gives each line its user key
+        self.user_field = layout.field_index(S.USER_FIELD) if S.USER_FIELD in fields else None
 
     def encode(self, n: int, line: np.ndarray, field: np.ndarray, fid: np.ndarray,
                val: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -266,7 +296,9 @@ def _entries(fl: pa.Array, lines: np.ndarray, n_ent: np.ndarray, reasons: _Reaso
     use = ~reasons.bad[line] & known
     field = f_idx.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
     ids, wts = encoder.encode(n, line[use], field[use], fid[use], val[use])
-    return ids, wts, _unknown(n, line, ~reasons.bad[line] & ~known, parts.field("f"))
+    users = None if encoder.user_field is None else \
+        user_keys(n, line[use], field[use], fid[use], val[use], encoder.user_field)
+    return ids, wts, _unknown(n, line, ~reasons.bad[line] & ~known, parts.field("f")), users
 
 
 def _unknown(n: int, line: np.ndarray, mask: np.ndarray, names: pa.Array) -> pa.Array:
@@ -282,8 +314,8 @@ def _feature_lists(fl: pa.Array, rows: np.ndarray, num: np.ndarray, num_ok: np.n
                    encoder: SideEncoder, n: int) -> tuple[np.ndarray, np.ndarray]:
     """feature_num check, then the entries of the lines still good; ``fl`` holds the feature lists of ``rows``.
 
-    Returns the side's ids/wts for all ``n`` lines (defaults for lines that are bad or have no entries) and each
-    line's unknown field names (``_unknown``).
+    Returns the side's ids/wts for all ``n`` lines (defaults for lines that are bad or have no entries), each
+    line's unknown field names (``_unknown``) and, on the side holding field 101, each line's user key (else None).
     """
     length = pc.binary_length(fl).to_numpy(zero_copy_only=False)
     n_ent = np.where(length == 0, 0, pc.count_substring(fl, S.ENTRY_SEP).to_numpy(zero_copy_only=False) + 1)
@@ -292,7 +324,8 @@ def _feature_lists(fl: pa.Array, rows: np.ndarray, num: np.ndarray, num_ok: np.n
     sel = np.flatnonzero(~reasons.bad[rows] & (n_ent > 0))
     if len(sel) == 0:
         empty = np.zeros(0, np.int64)
-        return (*encoder.encode(n, empty, empty, empty, np.zeros(0)), pa.nulls(n, pa.list_(pa.string())))
+        users = None if encoder.user_field is None else np.full(n, S.UNKNOWN_USER, np.int64)
+        return (*encoder.encode(n, empty, empty, empty, np.zeros(0)), pa.nulls(n, pa.list_(pa.string())), users)
     return _entries(fl.take(pa.array(sel)) if len(sel) < len(fl) else fl, rows[sel], n_ent[sel], reasons,
                     encoder, n)
 
@@ -356,7 +389,7 @@ def parse_skeleton(lines: pa.Array, encoder: SideEncoder, nbytes: np.ndarray | N
                 lambda i: f"conversion: expected 0 or 1, got {_q(c.text(raw[2])(i))}")
     reasons.add((clk == 0) & (conv == 1), lambda i: "conversion=1 with click=0")
     reasons.add(~num_ok, lambda i: f"feature_num: not an integer: {_q(c.text(raw[4])(i))}")
-    ids, wts, unknown = _feature_lists(raw[5], c.rows, num, num_ok, reasons, encoder, n)
+    ids, wts, unknown, _ = _feature_lists(raw[5], c.rows, num, num_ok, reasons, encoder, n)
     return {S.SAMPLE_ID: sid, S.CLICK: clk.astype(np.int32), S.CONVERSION: conv.astype(np.int32),
             S.COMMON_KEY: c.full(raw[3]), "ids": ids, "wts": wts, "reason": reasons.text, "bad": reasons.bad,
             "unknown": unknown}
@@ -364,7 +397,8 @@ def parse_skeleton(lines: pa.Array, encoder: SideEncoder, nbytes: np.ndarray | N
 
 def parse_common(lines: pa.Array, encoder: SideEncoder, nbytes: np.ndarray | None = None,
                  max_line_bytes: int | None = None) -> dict:
-    """Common lines -> columns for every line (duplicate keys are checked by the caller, across chunks)."""
+    """Common lines -> columns for every line, with each line's ``user_key`` (``user_keys``; meaningless on a bad
+    line); duplicate keys are checked by the caller, across chunks."""
     n = len(lines)
     reasons = _Reasons(n)
     lines = _whole_lines(lines, nbytes, max_line_bytes, S.COMMON_COLUMNS, reasons)
@@ -372,6 +406,8 @@ def parse_common(lines: pa.Array, encoder: SideEncoder, nbytes: np.ndarray | Non
     raw = [c.get(j) for j in range(len(S.COMMON_COLUMNS))]
     num, num_ok = c.ints(raw[1])
     reasons.add(~num_ok, lambda i: f"feature_num: not an integer: {_q(c.text(raw[1])(i))}")
-    ids, wts, unknown = _feature_lists(raw[2], c.rows, num, num_ok, reasons, encoder, n)
+    ids, wts, unknown, users = _feature_lists(raw[2], c.rows, num, num_ok, reasons, encoder, n)
+    if users is None:   # an encoder without field 101 (not the ETL's common side)
+        users = np.full(n, S.UNKNOWN_USER, np.int64)
     return {S.COMMON_KEY: c.full(raw[0]), "ids": ids, "wts": wts, "reason": reasons.text, "bad": reasons.bad,
-            "unknown": unknown}
+            "unknown": unknown, S.USER_KEY: users}

@@ -16,6 +16,11 @@ Marks in Table 2: a competitor's cell carries ``*`` when ESMM's AUC is significa
 every repeat, ``†`` when ESMM's is significantly lower in every repeat; no mark otherwise (not significant, or not in
 every repeat). The significance table gives the numbers behind each mark.
 
+GAUC (``esmm.metrics.gauc_wide``: the impression-weighted mean of per-user AUCs over the users with both classes)
+gets three more Table 2 columns, CVR, CTCVR and CTR, as ``mean ± std`` over the repeats, without an interval (DeLong
+covers the global AUC only); a line under the table gives the number of users each is averaged over, or says why
+GAUC is missing (units measured on a dataset without ``user_key``).
+
 Figure 3 plots AUC against the number of training impressions (the ETL's nested sampling tiers), with error bars at
 the 95% level: a t-interval of the mean over repeats when there are at least two, else the DeLong interval of the
 single run; a third panel plots ESMM's gain over BASE with the same rule applied to the per-unit differences.
@@ -30,6 +35,7 @@ import numpy as np
 import schemas as S
 
 TASKS = ("ctr", "cvr", "ctcvr", "cvr_entire")
+GAUC_TASKS = ("cvr", "ctcvr", "ctr")                 # in Table 2's column order
 SIG_TASKS = ("cvr", "ctcvr", "cvr_entire")           # where ESMM's claims live
 TASK_TITLES = {"ctr": "CTR", "cvr": "CVR (clicked)", "ctcvr": "CTCVR", "cvr_entire": "entire-space CVR"}
 REFERENCE = "esmm"
@@ -116,6 +122,25 @@ def summarize(units: list[dict], rate: float) -> dict:
     return out
 
 
+def summarize_gauc(units: list[dict], rate: float) -> dict:
+    """{run name: {task: (mean GAUC, std, repeats, users)}} over the repeats at one sampling rate, from the GAUC keys
+    of the units' metric rows (``esmm.metrics.protocol_metrics``); runs and tasks without GAUC are absent."""
+    by: dict = {}
+    for u in units:
+        if u["rate"] != rate:
+            continue
+        for r in u["metrics"]:
+            if r.get("gauc") is not None:
+                by.setdefault(r[S.RUN_ID], {}).setdefault(r["task"], []).append((r["gauc"], r.get("gauc_users", 0)))
+    out = {}
+    for name, tasks in by.items():
+        out[name] = {}
+        for t, vals in tasks.items():
+            mean, sd = _mean_std([g for g, _ in vals])
+            out[name][t] = (mean, sd, len(vals), max(n for _, n in vals))
+    return out
+
+
 def pick_variants(summary: dict, methods: tuple) -> dict:
     """{method: run name}: the best-CVR-AUC variant of AMAN/OVERSAMPLING (the paper's protocol), the only one of the
     others."""
@@ -168,6 +193,7 @@ def _sig_mark(rows: list[dict]) -> str:
 def table2(units: list[dict], methods: tuple, rate: float, oracle_rows: list[dict] | None) -> list[dict]:
     """Rows of Table 2 at ``rate``: per task mean, std over repeats, DeLong half-width, significance mark."""
     summary = summarize(units, rate)
+    gsummary = summarize_gauc(units, rate)
     chosen = pick_variants(summary, methods)
     comps = comparisons(units, {rate: chosen})
     rows = []
@@ -180,6 +206,9 @@ def table2(units: list[dict], methods: tuple, rate: float, oracle_rows: list[dic
             mean, sd, _, hw = s.get(t, (math.nan, math.nan, 0, math.nan))
             row[f"{t}_auc"], row[f"{t}_std"], row[f"{t}_ci95"] = mean * 100, sd * 100, hw * 100
             row[f"{t}_sig"] = _sig_mark([c for c in comps if c["task"] == t and c["variant"] == chosen[m]])
+        for t in GAUC_TASKS:
+            mean, sd, _, users = gsummary.get(chosen[m], {}).get(t, (math.nan, math.nan, 0, 0))
+            row[f"{t}_gauc"], row[f"{t}_gauc_std"], row[f"{t}_gauc_users"] = mean * 100, sd * 100, users
         rows.append(row)
     if oracle_rows:
         row = {"model": "ORACLE (true probabilities)", "variant": "", "repeats": 1}
@@ -189,13 +218,25 @@ def table2(units: list[dict], methods: tuple, rate: float, oracle_rows: list[dic
             row[f"{t}_std"] = 0.0
             row[f"{t}_ci95"] = Z95 * r["auc_se"] * 100 if r and r.get("auc_se") is not None else math.nan
             row[f"{t}_sig"] = ""
+        for t in GAUC_TASKS:
+            r = next((r for r in oracle_rows if r["task"] == t and r.get("gauc") is not None), None)
+            row[f"{t}_gauc"] = r["gauc"] * 100 if r else math.nan
+            row[f"{t}_gauc_std"] = 0.0 if r else math.nan
+            row[f"{t}_gauc_users"] = r.get("gauc_users", 0) if r else 0
         rows.append(row)
     return rows
 
 
+def _has_gauc(rows: list[dict]) -> bool:
+    return any(not math.isnan(r.get(f"{t}_gauc", math.nan)) for r in rows for t in GAUC_TASKS)
+
+
 def table2_markdown(rows: list[dict]) -> str:
-    head = "| model | CVR AUC % | CTCVR AUC % | CTR AUC % | entire-space CVR AUC % | chosen |\n|---|---|---|---|---|---|"
-    lines = [head]
+    """Table 2 as markdown, and under it the GAUC line: its users per task, or why GAUC is missing."""
+    gauc = _has_gauc(rows)
+    cols = ["model", "CVR AUC %", "CTCVR AUC %", "CTR AUC %", "entire-space CVR AUC %"]
+    cols += ["CVR GAUC %", "CTCVR GAUC %", "CTR GAUC %"] if gauc else []
+    lines = ["| " + " | ".join(cols + ["chosen"]) + " |", "|" + "---|" * (len(cols) + 1)]
     for r in rows:
         def cell(t):  # one repeat: no spread over repeats to show, only the run's DeLong interval
             text = f"{r[t + '_auc']:.2f}" + (f" ± {r[t + '_std']:.2f}" if r.get("repeats", 1) > 1 else "")
@@ -203,9 +244,27 @@ def table2_markdown(rows: list[dict]) -> str:
                 text += f" (±{r[t + '_ci95']:.2f})"
             mark = r.get(t + "_sig", "")
             return text + (f" {mark}" if mark else "")
-        lines.append(f"| {r['model']} | {cell('cvr')} | {cell('ctcvr')} | {cell('ctr')} | {cell('cvr_entire')} | "
-                     f"{r['variant'] if '[' in r['variant'] else ''} |")
-    return "\n".join(lines)
+
+        def gcell(t):
+            v = r.get(f"{t}_gauc", math.nan)
+            if math.isnan(v):
+                return "–"
+            return f"{v:.2f}" + (f" ± {r[t + '_gauc_std']:.2f}" if r.get("repeats", 1) > 1 else "")
+        cells = [r["model"], cell("cvr"), cell("ctcvr"), cell("ctr"), cell("cvr_entire")]
+        cells += [gcell(t) for t in GAUC_TASKS] if gauc else []
+        lines.append("| " + " | ".join(cells + [r["variant"] if "[" in r["variant"] else ""]) + " |")
+    return "\n".join(lines) + "\n\n" + gauc_note(rows)
+
+
+def gauc_note(rows: list[dict]) -> str:
+    """The one line under Table 2 about GAUC: what it is and over how many users, or why it is omitted."""
+    if not _has_gauc(rows):
+        return ("GAUC omitted: the predictions carry no user_key (a dataset written before user keys; re-run the ETL "
+                "with --overwrite to get it).")
+    users = {t: max((r.get(f"{t}_gauc_users", 0) for r in rows), default=0) for t in GAUC_TASKS}
+    return ("GAUC %: impression-weighted mean of per-user AUCs over the users with both classes in the task's test "
+            "impressions (" + ", ".join(f"{TASK_TITLES[t]}: {users[t]:,} users" for t in GAUC_TASKS if users[t])
+            + "), mean ± std over the repeats; users with one class only and unknown users are left out.")
 
 
 TABLE2_LEGEND = ("AUC % as mean ± std over the repeats (the value of the run with one repeat), (±h) the 95% DeLong "

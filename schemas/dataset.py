@@ -11,6 +11,13 @@ One row per impression::
                               top-K entries by value, weights = value / sum(kept values) (a weighted mean).
                               Padding slots: id = field offset (bucket 0), weight 0. A field absent from the line:
                               first slot id = field offset with weight 1 (a learned "missing" embedding).
+    user_key    long      the user of the impression, for per-user metrics (GAUC): the full 64-bit hash of field
+                          101's raw user id, ``xxhash64(int field_index("101") = 0, long id)`` with Spark's seed 42,
+                          i.e. the hash the feature encoding reduces modulo the bucket count, before the modulo (so
+                          two ids share a key with probability ~2^-64, not ~1/buckets). Field 101 is on the common
+                          features line; with several 101 entries the one the encoding keeps first (highest value,
+                          then smallest id). A line without field 101 gets ``UNKNOWN_USER`` = 0, which per-user
+                          metrics leave out. Datasets written before this column existed lack it (then no GAUC).
     sample_tier int       partition column: the smallest sampling-rate tier the row belongs to (nested subsets).
 
 Layout on disk: ``<dataset>/{train,test}/sample_tier=<t>/part-*.parquet``, ``<dataset>/quarantine/``,
@@ -25,6 +32,9 @@ from schemas.raw import CLICK, CONVERSION, SAMPLE_ID
 
 FEAT_IDS = "feat_ids"
 FEAT_WTS = "feat_wts"
+USER_KEY = "user_key"
+USER_FIELD = "101"      # the raw field holding the user id
+UNKNOWN_USER = 0        # user_key of an impression whose common line has no field 101
 SAMPLE_TIER = "sample_tier"
 TRAIN = "train"
 TEST = "test"
@@ -38,6 +48,7 @@ DATASET_SCHEMA = StructType([
     StructField(CONVERSION, IntegerType(), False),
     StructField(FEAT_IDS, ArrayType(IntegerType(), False), False),
     StructField(FEAT_WTS, ArrayType(FloatType(), False), False),
+    StructField(USER_KEY, LongType(), False),
     StructField(SAMPLE_TIER, IntegerType(), False),
 ])
 # Columns a trainer reads (the partition column comes from the path).
@@ -70,7 +81,8 @@ GROUND_TRUTH_SCHEMA = StructType([
     StructField(CONVERSION, IntegerType(), False),
 ])
 
-# Predictions written by the evaluation job (long format: one row per sample and method).
+# Predictions written by the evaluation job (long format: one row per sample and method). user_key is the test row's
+# (null when the dataset predates the column: GAUC is then omitted).
 P_CTR = "p_ctr"
 P_CVR = "p_cvr"
 P_CTCVR = "p_ctcvr"
@@ -85,4 +97,5 @@ PREDICTION_SCHEMA = StructType([
     StructField(P_CTCVR, FloatType(), False),
     StructField(METHOD, StringType(), False),
     StructField(RUN_ID, StringType(), False),
+    StructField(USER_KEY, LongType(), True),
 ])

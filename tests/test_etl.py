@@ -172,7 +172,8 @@ def test_sampling_tiers_are_nested_and_near_rate(spark):
 
 
 def _rows(spark, out):
-    data = sorted((r[S.SAMPLE_ID], r[S.CLICK], r[S.CONVERSION], tuple(r[S.FEAT_IDS]), tuple(r[S.FEAT_WTS]), split)
+    data = sorted((r[S.SAMPLE_ID], r[S.CLICK], r[S.CONVERSION], tuple(r[S.FEAT_IDS]), tuple(r[S.FEAT_WTS]),
+                   r[S.USER_KEY], split)
                   for split in S.SPLITS if (out / split).exists()
                   for r in spark.read.parquet(str(out / split)).collect())
     q = sorted(tuple(r) for r in spark.read.parquet(str(out / S.QUARANTINE)).collect())
@@ -196,6 +197,38 @@ def test_native_parser_gives_the_same_dataset_and_quarantine(spark, etl_out, tin
     run_etl(spark, test_cfg, gen_raw, str(tmp_path / "gen-native"))
     native_rows, arrow_rows = _rows(spark, tmp_path / "gen-native"), _rows(spark, Path(gen_out))
     assert len(arrow_rows[0]) > 1000 and native_rows == arrow_rows
+
+
+def test_user_key_equal_for_equal_user_ids_and_both_parsers_agree(spark, tmp_path):
+    """user_key = the whole xxhash64(int 0, long id) of field 101's id (Spark's, as esmm.features computes it); the
+    same user id gives the same key across common lines and splits; several 101 entries: the one the encoding keeps
+    first (highest value); no field 101: UNKNOWN_USER. Both parser/writer pairs write the same keys."""
+    from esmm.features import spark_hash_long
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    commons = [common(KA, [("101", 11, "1.0"), ("124", 2, "1.0")]), common(KB, [("101", 11, "1.0")]),
+               common(KC, [("101", 5, "1.0"), ("101", 99, "2.0"), ("101", 3, "2.0")]),  # top: value 2.0, id 3
+               common(KD, [("124", 2, "1.0")])]                                          # no user id
+    skels = [skel(i, 0, 0, k, [("205", i, "1.0")]) for i, k in enumerate((KA, KB, KC, KD, KA), start=1)]
+    (raw / "common_features_train.csv").write_text("\n".join(commons) + "\n")
+    (raw / "sample_skeleton_train.csv").write_text("\n".join(skels) + "\n")
+    (raw / "common_features_test.csv").write_text(common(KA, [("101", 11, "1.0")]) + "\n")
+    (raw / "sample_skeleton_test.csv").write_text(skel(100, 1, 0, KA, [("205", 1, "1.0")]) + "\n")
+    keys = {}
+    for parser, writer in (("arrow", "arrow"), ("native", "spark")):
+        cfg = load_config(None, ["etl.sampling_rates=[1.0]", f"etl.parser={parser}", f"etl.writer={writer}"])
+        out = tmp_path / parser
+        run_etl(spark, cfg, str(raw), str(out))
+        keys[parser] = {r[S.SAMPLE_ID]: r[S.USER_KEY] for split in S.SPLITS
+                        for r in spark.read.parquet(str(out / split)).collect()}
+        schema = spark.read.parquet(str(out / S.TRAIN)).schema
+        assert schema[S.USER_KEY].dataType == S.DATASET_SCHEMA[S.USER_KEY].dataType
+    u11 = spark_hash_long(0, 11)
+    assert keys["arrow"] == {1: u11, 2: u11, 3: spark_hash_long(0, 3), 4: S.UNKNOWN_USER, 5: u11, 100: u11}
+    assert keys["native"] == keys["arrow"]
+    # the same 64-bit hash that field 101's bucket is cut from
+    layout = FeatureLayout.from_config(load_config(None, []).features)
+    assert layout.global_id("101", 11) == layout.offsets[0] + 1 + u11 % (layout.buckets[0] - 1)
 
 
 # ------------------------------------------------------------------------------------------ dirty bytes

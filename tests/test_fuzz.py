@@ -39,7 +39,7 @@ import schemas as S
 from esmm import rawparse
 from esmm.config import load_config
 from esmm.etl import _arrow_parser
-from esmm.features import FeatureLayout, encode_line_features
+from esmm.features import FeatureLayout, encode_line_features, spark_hash_long
 
 _HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
 settings.register_profile("ci", max_examples=150, deadline=None, derandomize=True, database=None,
@@ -180,6 +180,9 @@ def reference_parse(kind: str, value: bytes, line_bytes, numbers=STRICT) -> dict
     lo = LAYOUT.slot_starts[LAYOUT.field_index(SIDE[kind][0])]
     hi = lo + sum(LAYOUT.max_len[LAYOUT.field_index(f)] for f in SIDE[kind])
     unknown = [f for f, _, _ in entries if f not in S.ALL_FIELDS]
+    if kind == "common":    # the whole hash of the user id the encoding keeps first (highest value, smallest id)
+        users = sorted((-v, fid) for f, fid, v in entries if f == S.USER_FIELD)
+        row["user"] = spark_hash_long(LAYOUT.field_index(S.USER_FIELD), users[0][1]) if users else S.UNKNOWN_USER
     return {**row, "ids": ids[lo:hi], "wts": [float(np.float32(w)) for w in wts[lo:hi]], "unknown": unknown or None}
 
 
@@ -436,6 +439,8 @@ def _rows(batches, kind: str) -> list:
                 row.update(ids=py[f"{side}_ids"][i], wts=py[f"{side}_wts"][i])
                 if kind == "skeleton":
                     row.update(sid=py[S.SAMPLE_ID][i], click=py[S.CLICK][i], conv=py[S.CONVERSION][i])
+                else:
+                    row.update(user=py[S.USER_KEY][i])
             out.append(row)
     return out
 
@@ -585,12 +590,12 @@ def _spark_rows(spark, parser: str, lines: dict) -> dict:
         frames.append(parse_lines(df, kind, parser, LAYOUT, max_line_bytes=MAX_LINE).select(
             F.lit(kind).alias("kind"), "file", F.col("value").cast("binary").alias("value"), S.COMMON_KEY,
             F.col(f"{side}_ids").alias("s_ids"), F.col(f"{side}_wts").alias("s_wts"), "reason", "unknown_fields",
-            *labels))
+            *labels, (F.col(S.USER_KEY) if kind == "common" else F.lit(None).cast("long")).alias(S.USER_KEY)))
     got = frames[0].unionByName(frames[1]).collect()
     schema = pa.schema([("value", pa.binary()), ("file", pa.string()), (S.COMMON_KEY, pa.string()),
                         ("s_ids", pa.list_(pa.int32())), ("s_wts", pa.list_(pa.float32())), ("reason", pa.string()),
                         ("unknown_fields", pa.list_(pa.string())), (S.SAMPLE_ID, pa.int64()), (S.CLICK, pa.int32()),
-                        (S.CONVERSION, pa.int32())])
+                        (S.CONVERSION, pa.int32()), (S.USER_KEY, pa.int64())])
     out = {}
     for kind, xs in lines.items():
         mine = pa.Table.from_pylist([r.asDict() for r in got if r["kind"] == kind], schema)

@@ -121,8 +121,8 @@ def _predictions(spark):
     rows = [(1, 1, 0.8, 0.6, 0.48), (1, 0, 0.7, 0.3, 0.21), (1, 0, 0.6, 0.7, 0.48),
             (0, 0, 0.65, 0.01, 0.18), (0, 0, 0.1, 0.05, 0.01)]
     b_cvr = [0.9, 0.3, 0.7, 0.95, 0.05]
-    data = [(i, c, v, a, p, t, "m", "r0") for i, (c, v, a, p, t) in enumerate(rows)]
-    data += [(i, c, v, a, b_cvr[i], t, "b", "r0") for i, (c, v, a, p, t) in enumerate(rows)]
+    data = [(i, c, v, a, p, t, "m", "r0", None) for i, (c, v, a, p, t) in enumerate(rows)]
+    data += [(i, c, v, a, b_cvr[i], t, "b", "r0", None) for i, (c, v, a, p, t) in enumerate(rows)]
     return spark.createDataFrame(data, PREDICTION_SCHEMA)
 
 
@@ -186,7 +186,8 @@ def test_entire_space_cvr_metrics(spark):
     p_cvr = np.clip(pdf.true_cvr + rng.normal(0, 0.2, len(pdf)), 0.01, 0.99).astype(np.float32)
     preds = spark.createDataFrame(pd.DataFrame({
         "sample_id": pdf.sample_id, "click": pdf.click, "conversion": pdf.conversion, "p_ctr": pdf.true_ctr,
-        "p_cvr": p_cvr, "p_ctcvr": pdf.true_ctr * p_cvr, "method": "esmm", "run_id": "r0"}), PREDICTION_SCHEMA)
+        "p_cvr": p_cvr, "p_ctcvr": pdf.true_ctr * p_cvr, "method": "esmm", "run_id": "r0", "user_key": 1}),
+        PREDICTION_SCHEMA)
     got = {r["task"]: r for r in entire_space_cvr_metrics(preds, truth)}
     m = pdf.click.to_numpy() == 1
     assert got["cvr_entire"]["auc"] == pytest.approx(roc_auc_score(pdf.would_convert, p_cvr), abs=TOL)

@@ -10,7 +10,7 @@ import schemas as S
 from esmm import rawparse
 from esmm.config import load_config
 from esmm.etl import _arrow_parser
-from esmm.features import FeatureLayout, encode_line_features
+from esmm.features import FeatureLayout, encode_line_features, spark_hash_long
 from esmm.rawparse import SideEncoder, parse_common, parse_skeleton, sort_order, to_float64, to_int64
 
 E, I, V = S.ENTRY_SEP, S.ID_SEP, S.VALUE_SEP
@@ -44,6 +44,10 @@ def test_encoding_equals_python_reference_line_by_line():
         assert np.concatenate([c["ids"][k], s["ids"][k]]).tolist() == want_ids
         # float64 arithmetic then one rounding to float32, like the reference: bit-identical
         assert np.array_equal(np.concatenate([c["wts"][k], s["wts"][k]]), np.array(want_wts, np.float32))
+        # user key: the whole hash of the 101 entry the encoding keeps first (highest value, then smallest id)
+        users = sorted((-float(v), int(i)) for f, i, v in commons[k] if f == S.USER_FIELD)
+        assert c[S.USER_KEY][k] == (spark_hash_long(0, users[0][1]) if users else S.UNKNOWN_USER)
+    assert len({int(x) for x in c[S.USER_KEY]}) > 10 and S.UNKNOWN_USER in c[S.USER_KEY]
 
 
 def test_top_k_ties_and_weights_by_hand():

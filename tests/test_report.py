@@ -86,3 +86,25 @@ def test_figure3_points_and_plot(tmp_path):
     R.plot_figure3(pts, png, csv_path, title="t")
     assert os.path.getsize(png) > 10_000
     assert open(csv_path).readline().startswith("series,variant,rate,train_impressions,task,auc,ci95,repeats")
+
+
+def test_table2_gauc_columns_and_note():
+    units = _two_repeats()
+    gaucs = {0: {"base": 0.60, "division": 0.61, "esmm": 0.64}, 1: {"base": 0.62, "division": 0.61, "esmm": 0.66}}
+    for u in units:
+        for r in u["metrics"]:
+            r.update(gauc=gaucs[u["repeat"]][r["run_id"]], gauc_users=1234, gauc_impressions=56789)
+    oracle = [{"task": "cvr", "auc": 0.8, "auc_se": 0.01, "gauc": 0.75, "gauc_users": 1234}]
+    rows = R.table2(units, ("base", "division", "esmm"), 1.0, oracle)
+    by = {r["model"]: r for r in rows}
+    assert by["ESMM"]["cvr_gauc"] == pytest.approx(65.0) and by["ESMM"]["cvr_gauc_std"] == pytest.approx(math.sqrt(2))
+    assert math.isnan(by["ESMM"]["ctr_gauc"])              # no CTR rows in these units
+    md = R.table2_markdown(rows)
+    assert md.splitlines()[0] == ("| model | CVR AUC % | CTCVR AUC % | CTR AUC % | entire-space CVR AUC % | "
+                                  "CVR GAUC % | CTCVR GAUC % | CTR GAUC % | chosen |")
+    assert "| ESMM | 70.50 ± 0.71 (±3.92) | nan ± nan | nan ± nan | nan ± nan | 65.00 ± 1.41 | – | – |  |" in md
+    assert "| ORACLE (true probabilities) | 80.00 (±1.96) |" in md and "| 75.00 | – | – |" in md
+    assert "CVR (clicked): 1,234 users" in md.splitlines()[-1]
+    # units without GAUC (a dataset written before user keys): no GAUC columns, one line says why
+    md = R.table2_markdown(R.table2(_two_repeats(), ("base", "division", "esmm"), 1.0, None))
+    assert "GAUC %" not in md.splitlines()[0] and md.splitlines()[-1].startswith("GAUC omitted: ")
