@@ -225,9 +225,12 @@ def _table2(exp: str) -> list:
         return json.load(f)["table2"]
 
 
-def _table_diff(a: list, b: list) -> list[str]:
-    """Cells of two Table 2s that differ: text exactly, numbers beyond 1e-9 (Spark's sums of the oracle's and the
-    intervals' terms may be ordered differently by another session's partitioning; the models' AUCs are exact)."""
+def _table_diff(a: list, b: list, tol: float = 1e-3) -> list[str]:
+    """Cells of two Table 2s that differ: text exactly, numbers (AUC points, %) beyond ``tol``. The trained models
+    are bit-identical (checked by the training scenarios), but another Spark session feeds the scoring networks
+    other Arrow batches, and float32 GEMMs over other batch shapes may round a score one ulp apart: a near-tie pair
+    can flip (observed: a CTR AUC of 54.43697 vs 54.43702 on the tiny log), and Spark may order the oracle's and
+    the intervals' sums differently. 1e-3 points is 100x that and far below any difference Table 2 reports."""
     if [x.get("model") for x in a] != [y.get("model") for y in b]:
         return ["the rows differ"]
     out = []
@@ -235,7 +238,7 @@ def _table_diff(a: list, b: list) -> list[str]:
         for k in sorted(set(x) | set(y)):
             u, v = x.get(k), y.get(k)
             if isinstance(u, float) and isinstance(v, float):
-                if not (u == v or (u != u and v != v) or abs(u - v) <= 1e-9):
+                if not (u == v or (u != u and v != v) or abs(u - v) <= tol):
                     out.append(f"{x.get('model')}.{k}: {u} vs {v}")
             elif u != v:
                 out.append(f"{x.get('model')}.{k}: {u!r} vs {v!r}")

@@ -184,12 +184,16 @@ class TrainConfig:
     log_every: int = 50              # steps
     seed: int = 7
     ctr_model: str = ""              # reference CTR export (needed by unbias); empty = <runs>/ctr/model.pt
+    validation_share: float = 0.05   # the latest share of the train split (by sample_id) held out for validation;
+                                     # 0 = no validation, no early stopping (every train row is trained on)
+    eval_every: int = 1000           # steps between validation evaluations (also at the end of every epoch)
+    patience: int = 5                # stop after this many evaluations without a better validation AUC
 
     def validate(self, key: str) -> None:
         _check(self.method in METHODS, f"{key}.method", f"must be one of {METHODS}, got {self.method!r}")
         _check(0 < self.sampling_rate <= 1, f"{key}.sampling_rate", "must be in (0, 1]")
         for name in ("epochs", "batch_size", "workers", "threads", "checkpoint_every", "log_every", "oversampling_k",
-                     "reader_workers"):
+                     "reader_workers", "eval_every", "patience"):
             _check(getattr(self, name) >= 1, f"{key}.{name}", "must be >= 1")
         _check(math.isfinite(self.lr) and self.lr > 0, f"{key}.lr", f"must be a finite number > 0, got {self.lr}")
         for name in ("beta1", "beta2"):  # Adam's moment decay rates: 1 never forgets (and divides by 1 - beta^t = 0)
@@ -199,6 +203,8 @@ class TrainConfig:
         _check(0 < self.aman_rate <= 1, f"{key}.aman_rate", "must be in (0, 1]")
         _check(0 < self.unbias_min_ctr < 1, f"{key}.unbias_min_ctr", "must be in (0, 1)")
         _check(self.shuffle_buffer >= 0, f"{key}.shuffle_buffer", "must be >= 0")
+        _check(0 <= self.validation_share < 1, f"{key}.validation_share",
+               f"must be in [0, 1) (0 = no validation split), got {self.validation_share}")
 
 
 EXPORT_MODES = ("auto", "path", "broadcast")
@@ -221,6 +227,9 @@ class EvaluateConfig:
                f"got {self.exports!r}")
 
 
+SELECT_ON = ("validation", "test")
+
+
 @dataclass(frozen=True)
 class ExperimentConfig:
     methods: tuple = ("base", "aman", "oversampling", "unbias", "division", "esmm_ns", "esmm")
@@ -229,6 +238,7 @@ class ExperimentConfig:
     oversampling_ks: tuple = (2, 3, 5, 10)       # paper's search grid
     figure_rates: tuple = ()                     # empty = every etl.sampling_rates entry
     figure_methods: tuple = ()                   # trained at the figure rates below Table 2's; empty = all methods
+    select_on: str = "validation"                # AMAN's rate / OVERSAMPLING's k by validation AUC; test = the paper's
 
     def validate(self, key: str) -> None:
         bad = [m for m in self.methods if m not in METHODS]
@@ -236,6 +246,18 @@ class ExperimentConfig:
         _check(self.repeats >= 1, f"{key}.repeats", "must be >= 1")
         bad = [m for m in self.figure_methods if m not in self.methods]
         _check(not bad, f"{key}.figure_methods", f"{bad} not in experiment.methods {list(self.methods)}")
+        _check(self.select_on in SELECT_ON, f"{key}.select_on", f"must be one of {'|'.join(SELECT_ON)}, "
+               f"got {self.select_on!r}")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Run tracking besides the TensorBoard event files every training writes (esmm/tracking.py)."""
+    mlflow_uri: str = ""             # empty = no MLflow; a path = MLflow's file store there; else any tracking URI
+    mlflow_experiment: str = "esmm-spark"   # the MLflow experiment the runs are logged under
+
+    def validate(self, key: str) -> None:
+        _check(bool(self.mlflow_experiment.strip()), f"{key}.mlflow_experiment", "must not be empty")
 
 
 @dataclass(frozen=True)
@@ -249,6 +271,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def validate(self, key: str = "") -> None:
         rates = self.etl.sampling_rates
@@ -256,6 +279,9 @@ class Config:
                f"{self.train.sampling_rate} is not one of etl.sampling_rates {list(rates)}")
         bad = [r for r in self.experiment.figure_rates if r not in rates]
         _check(not bad, "experiment.figure_rates", f"{bad} not in etl.sampling_rates {list(rates)}")
+        _check(self.experiment.select_on != "validation" or self.train.validation_share > 0, "experiment.select_on",
+               "validation needs a validation split (train.validation_share > 0); use experiment.select_on=test "
+               "with train.validation_share=0")
 
 
 # --------------------------------------------------------------------------------------------- building

@@ -14,6 +14,10 @@ its first batch; ``esmm.train`` reads every rank's first batch before training a
 The stream is deterministic for a given seed, rank and world size when ``reader_workers == 1`` (Petastorm's thread
 pool returns row groups in completion order when it has more than one worker), which is also what makes resuming
 exact: a restarted run replays the stream and skips the batches it had already trained on.
+
+Validation (``esmm.validation``): with a cut, every chunk drops its rows with ``sample_id >= cut`` (a vectorized mask
+as the row group arrives, at every tier), so the validation part never reaches a training batch; ``rows`` is then
+the subset's rows before the cut (``esmm.validation.train_rows``). Without a cut the stream is unchanged.
 """
 from __future__ import annotations
 
@@ -56,8 +60,9 @@ def steps_per_epoch(rows: int, batch_size: int, world: int) -> int:
 
 
 def _chunks(path: str, tier: int | None, rank: int, world: int, seed: int, workers: int,
-            num_epochs: int | None) -> Iterator[dict]:
-    """Row-group-sized numpy chunks of this rank's shard, as dicts of column arrays."""
+            num_epochs: int | None, cut: int | None = None) -> Iterator[dict]:
+    """Row-group-sized numpy chunks of this rank's shard, as dicts of column arrays; with ``cut``, only the rows with
+    ``sample_id < cut`` (the validation rows, at and after the cut, are dropped)."""
     from petastorm import make_batch_reader
     from petastorm.errors import NoDataAvailableError
     filters = [(S.SAMPLE_TIER, "<=", tier)] if tier is not None else None
@@ -73,7 +78,12 @@ def _chunks(path: str, tier: int | None, rank: int, world: int, seed: int, worke
                             f"row groups than workers; lower etl.row_group_mb or use fewer workers ({e})") from e
     with reader:
         for chunk in reader:
-            yield {c: getattr(chunk, c) for c in READ_COLUMNS}
+            cols = {c: getattr(chunk, c) for c in READ_COLUMNS}
+            if cut is not None:
+                keep = cols[S.SAMPLE_ID] < cut
+                if not keep.all():
+                    cols = {c: v[keep] for c, v in cols.items()}
+            yield cols
 
 
 def _to_batch(cols: dict, idx: np.ndarray | slice) -> Batch:
@@ -110,28 +120,31 @@ def shuffled_batches(chunks: Iterator[dict], batch_size: int, buffer_rows: int, 
             yield _to_batch(pool, order[b:b + batch_size])
 
 
-def _passes(path: str, tier: int, rank: int, world: int, seed: int, workers: int) -> Iterator[dict]:
+def _passes(path: str, tier: int, rank: int, world: int, seed: int, workers: int,
+            cut: int | None = None) -> Iterator[dict]:
     """Endless chunks: one full pass over the shard after another, each pass with its own seeded order.
     (Petastorm's own ``num_epochs=None`` reshuffles with an unseeded RNG after the first pass.)"""
     p = 0
     while True:
         rows = 0
         for chunk in _chunks(path, tier, rank, world, seed=(seed * 1000 + rank) * 1000 + p, workers=workers,
-                             num_epochs=1):
+                             num_epochs=1, cut=cut):
             rows += len(chunk[S.SAMPLE_ID])
             yield chunk
         if rows == 0:  # without this an empty shard would loop here forever
-            raise DataError(f"rank {rank}/{world} read no rows from {path} (tier <= {tier}): its row groups are "
+            where = f"tier <= {tier}" + (f", sample_id < {cut}: the rest is validation" if cut is not None else "")
+            raise DataError(f"rank {rank}/{world} read no rows from {path} ({where}): its row groups are "
                             f"empty; use fewer workers or rebuild the dataset")
         p += 1
 
 
 def train_stream(path: str, manifest: dict, rate: float, rank: int, world: int, batch_size: int,
-                 buffer_rows: int, seed: int, reader_workers: int = 1) -> Iterator[Batch]:
-    """Endless stream of this rank's training batches (see module docs for the epoch contract).
-    Close it (``.close()``) when done so the reader thread stops."""
+                 buffer_rows: int, seed: int, reader_workers: int = 1, cut: int | None = None) -> Iterator[Batch]:
+    """Endless stream of this rank's training batches (see module docs for the epoch contract); with ``cut``, rows
+    with ``sample_id >= cut`` (the validation part) are left out. Close it (``.close()``) when done so the reader
+    thread stops."""
     tier = tier_for_rate(manifest, rate)
-    chunks = _passes(path, tier, rank, world, seed, reader_workers)
+    chunks = _passes(path, tier, rank, world, seed, reader_workers, cut)
     return shuffled_batches(chunks, batch_size, buffer_rows, seed=seed * 1000 + rank)
 
 

@@ -12,8 +12,17 @@ Each unit also stores, per task, the DeLong covariance of its runs' AUCs (``esmm
 is scored on the same test rows), from which the reports derive each AUC's 95% interval and the paired test of ESMM
 against every competitor (``esmm.report``).
 
-Selection of AMAN's rate and OVERSAMPLING's factor: as in the paper, the variant with the best mean CVR AUC over the
-repeats is reported (on the test split, as the paper did: there is no separate validation split in its protocol).
+Selection of AMAN's rate and OVERSAMPLING's factor (``experiment.select_on``):
+
+- ``validation`` (default): the variant whose trainings reached the best validation AUC (``esmm.validation``: the CVR
+  AUC on the clicked impressions of the held-out latest part of the train split), mean over the repeats at each
+  sampling rate. The test split plays no part in the choice, so the reported test AUCs are honest estimates.
+- ``test``: the paper's protocol: the variant with the best mean test CVR AUC is reported (the paper has no
+  validation split and chose on test, which flatters the chosen variant slightly).
+
+Either way every variant is trained, scored and kept in the unit records; the choice is made when the reports are
+written (so switching ``select_on`` re-reports without training), and Table 2's caption and ``table2.json`` say
+which rule chose and the validation AUC of every variant.
 """
 from __future__ import annotations
 
@@ -29,6 +38,7 @@ from pyspark.sql import SparkSession
 
 import schemas as S
 from esmm import report as R
+from esmm import validation as V
 from esmm.config import Config, to_dict
 from esmm.evaluate import OWN_CTR_METHODS, ScoredRun, score_to_parquet
 from esmm.metrics import oracle_protocol_metrics, protocol_metrics
@@ -134,7 +144,10 @@ def run_unit(spark: SparkSession, cfg: Config, dataset: str, exp_dir: str, repea
               # wall seconds of this run of the unit (training includes runs resumed or skipped as already done)
               "seconds": {"train": round(t1 - t0, 1), "score": round(t2 - t1, 1),
                           "metrics": round(time.time() - t2, 1)},
-              "train": [{k: v for k, v in s.items() if k != "history"} for s in summaries]}
+              "train": [{k: v for k, v in s.items() if k != "history"} for s in summaries],
+              # each run's best validation AUC (None without a validation split): what select_on=validation uses
+              "validation": {s.name: (summ.get("validation") or {}).get("best_auc")
+                             for s, summ in zip(specs, summaries)}}
     _atomic_json(out_path, result)
     return result
 
@@ -165,7 +178,7 @@ def oracle(spark: SparkSession, dataset: str, truth_path: str, exp_dir: str) -> 
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)
-    test = spark.read.parquet(os.path.join(dataset, S.TEST)).select(S.SAMPLE_ID, S.CLICK, S.CONVERSION)
+    test = spark.read.parquet(os.path.join(dataset, S.TEST)).drop(S.FEAT_IDS, S.FEAT_WTS, S.SAMPLE_TIER)  # + user_key
     truth = spark.read.parquet(truth_path).select(S.SAMPLE_ID, S.TRUE_CTR, S.TRUE_CVR, S.WOULD_CONVERT)
     rows = oracle_protocol_metrics(test.join(truth, S.SAMPLE_ID))
     _atomic_json(path, rows)
@@ -211,16 +224,79 @@ def _run_experiment(spark: SparkSession, cfg: Config, dataset: str, exp_dir: str
             units.append(run_unit(spark, cfg, dataset, exp_dir, repeat, rate, truth_path, methods))
     oracle_rows = oracle(spark, dataset, truth_path, exp_dir) if truth_path else None
     train_rows = {r: subsets[str(r)]["rows"] for r in rates}
+    split = V.find_split(os.path.join(dataset, S.TRAIN), manifest, cfg.train.validation_share)
+    if split is not None:  # the impressions trained on: the subsets' rows before the validation cut
+        train_rows = {r: V.train_rows(manifest, split, r) for r in rates}
     from esmm.outputs import clear_success, write_success
     clear_success(exp_dir)  # the reports are rewritten in place: finished again once they all are
-    report = write_reports(units, cfg, exp_dir, sorted(rates), table_rate, oracle_rows, train_rows)
+    report = write_reports(units, cfg, exp_dir, sorted(rates), table_rate, oracle_rows, train_rows,
+                           validation_rows=split["rows"] if split is not None else None)
     write_success(exp_dir)
     return report
 
 
-def write_reports(units, cfg, exp_dir, rates, table_rate, oracle_rows, train_rows=None) -> dict:
-    """Table 2 (md/csv/json), the ESMM-vs-competitor tests (significance.{md,csv}) and Figure 3 (png/csv)."""
+SEARCHED = ("aman", "oversampling")   # the methods whose variants are chosen
+
+
+def validation_choices(units: list[dict], methods: tuple, rates) -> dict:
+    """{rate: {method: {"chosen": run name, "validation_auc": {run name: mean best validation AUC}}}} for AMAN and
+    OVERSAMPLING: the variant with the highest mean (over the repeats at that rate) of its trainings' best validation
+    AUC; a variant without one (no validation split, undefined AUC) ranks last, ties go to the first in grid order
+    (the order the unit records list them)."""
+    out = {}
+    for rate in rates:
+        us = [u for u in units if u["rate"] == rate]
+        per = {}
+        for m in SEARCHED:
+            if m not in methods:
+                continue
+            names = list(dict.fromkeys(n for u in us for n in (u.get("validation") or {}) if n.startswith(m + "[")))
+            if not names:
+                continue
+            aucs = {}
+            for n in names:
+                vals = [u["validation"][n] for u in us if (u.get("validation") or {}).get(n) is not None]
+                aucs[n] = sum(vals) / len(vals) if vals else None
+            chosen = max(names, key=lambda n: -1.0 if aucs[n] is None else aucs[n])
+            per[m] = {"chosen": chosen, "validation_auc": aucs}
+        out[rate] = per
+    return out
+
+
+def keep_chosen(units: list[dict], choices: dict) -> list[dict]:
+    """The units with the metrics of every AMAN/OVERSAMPLING variant that was not chosen at its rate removed, so the
+    reports (which pick the best remaining variant) report the chosen one; DeLong records are kept whole (they are
+    indexed by run name)."""
+    out = []
+    for u in units:
+        per = choices.get(u["rate"], {})
+        drop = {n for m, c in per.items() for n in c["validation_auc"] if n != c["chosen"]}
+        out.append({**u, "metrics": [r for r in u["metrics"] if r[S.RUN_ID] not in drop]})
+    return out
+
+
+def selection_note(select_on: str, methods: tuple) -> str:
+    """The line of Table 2's caption that says how AMAN's rate and OVERSAMPLING's k were chosen ('' without them)."""
+    searched = [R.label(m) for m in SEARCHED if m in methods]
+    if not searched:
+        return ""
+    what = " and ".join(f"{m}'s {'rate' if m == 'AMAN' else 'k'}" for m in searched)
+    if select_on == "validation":
+        return (f"{what} chosen on the validation split: the best mean validation CVR AUC of the trainings "
+                f"(experiment.select_on=validation; the test split plays no part in the choice).")
+    return (f"{what} chosen on the test split, the paper's protocol: the best mean test CVR AUC "
+            f"(experiment.select_on=test; optimistic for the chosen variant).")
+
+
+def write_reports(units, cfg, exp_dir, rates, table_rate, oracle_rows, train_rows=None,
+                  validation_rows: int | None = None) -> dict:
+    """Table 2 (md/csv/json), the ESMM-vs-competitor tests (significance.{md,csv}) and Figure 3 (png/csv).
+    ``train_rows``: impressions trained on per rate; ``validation_rows``: the validation part's (None: no split)."""
     methods = tuple(cfg.experiment.methods)
+    select_on = cfg.experiment.select_on
+    choices = validation_choices(units, methods, rates)
+    if select_on == "validation":
+        units = keep_chosen(units, choices)
     rows = R.table2(units, methods, table_rate, oracle_rows)
     md = R.table2_markdown(rows)
     chosen = {r: R.pick_variants(R.summarize(units, r), methods) for r in rates}
@@ -230,9 +306,12 @@ def write_reports(units, cfg, exp_dir, rates, table_rate, oracle_rows, train_row
     paths = {k: os.path.join(exp_dir, v) for k, v in (("md", "table2.md"), ("csv", "table2.csv"),
                                                        ("json", "table2.json"), ("sig_csv", "significance.csv"),
                                                        ("png", "figure3.png"), ("fig_csv", "figure3.csv"))}
+    note = selection_note(select_on, methods)
     text = (f"Table 2 reproduction: AUC %, {cfg.experiment.repeats} repeat(s), training sampling rate {table_rate}"
-            + (f" ({train_rows[table_rate]:,} training impressions)" if train_rows else "")
-            + f"\n\n{md}\n\n{R.TABLE2_LEGEND}\n")
+            + (f" ({train_rows[table_rate]:,} training impressions" if train_rows else "")
+            + (f", {validation_rows:,} validation" if train_rows and validation_rows else "")
+            + (")" if train_rows else "")
+            + (f". {note}" if note else "") + f"\n\n{md}\n\n{R.TABLE2_LEGEND}\n")
     if sig_md:
         text += f"\nESMM minus each competitor (AUC points, rate {table_rate}):\n\n{sig_md}\n\n{R.SIGNIFICANCE_LEGEND}\n"
     with open(paths["md"], "w") as f:
@@ -244,10 +323,16 @@ def write_reports(units, cfg, exp_dir, rates, table_rate, oracle_rows, train_row
             w.writerows(table)
     clipped = sum(u.get("division_clipped", 0) for u in units)
     _atomic_json(paths["json"], {"table2": rows, "significance": sig, "comparisons": comps, "rate": table_rate,
-                                 "train_impressions": train_rows, "division_clipped": clipped,
+                                 "select_on": select_on, "selection_note": note,
+                                 "chosen": {str(r): c for r, c in chosen.items()},
+                                 "validation_auc": {str(r): {m: c["validation_auc"] for m, c in per.items()}
+                                                    for r, per in choices.items()},
+                                 "train_impressions": train_rows, "validation_impressions": validation_rows,
+                                 "division_clipped": clipped,
                                  "oracle": oracle_rows, "config": to_dict(cfg)})
     points = R.figure3_points(units, methods, rates, train_rows or {r: r for r in rates})
     R.plot_figure3(points, paths["png"], paths["fig_csv"],
                    title=f"{cfg.experiment.repeats} repeat(s); error bars: 95% "
                          + ("t-interval over repeats" if cfg.experiment.repeats > 1 else "DeLong interval"))
-    return {"table2": rows, "markdown": md, "significance": sig, "paths": paths, "text": text}
+    return {"table2": rows, "markdown": md, "significance": sig, "paths": paths, "text": text,
+            "select_on": select_on, "chosen": chosen}

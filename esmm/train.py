@@ -25,6 +25,19 @@ Run directory (``out_dir``), written by rank 0 only:
   model as TorchScript with its contract, usable without this package (``esmm.portable``); ``train_summary.json``
   (written atomically, after them). The export and the summary together mark the run finished.
 
+Validation and early stopping (``esmm.validation``; ``train.validation_share`` > 0): rank 0 finds the cut of the
+train split's latest rows once (recorded in the summary), every rank trains on the rows before it, and every
+``train.eval_every`` steps and at the end of every epoch rank 0 scores the validation rows; the decision (AUC, stop)
+is broadcast so every rank stops at the same step. Rank 0 keeps a copy of the best weights by validation AUC; the
+export (``model.pt`` and the portable one) holds them, broadcast to every rank first. The tracker (best AUC and step,
+evaluations since) and the best weights are part of every checkpoint, so a resumed run takes the same decisions.
+With ``validation_share`` 0 none of this runs and training is as without the feature.
+
+TensorBoard: rank 0 writes event files to ``<out_dir>/tensorboard`` (``train/loss`` and the loss parts,
+``train/samples_per_s``, ``train/lr`` every ``log_every`` steps; ``validation/auc`` and ``validation/best_auc`` per
+evaluation), so ``tensorboard --logdir <runs>`` shows every run side by side. A resumed run purges the events past
+its checkpoint's step; the writer is closed on every exit path.
+
 Faults stop every rank with the same ``TrainError`` instead of leaving some waiting in a collective: rank 0's verdict
 on the run directory (lock, ownership, inputs, checkpoint) is broadcast; every rank's first batch is read before
 training (a rank without data names itself and the cause); a non-finite loss is flagged every step (the loss is on
@@ -46,6 +59,7 @@ from dataclasses import dataclass, field
 import torch
 
 from esmm import distributed as D
+from esmm import validation as V
 from esmm.config import Config, from_dict, to_dict
 from esmm.data import steps_per_epoch, subset_rows, train_stream
 from esmm.features import FeatureLayout
@@ -63,6 +77,7 @@ RUN_KIND = "train_run"
 CHECKPOINT_RE = re.compile(r"checkpoint-(\d{9})\.(pt|json)$")
 KEEP_CHECKPOINTS = 2
 EXPORT_FORMAT = 1
+TENSORBOARD = "tensorboard"
 
 
 class TrainError(RuntimeError):
@@ -146,11 +161,18 @@ class TrainState:
     opt_dense: torch.optim.Optimizer
     step: int = 0
     history: list = field(default_factory=list)
+    tracker: V.Tracker | None = None     # validation: best AUC so far (None: no validation split)
+    best: dict | None = None             # rank 0: a copy of the weights of the best evaluation
 
     def checkpoint(self, cfg: Config) -> dict:
-        return {"model": self.model.state_dict(), "opt_sparse": self.opt_sparse.state_dict(),
+        ckpt = {"model": self.model.state_dict(), "opt_sparse": self.opt_sparse.state_dict(),
                 "opt_dense": self.opt_dense.state_dict(), "step": self.step, "history": self.history,
                 "rng": {"torch": torch.get_rng_state()}, "config": to_dict(cfg)}
+        if self.tracker is not None:
+            ckpt["validation"] = self.tracker.state()
+            if self.best is not None:
+                ckpt["best_model"] = self.best
+        return ckpt
 
     def restore(self, ckpt: dict) -> None:
         self.model.load_state_dict(ckpt["model"])
@@ -158,6 +180,13 @@ class TrainState:
         self.opt_dense.load_state_dict(ckpt["opt_dense"])
         self.step, self.history = int(ckpt["step"]), list(ckpt["history"])
         torch.set_rng_state(ckpt["rng"]["torch"])
+        if self.tracker is not None and "validation" in ckpt:
+            self.tracker.load(ckpt["validation"])
+            self.best = ckpt.get("best_model")
+
+    def keep_best(self) -> None:
+        """Copy the current weights as the best (rank 0; on the host, so the copy never costs device memory)."""
+        self.best = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
 
 
 def build_state(cfg: Config, layout: FeatureLayout, dist: D.Dist) -> TrainState:
@@ -352,7 +381,11 @@ def _prepare(cfg: Config, dataset: str, out_dir: str, lock: OutputLock, overwrit
         return {"manifest": manifest, "marker": marker, "finished": done}
     if get_method(cfg.train.method).needs_ctr_probs:
         ctr_model_path(cfg, check=True)
-    return {"manifest": manifest, "marker": marker, "checkpoint": load_checkpoint(out_dir)}
+    try:
+        split = V.find_split(os.path.join(dataset, TRAIN), manifest, cfg.train.validation_share)
+    except V.ValidationError as e:
+        raise TrainError(str(e)) from e
+    return {"manifest": manifest, "marker": marker, "checkpoint": load_checkpoint(out_dir), "validation": split}
 
 
 def _rank0_verdict(dist: D.Dist, decide, name: str):
@@ -472,8 +505,8 @@ def train(cfg: Config, dataset: str, out_dir: str, dist: D.Dist | None = None, s
     A run directory of the same inputs resumes from its newest valid checkpoint, or, when finished, returns its
     summary (``"skipped": True``) without training; one of other inputs is refused (``overwrite`` deletes it first).
     ``stop_at_step`` stops after that global step as a preempted job would (no final checkpoint, no export), for
-    time-boxed runs and resume tests. Returns the summary (steps, samples, seconds, samples/s, last losses, run id)
-    on every rank.
+    time-boxed runs and resume tests. Returns the summary (steps, samples, seconds, samples/s, last losses, run id;
+    with a validation split its cut, evaluations and best AUC and step, and whether it stopped early) on every rank.
     """
     dist = dist or D.init(cfg.train.threads)
     lock = OutputLock(out_dir, job=f"train {cfg.train.method}") if dist.is_main else None
@@ -493,32 +526,67 @@ def _train(cfg: Config, dataset: str, out_dir: str, dist: D.Dist, stop_at_step: 
     manifest, marker = verdict["manifest"], verdict["marker"]
     layout = layout_from_manifest(manifest)
     method = get_method(t.method)
-    rows = subset_rows(manifest, TRAIN, t.sampling_rate)
+    split = verdict.get("validation")  # None: no validation split (train.validation_share = 0)
+    rows = subset_rows(manifest, TRAIN, t.sampling_rate) if split is None else V.train_rows(manifest, split,
+                                                                                             t.sampling_rate)
+    if rows <= 0:
+        raise TrainError(f"no training rows at sampling rate {t.sampling_rate} before the validation cut "
+                         f"(sample_id {split['cut_sample_id']}): lower train.validation_share or use a higher rate")
     per_epoch = steps_per_epoch(rows, t.batch_size, dist.size)
     total = per_epoch * t.epochs
     state = build_state(cfg, layout, dist)
+    if split is not None:
+        split["metric"] = V.target_for(t.method).name
+        split["metric_defined"] = V.metric_defined(split, t.method)
+        if split["metric_defined"]:
+            state.tracker = V.Tracker(t.patience)
+        elif dist.is_main:
+            log.warning("the validation rows of %s have one class only (%d rows, %d clicks, %d conversions): its "
+                        "AUC is undefined, so %s trains to the end without early stopping or best-model selection",
+                        t.method, split["rows"], split["clicks"], split["conversions"], t.method)
     if verdict["checkpoint"] is not None:  # rank 0 read it; every rank got it with the verdict
         state.restore(verdict["checkpoint"])
         log.info("rank %d resumed from step %d", dist.rank, state.step)
     else:
         D.broadcast_parameters(state.model)
     del verdict["checkpoint"]
+    if not dist.is_main:
+        state.best = None  # only rank 0 keeps (and checkpoints) the best weights
     ctr_net = load_ctr_net(cfg, dist.device) if method.needs_ctr_probs else None
     stream = train_stream(os.path.join(dataset, TRAIN), manifest, t.sampling_rate, dist.rank, dist.size,
-                          t.batch_size, t.shuffle_buffer, t.seed, t.reader_workers)
+                          t.batch_size, t.shuffle_buffer, t.seed, t.reader_workers,
+                          cut=split["cut_sample_id"] if split is not None else None)
     if dist.is_main:
-        log.info("training %s on %d rows (rate %s) x %d epochs: %d steps/epoch of %d x %d workers, from step %d",
-                 t.method, rows, t.sampling_rate, t.epochs, per_epoch, t.batch_size, dist.size, state.step)
+        log.info("training %s on %d rows (rate %s) x %d epochs: %d steps/epoch of %d x %d workers, from step %d%s",
+                 t.method, rows, t.sampling_rate, t.epochs, per_epoch, t.batch_size, dist.size, state.step,
+                 "" if split is None else f"; validation: the {split['rows']} rows from sample_id "
+                 f"{split['cut_sample_id']} on, {split['metric']} every {t.eval_every} steps, patience {t.patience}")
     identity = {"run_id": marker["run_id"], "dataset_fingerprint": dataset_fingerprint(manifest)}
+    validator = None
+    if state.tracker is not None:
+        width = int(manifest["layout"]["num_slots"])
+        path = os.path.join(dataset, TRAIN)
+        cut = split["cut_sample_id"]
+        validator = lambda model: V.evaluate(model, t.method, path, cut, width, dist.device)  # noqa: E731
+    writer = _EventLog(out_dir, state.step) if dist.is_main else None
     try:
         batches = itertools.chain([_first_batch(stream, dist)], stream)
         for _ in range(state.step if state.step < total else 0):  # exact resume: replay the deterministic stream
             next(batches)                                              # up to the checkpoint (none left: export only)
-        summary = _loop(state, method, batches, cfg, dist, total, out_dir, ctr_net, stop_at_step)
+        summary = _loop(state, method, batches, cfg, dist, total, out_dir, ctr_net, stop_at_step, per_epoch,
+                        validator, writer)
     finally:
         stream.close()
+        if writer is not None:
+            writer.close()
     summary.update({"rows": rows, "steps_per_epoch": per_epoch, "world_size": dist.size, **identity})
-    if state.step == total:
+    if split is not None:
+        summary["validation"] = _validation_summary(split, state, t)
+    if state.step == total or summary.get("stopped_early"):
+        if state.tracker is not None and state.tracker.best_step is not None and state.tracker.best_step != state.step:
+            if dist.is_main:  # the export holds the best evaluation's weights, on every rank before the checks
+                state.model.load_state_dict(state.best)
+            D.broadcast_parameters(state.model)
         check_finite_parameters(state, dist, "export")
         if dist.is_main:
             export_model(state.model, t.method, cfg, layout, os.path.join(out_dir, EXPORT), identity)
@@ -528,12 +596,77 @@ def _train(cfg: Config, dataset: str, out_dir: str, dist: D.Dist, stop_at_step: 
     return summary
 
 
+def _validation_summary(split: dict, state: TrainState, t) -> dict:
+    """What the summary records of the validation split and of the selection made on it."""
+    out = {k: split[k] for k in ("share", "cut_sample_id", "rows", "clicks", "conversions", "metric",
+                                 "metric_defined")}
+    out.update({"eval_every": t.eval_every, "patience": t.patience, "best_auc": None, "best_step": None,
+                "evals": []})
+    if state.tracker is not None:
+        out.update({"best_auc": state.tracker.best_auc, "best_step": state.tracker.best_step,
+                    "evals": list(state.tracker.evals)})
+    return out
+
+
+class _EventLog:
+    """Rank 0's TensorBoard writer under ``<out_dir>/tensorboard``, opened at the first scalar (a run that fails
+    before logging anything leaves no event file behind). A resumed run (``step`` > 0) purges the events a lost
+    attempt wrote past its checkpoint, so every step's scalars appear once."""
+
+    def __init__(self, out_dir: str, step: int):
+        self.path, self.step, self.writer = os.path.join(out_dir, TENSORBOARD), step, None
+
+    def scalars(self, step: int, prefix: str, values: dict) -> None:
+        if self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(log_dir=self.path, purge_step=self.step or None)
+        for k, v in values.items():
+            if v is not None and math.isfinite(v):
+                self.writer.add_scalar(f"{prefix}/{k}", v, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _scalars(writer: _EventLog | None, step: int, prefix: str, values: dict) -> None:
+    if writer is not None:
+        writer.scalars(step, prefix, values)
+
+
+def _evaluate(state: TrainState, dist: D.Dist, validator, writer) -> bool:
+    """Collective: rank 0 scores the validation rows, every rank records the same AUC; returns whether to stop.
+    Rank 0 copies the weights when they are the best so far."""
+    auc, error = None, None
+    if dist.is_main:
+        try:
+            auc = validator(state.model)
+        except Exception as e:  # noqa: BLE001  (raised on every rank below, none is left waiting)
+            error = f"{type(e).__name__}: {e}"
+    auc, error = D.broadcast_object((auc, error), "validation_auc")
+    if error:
+        raise TrainError(f"the validation at step {state.step} failed on rank 0 ({error}); nothing was written from "
+                         f"this state")
+    improved = state.tracker.update(state.step, auc)
+    if dist.is_main:
+        if improved:
+            state.keep_best()
+        tr = state.tracker
+        log.info("validation at step %d: AUC %.5f (best %s at step %s; %d/%d evaluations without improvement)",
+                 state.step, auc, f"{tr.best_auc:.5f}" if tr.best_auc is not None else "none", tr.best_step,
+                 tr.bad_evals, tr.patience)
+        _scalars(writer, state.step, "validation", {"auc": auc, "best_auc": tr.best_auc})
+    return state.tracker.stop
+
+
 def _loop(state: TrainState, method, stream, cfg: Config, dist: D.Dist, total: int, out_dir: str, ctr_net,
-          stop_at_step: int | None = None) -> dict:
+          stop_at_step: int | None = None, per_epoch: int | None = None, validator=None, writer=None) -> dict:
     t = cfg.train
+    per_epoch = per_epoch or total
     gen = torch.Generator(device=dist.device)
     progress = _progress(dist, total, state.step)
     start, start_step, samples, parts = time.time(), state.step, 0, {}
+    eval_seconds, stopped_early = 0.0, False
     state.model.train()
     while state.step < total:
         raw = next(stream).to(dist.device)
@@ -542,21 +675,40 @@ def _loop(state: TrainState, method, stream, cfg: Config, dist: D.Dist, total: i
         state.step += 1
         samples += len(raw)
         if state.step % t.log_every == 0 or state.step == total:
-            rate = samples * dist.size / max(time.time() - start, 1e-9)
+            rate = samples * dist.size / max(time.time() - start - eval_seconds, 1e-9)
             state.history.append({"step": state.step, "samples_per_s": round(rate, 1),
                                   **{k: round(v, 6) for k, v in parts.items()}})
             progress(state.step, rate, parts)
+            _scalars(writer, state.step, "train", {**{k: v for k, v in parts.items() if k != "rows"},
+                                                   "samples_per_s": rate,
+                                                   "lr": state.opt_dense.param_groups[0]["lr"]})
+        if validator is not None and (state.step % t.eval_every == 0 or state.step % per_epoch == 0
+                                      or state.step == total):
+            t0 = time.time()
+            stopped_early = _evaluate(state, dist, validator, writer) and state.step < total
+            eval_seconds += time.time() - t0
         if state.step == stop_at_step:
+            break
+        if stopped_early:
+            if dist.is_main:
+                log.info("early stop at step %d of %d: %d evaluations without a better validation AUC (best %.5f "
+                         "at step %d)", state.step, total, state.tracker.bad_evals, state.tracker.best_auc or math.nan,
+                         state.tracker.best_step or 0)
             break
         if state.step % t.checkpoint_every == 0 or state.step == total:
             check_finite_parameters(state, dist, "checkpoint")
             if dist.is_main:
                 save_checkpoint(state.checkpoint(cfg), out_dir)
     seconds = time.time() - start
-    return {"method": t.method, "steps": state.step, "steps_this_run": state.step - start_step,
-            "samples_this_run": samples * dist.size, "seconds": round(seconds, 3),
-            "samples_per_s": round(samples * dist.size / max(seconds, 1e-9), 1),
-            "last": {k: float(v) for k, v in parts.items()}, "history": state.history}
+    train_seconds = max(seconds - eval_seconds, 1e-9)
+    out = {"method": t.method, "steps": state.step, "steps_this_run": state.step - start_step,
+           "samples_this_run": samples * dist.size, "seconds": round(seconds, 3),
+           "samples_per_s": round(samples * dist.size / train_seconds, 1),
+           "last": {k: float(v) for k, v in parts.items()}, "history": state.history}
+    if validator is not None:
+        out.update({"stopped_early": stopped_early and state.step != stop_at_step,
+                    "validation_seconds": round(eval_seconds, 3)})
+    return out
 
 
 def _progress(dist: D.Dist, total: int, initial: int):

@@ -27,12 +27,14 @@ def main(argv=None) -> dict:
     truth = args.truth or os.path.join(cfg.paths.raw, "ground_truth")
     res = evaluate_runs(spark, args.dataset or cfg.paths.dataset, args.runs, args.ctr, out, truth, cfg.evaluate.threads,
                         cfg.evaluate)
-    print(f"{'run':24s} {'task':18s} {'AUC':>8s} {'logloss':>8s} {'calib':>7s} {'n':>9s}")
+    print(f"{'run':24s} {'task':18s} {'AUC':>8s} {'GAUC':>8s} {'logloss':>8s} {'calib':>7s} {'n':>9s}")
     for r in sorted(res["metrics"], key=lambda r: (r["run_id"], r["task"])):
-        print(f"{r['run_id']:24s} {r['task']:18s} {r['auc']:8.4f} {r.get('logloss', float('nan')):8.4f} "
-              f"{r.get('calibration', float('nan')):7.3f} {r.get('n', 0):9d}")
+        print(f"{r['run_id']:24s} {r['task']:18s} {r['auc']:8.4f} {r.get('gauc', float('nan')):8.4f} "
+              f"{r.get('logloss', float('nan')):8.4f} {r.get('calibration', float('nan')):7.3f} {r.get('n', 0):9d}")
     if res["division_clipped"]:
         print(f"DIVISION: {res['division_clipped']} pCVR values > 1 clipped to 1")
+    from esmm.tracking import log_evaluation
+    log_evaluation(cfg, res, out)
     return res
 
 

@@ -36,6 +36,8 @@ def main(argv=None) -> dict:
                             truth if os.path.exists(truth) else None, args.table_rate, args.overwrite)
     print(report["text"])
     print("\nreports: " + ", ".join(report["paths"].values()))
+    from esmm.tracking import log_experiment
+    log_experiment(cfg, report, exp)
     return report
 
 

@@ -32,11 +32,13 @@ def main(argv=None) -> dict:
     stage(f"train {len(cfg.experiment.methods)} methods + reference CTR x {cfg.experiment.repeats} repeats "
           f"with {cfg.train.workers} Horovod workers, evaluate on the test split")
     truth = os.path.join(cfg.paths.raw, GROUND_TRUTH_DIR)
-    report = run_experiment(spark, cfg, cfg.paths.dataset, os.path.join(cfg.paths.runs, "experiment"),
-                            truth if os.path.exists(truth) else None)
+    exp = os.path.join(cfg.paths.runs, "experiment")
+    report = run_experiment(spark, cfg, cfg.paths.dataset, exp, truth if os.path.exists(truth) else None)
     stage("done")
     print(open(report["paths"]["md"]).read())
     print("reports: " + ", ".join(report["paths"].values()))
+    from esmm.tracking import log_experiment
+    log_experiment(cfg, report, exp)
     return report
 
 

@@ -178,10 +178,17 @@ def test_tiny_experiment_end_to_end_and_resume(spark, tiny_dataset, tmp_path):
     text = open(rep["paths"]["md"]).read()
     assert "DeLong" in text and "| ESMM minus | task |" in text
     fig = list(csv.DictReader(open(rep["paths"]["fig_csv"])))
-    rows_at = json.load(open(os.path.join(ds, "manifest.json")))["splits"]["train"]["subsets"]
-    assert {(p["rate"], int(p["train_impressions"])) for p in fig} == {(r, rows_at[r]["rows"]) for r in ("0.5", "1.0")}
+    from esmm.validation import find_split, train_rows   # trained on: each subset's rows before the validation cut
+    manifest = json.load(open(os.path.join(ds, "manifest.json")))
+    split = find_split(os.path.join(ds, "train"), manifest, cfg.train.validation_share)
+    assert {(p["rate"], int(p["train_impressions"])) for p in fig} == {(r, train_rows(manifest, split, float(r)))
+                                                                       for r in ("0.5", "1.0")}
     assert {p["series"] for p in fig} == {"BASE", "AMAN", "ESMM", "ESMM - BASE"}
     assert saved["oracle"][0]["auc_se"] > 0
+    # GAUC columns, from the ETL's user keys (the oracle's too)
+    for r in rep["table2"]:
+        assert 0 < r["cvr_gauc"] < 100 and 0 < r["ctcvr_gauc"] < 100 and r["cvr_gauc_users"] > 0
+    assert "| CVR GAUC % | CTCVR GAUC % | CTR GAUC % |" in text and "users" in text
     # a re-run reuses every finished unit: remove the exports, which a re-run would need if it trained again
     for d, _, files in os.walk(os.path.join(exp, "runs")):
         for f in files:
@@ -245,3 +252,47 @@ def test_protocol_metrics_equal_the_per_task_metrics_and_carry_delong(spark, tra
     assert dl["cvr"].models == ("base", "division", "esmm") and dl["cvr"].positives == ref[("esmm", "cvr")]["positives"]
     for task, res in dl.items():
         assert np.all(np.diag(res.cov) > 0) and np.allclose(res.cov, res.cov.T), task
+    # GAUC of CTR, CVR and CTCVR: the ETL's user keys carried through scoring, against a per-user sklearn computation
+    from sklearn.metrics import roc_auc_score
+    pdf = pq.read_table(out).to_pandas()
+    assert pdf[S.USER_KEY].notna().all() and pdf[S.USER_KEY].nunique() > 10
+    spec = {"ctr": (S.P_CTR, S.CLICK), "cvr": (S.P_CVR, S.CONVERSION), "ctcvr": (S.P_CTCVR, S.CONVERSION)}
+    for r in rows:
+        if r["task"] not in spec:
+            assert "gauc" not in r
+            continue
+        score, label = spec[r["task"]]
+        part = pdf[pdf[S.RUN_ID] == aliases.get(r["task"], {}).get(r[S.RUN_ID], r[S.RUN_ID])]
+        part = part[part[S.CLICK] == 1] if r["task"] == "cvr" else part
+        num = den = users = 0
+        for u, g in part.groupby(S.USER_KEY):
+            if u != S.UNKNOWN_USER and g[label].nunique() == 2:
+                num += len(g) * roc_auc_score(g[label], g[score].astype(np.float64))
+                den += len(g)
+                users += 1
+        assert r["gauc_users"] == users > 0 and r["gauc_impressions"] == den, key(r)
+        assert r["gauc"] == pytest.approx(num / den, abs=1e-9), key(r)
+
+
+def test_dataset_without_user_keys_evaluates_without_gauc(spark, trained, tmp_path, caplog):
+    """A dataset written before user_key existed: scoring writes null keys, the metrics omit GAUC with a note."""
+    import shutil
+    from esmm.metrics import protocol_metrics
+    ds, root, runs = trained
+    old = str(tmp_path / "old-dataset")
+    shutil.copytree(ds, old)
+    for d, _, files in os.walk(os.path.join(old, S.TEST)):
+        for f in files:
+            if f.endswith(".parquet"):
+                path = os.path.join(d, f)
+                pq.write_table(pq.read_table(path).drop([S.USER_KEY]), path)
+    assert S.USER_KEY not in spark.read.parquet(os.path.join(old, S.TEST)).columns
+    out = str(tmp_path / "pred-old")
+    with caplog.at_level("WARNING"):
+        score_to_parquet(spark, old, [runs["esmm"], runs["ctr"]], runs["ctr"], out,
+                         read_manifest(old)["layout"]["num_slots"])
+        pred = spark.read.parquet(out)
+        assert pred.where(pred[S.USER_KEY].isNotNull()).count() == 0
+        rows, dl, _ = protocol_metrics(pred, None, {"esmm": "esmm", "ctr": "ctr"})
+    assert rows and all("gauc" not in r for r in rows) and set(dl) == {"ctr", "cvr", "ctcvr"}
+    assert "GAUC will be omitted" in caplog.text and "GAUC omitted" in caplog.text

@@ -28,7 +28,8 @@ def _pins(path):
 def test_runtime_dependencies_are_the_requirements_pins():
     project = tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))["project"]
     req = _pins(os.path.join(ROOT, "requirements.txt"))
-    deps = dict(d.lower().split("==") for d in project["dependencies"])
+    deps = dict(d.lower().split("==") for d in project["dependencies"]
+                + [d for extra in project["optional-dependencies"].values() for d in extra])
     assert {"torch", "pyspark", "pyarrow", "numpy", "petastorm"} <= set(deps)
     assert {k: req.get(k) for k in deps} == deps
     assert set(project["scripts"]) == set(SCRIPTS)

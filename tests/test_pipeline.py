@@ -8,7 +8,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_pipeline_main_job(spark, tmp_path, capsys):
     sets = [f"paths.raw={tmp_path}/raw", f"paths.dataset={tmp_path}/ds", f"paths.runs={tmp_path}/runs",
-            "train.workers=2", "experiment.methods=[base, division, esmm]", "experiment.figure_rates=[1.0]"]
+            "train.workers=2", "experiment.methods=[base, division, esmm]", "experiment.figure_rates=[1.0]",
+            f"tracking.mlflow_uri={tmp_path}/mlruns"]
     argv = ["--conf", os.path.join(ROOT, "conf", "test.yaml")]
     for s in sets:
         argv += ["--set", s]
@@ -19,3 +20,13 @@ def test_pipeline_main_job(spark, tmp_path, capsys):
     assert [r["model"] for r in report["table2"]][:3] == ["BASE", "DIVISION", "ESMM"]
     summary = os.path.join(tmp_path, "runs", "experiment", "runs", "r0-rate1.0", "esmm", "train_summary.json")
     assert '"world_size": 2' in open(summary).read()
+
+    # the experiment is one MLflow run (file store): the config as params, Table 2 as metrics, the reports as artifacts
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(f"file://{tmp_path}/mlruns")
+    exp = client.get_experiment_by_name("esmm-spark")
+    (run,) = client.search_runs([exp.experiment_id])
+    esmm = next(r for r in report["table2"] if r["variant"] == "esmm")
+    assert abs(run.data.metrics["esmm.cvr_auc"] - esmm["cvr_auc"]) < 1e-9
+    assert run.data.params["train.workers"] == "2" and run.data.params["experiment.methods"] == "['base', 'division', 'esmm']"
+    assert {"table2.md", "table2.json", "figure3.png"} <= {a.path for a in client.list_artifacts(run.info.run_id)}

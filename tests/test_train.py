@@ -13,6 +13,7 @@ import schemas as S
 from esmm.config import load_config
 from esmm.data import _chunks, shuffled_batches, steps_per_epoch, subset_rows, tier_for_rate
 from esmm.train import EXPORT, SUMMARY, launch, list_checkpoints, load_export, read_manifest, train
+from esmm.validation import find_split, train_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -76,7 +77,10 @@ def test_same_seed_same_parameters_and_export_contents(tiny_dataset, conf, tmp_p
     b = train(cfg, ds, str(tmp_path / "b"))
     pa, blob = _params(tmp_path / "a" / EXPORT)
     pb, _ = _params(tmp_path / "b" / EXPORT)
-    assert a["steps"] == b["steps"] == steps_per_epoch(subset_rows(read_manifest(ds), "train", 1.0), 256, 1)
+    split = find_split(f"{ds}/train", read_manifest(ds), cfg.train.validation_share)   # on by default
+    assert a["rows"] == train_rows(read_manifest(ds), split, 1.0) == subset_rows(read_manifest(ds), "train", 1.0) - \
+        split["rows"]
+    assert a["steps"] == b["steps"] == steps_per_epoch(a["rows"], 256, 1)
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
     assert blob["method"] == "esmm" and blob["config"]["train"]["method"] == "esmm"
     assert blob["layout"]["num_embeddings"] == read_manifest(ds)["layout"]["num_embeddings"]

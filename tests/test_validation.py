@@ -1,0 +1,281 @@
+"""The validation split, early stopping, the best model, TensorBoard events and the experiment's variant selection,
+on the tiny generated dataset with real Petastorm readers, Horovod processes and Spark (no mocks)."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as pads
+import pytest
+import torch
+
+import schemas as S
+from esmm.config import ConfigError, load_config
+from esmm.data import _chunks, steps_per_epoch, subset_rows, tier_for_rate, train_stream
+from esmm.train import EXPORT, SUMMARY, TENSORBOARD, list_checkpoints, load_export, read_manifest, train
+from esmm.validation import Tracker, exact_auc, find_split, train_rows
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf" / "test.yaml"
+VENV_BIN = Path(sys.executable).parent
+
+
+def _cfg(**sets):
+    return load_config(CONF, [f"{k}={v}" for k, v in sets.items()])
+
+
+def _ids_and_tiers(ds: str):
+    t = pads.dataset(f"{ds}/train", format="parquet", partitioning="hive").to_table(
+        columns=[S.SAMPLE_ID, S.SAMPLE_TIER])
+    return t[S.SAMPLE_ID].to_numpy(), t[S.SAMPLE_TIER].to_numpy()
+
+
+def _params(path):
+    model, _ = load_export(str(path))
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+# ------------------------------------------------------------------------------------------------ the split
+
+def test_the_cut_is_the_latest_share_of_the_train_split(tiny_dataset):
+    _, ds = tiny_dataset
+    m = read_manifest(ds)
+    ids, tiers = _ids_and_tiers(ds)
+    split = find_split(f"{ds}/train", m, 0.1)
+    val = ids >= split["cut_sample_id"]
+    assert val.sum() == split["rows"] == round(len(ids) * 0.1)          # the share, exactly
+    assert ids[val].min() > ids[~val].max()                             # time-ordered: every validation row is later
+    assert split["rows_by_tier"] == np.bincount(tiers[val], minlength=len(m["sampling_rates"])).tolist()
+    for rate in m["sampling_rates"]:
+        t = tier_for_rate(m, rate)
+        assert train_rows(m, split, rate) == int(((tiers <= t) & ~val).sum())
+    assert find_split(f"{ds}/train", m, 0.0) is None
+
+
+@pytest.mark.parametrize("rate", [0.1, 1.0])
+def test_validation_rows_never_reach_a_training_batch(tiny_dataset, rate):
+    _, ds = tiny_dataset
+    m = read_manifest(ds)
+    cut = find_split(f"{ds}/train", m, 0.1)["cut_sample_id"]
+    ids, tiers = _ids_and_tiers(ds)
+    want = set(ids[(tiers <= tier_for_rate(m, rate)) & (ids < cut)].tolist())
+    seen = []
+    for rank in range(2):                                               # one pass of each rank's shard: exactly the
+        seen += [c[S.SAMPLE_ID] for c in _chunks(f"{ds}/train", tier_for_rate(m, rate), rank, 2, seed=5,  # rows
+                                                 workers=1, num_epochs=1, cut=cut)]                       # before it
+    seen = np.concatenate(seen)
+    assert len(seen) == len(want) and set(seen.tolist()) == want
+    split = find_split(f"{ds}/train", m, 0.1)
+    for rank in range(2):                                               # the endless stream, past one epoch
+        stream = train_stream(f"{ds}/train", m, rate, rank, 2, 64, 100, seed=3, cut=cut)
+        steps = 2 * steps_per_epoch(train_rows(m, split, rate), 64, 2)
+        batch_ids = torch.cat([next(stream).sample_id for _ in range(steps)]).numpy()
+        stream.close()
+        assert batch_ids.max() < cut and set(batch_ids.tolist()) <= want
+
+
+def test_config_checks():
+    for bad, msg in ((["train.validation_share=1"], "validation_share"), (["train.validation_share=-0.1"], "share"),
+                     (["train.patience=0"], "patience"), (["train.eval_every=0"], "eval_every"),
+                     (["experiment.select_on=train"], "select_on"),
+                     (["train.validation_share=0"], "experiment.select_on: validation needs a validation split")):
+        with pytest.raises(ConfigError, match=msg):
+            load_config(CONF, bad)
+    cfg = load_config(CONF, ["train.validation_share=0", "experiment.select_on=test"])
+    assert cfg.train.validation_share == 0 and cfg.experiment.select_on == "test"
+
+
+# ------------------------------------------------------------------------------------------------ AUC, tracker
+
+def test_exact_auc_with_ties_equals_sklearn():
+    from sklearn.metrics import roc_auc_score
+    rng = np.random.default_rng(0)
+    for n in (2, 7, 500):
+        y = rng.random(n) < 0.3
+        y[0], y[-1] = True, False
+        s = np.round(rng.random(n), 1)                                   # many ties
+        assert math.isclose(exact_auc(s, y), roc_auc_score(y, s), rel_tol=0, abs_tol=1e-12)
+    assert math.isnan(exact_auc(np.array([0.1, 0.2]), np.array([True, True])))
+    assert math.isnan(exact_auc(np.array([np.nan, 0.2]), np.array([True, False])))
+
+
+def test_tracker_counts_evaluations_without_improvement():
+    tr = Tracker(patience=2)
+    assert tr.update(1, 0.6) and not tr.stop
+    assert not tr.update(2, 0.6)                                        # equal is not better
+    assert tr.update(3, 0.7) and tr.bad_evals == 0
+    assert not tr.update(4, math.nan) and not tr.update(5, 0.65) and tr.stop
+    assert (tr.best_auc, tr.best_step) == (0.7, 3)
+    again = Tracker(patience=2)
+    again.load(json.loads(json.dumps(tr.state())))
+    assert again.state() == tr.state() and again.stop
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+def test_no_validation_trains_every_row_as_before(tiny_dataset, tmp_path):
+    _, ds = tiny_dataset
+    cfg = _cfg(**{"train.method": "esmm", "train.validation_share": 0, "experiment.select_on": "test"})
+    s = train(cfg, ds, str(tmp_path / "run"))
+    assert s["rows"] == subset_rows(read_manifest(ds), "train", 1.0)
+    assert s["steps"] == steps_per_epoch(s["rows"], 256, 1)
+    assert "validation" not in s and "stopped_early" not in s
+
+
+def test_early_stop_at_the_expected_step_when_nothing_improves(tiny_dataset, tmp_path):
+    """A learning rate far below float32's resolution leaves the weights as they are: every evaluation equals the
+    first, so the run stops after 1 + patience evaluations."""
+    _, ds = tiny_dataset
+    cfg = _cfg(**{"train.method": "base", "train.lr": "1.0e-30", "train.eval_every": 2, "train.patience": 3,
+                  "train.epochs": 3})
+    s = train(cfg, ds, str(tmp_path / "run"))
+    v = s["validation"]
+    assert s["stopped_early"] and s["steps"] == 2 * (1 + 3) < 3 * s["steps_per_epoch"]
+    assert [e["step"] for e in v["evals"]] == [2, 4, 6, 8] and len({e["auc"] for e in v["evals"]}) == 1
+    assert v["best_step"] == 2 and v["metric"] == "cvr_auc_clicked" and v["metric_defined"]
+    assert json.loads((tmp_path / "run" / SUMMARY).read_text())["steps"] == 8
+    assert (tmp_path / "run" / EXPORT).exists()
+
+
+def _early_stopping_cfg(**more):
+    """BASE evaluated every 2 steps (and at the end of each epoch) with patience 2: on the tiny dataset its validation
+    CVR AUC peaks within the first epoch and then drops, so the run stops early, with the best model some steps back
+    (the stream and the evaluations are deterministic: the same steps every time)."""
+    return _cfg(**{"train.method": "base", "train.lr": 0.01, "train.eval_every": 2, "train.patience": 2,
+                   "train.epochs": 3, **more})
+
+
+def test_early_stop_exports_the_best_evaluation_weights(tiny_dataset, tmp_path):
+    _, ds = tiny_dataset
+    s = train(_early_stopping_cfg(), ds, str(tmp_path / "run"))
+    v = s["validation"]
+    assert s["stopped_early"] and s["steps"] < 3 * s["steps_per_epoch"]
+    assert v["best_step"] == v["evals"][-3]["step"] and v["best_auc"] == max(e["auc"] for e in v["evals"])
+    assert 1 < v["best_step"] and all(e["auc"] <= v["best_auc"] for e in v["evals"][-2:])
+    # the weights at the best step, from a run of the same stream that checkpoints every step and is cut right after
+    again = train(_early_stopping_cfg(**{"train.checkpoint_every": 1}), ds, str(tmp_path / "again"),
+                  stop_at_step=v["best_step"] + 1)
+    assert again["steps"] == v["best_step"] + 1
+    (step, path), = [c for c in list_checkpoints(str(tmp_path / "again")) if c[0] == v["best_step"]]
+    at_best = torch.load(path, weights_only=True)["model"]
+    exported = _params(tmp_path / "run" / EXPORT)
+    assert all(torch.equal(exported[k], at_best[k]) for k in exported)
+    (_, newest), (older_step, older) = list_checkpoints(str(tmp_path / "again"))
+    assert newest == path and older_step == v["best_step"] - 1
+    before = torch.load(older, weights_only=True)["model"]
+    assert not all(torch.equal(exported[k], before[k]) for k in exported)  # a step apart the weights differ
+
+
+def test_resume_with_validation_equals_uninterrupted(tiny_dataset, tmp_path):
+    """Cut at the step the run stops early, just before its decision: the newest checkpoint is one evaluation past
+    the best one, so the resumed run stops at the same step with the same export only with the checkpoint's tracker
+    (patience counter, best AUC and step) and best weights."""
+    _, ds = tiny_dataset
+    cfg = _early_stopping_cfg(**{"train.checkpoint_every": 1})
+    full = train(cfg, ds, str(tmp_path / "full"))
+    stop, best = full["steps"], full["validation"]["best_step"]
+    part = train(cfg, ds, str(tmp_path / "cut"), stop_at_step=stop)     # "crash" after the step, before the decision
+    assert part["steps"] == stop and not part["stopped_early"] and not (tmp_path / "cut" / EXPORT).exists()
+    ckpt = torch.load(list_checkpoints(str(tmp_path / "cut"))[0][1], weights_only=True)
+    assert ckpt["step"] == stop - 1 and ckpt["validation"]["best_step"] == best < stop - 1
+    assert ckpt["validation"]["bad_evals"] == 1 and "best_model" in ckpt   # patience 2: one more bad one stops it
+    resumed = train(cfg, ds, str(tmp_path / "cut"))
+    assert resumed["steps"] == stop and resumed["stopped_early"] and resumed["steps_this_run"] == 1
+    assert resumed["validation"] == full["validation"]
+    pf, pr = _params(tmp_path / "full" / EXPORT), _params(tmp_path / "cut" / EXPORT)
+    assert all(torch.equal(pf[k], pr[k]) for k in pf)
+
+
+def test_tensorboard_events_hold_every_scalar_at_its_steps(tiny_dataset, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    _, ds = tiny_dataset
+    cfg = _cfg(**{"train.method": "esmm", "train.eval_every": 4, "train.log_every": 3, "train.patience": 100})
+    s = train(cfg, ds, str(tmp_path / "run"))
+    ea = EventAccumulator(str(tmp_path / "run" / TENSORBOARD))
+    ea.Reload()
+    tags = set(ea.Tags()["scalars"])
+    assert {"train/loss", "train/ctr", "train/ctcvr", "train/samples_per_s", "train/lr", "validation/auc",
+            "validation/best_auc"} <= tags
+    total = s["steps"]
+    logged = [x for x in range(1, total + 1) if x % 3 == 0 or x == total]
+    assert [e.step for e in ea.Scalars("train/loss")] == logged
+    assert [round(e.value, 4) for e in ea.Scalars("train/loss")] == [round(h["loss"], 4) for h in s["history"]]
+    assert all(e.value == pytest.approx(0.001) for e in ea.Scalars("train/lr"))
+    evals = s["validation"]["evals"]
+    assert [x["step"] for x in evals] == [x for x in range(1, total + 1) if x % 4 == 0 or x == total]
+    assert [e.step for e in ea.Scalars("validation/auc")] == [x["step"] for x in evals]
+    assert [e.value for e in ea.Scalars("validation/auc")] == pytest.approx([x["auc"] for x in evals])
+
+
+def _horovodrun(np_, args):
+    cmd = [str(VENV_BIN / "horovodrun"), "-np", str(np_), "--gloo", sys.executable] + args
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+def test_two_horovod_ranks_stop_early_at_the_same_step(tiny_dataset, tmp_path):
+    """Rank 0 evaluates, both ranks stop at its decision (a rank left training would hang in the next allreduce)."""
+    _, ds = tiny_dataset
+    _horovodrun(2, ["-m", "jobs.train", "--conf", str(CONF), "--dataset", ds, "--out", str(tmp_path / "run"),
+                    "--set", "train.method=esmm", "--set", "train.lr=1.0e-30", "--set", "train.eval_every=1",
+                    "--set", "train.patience=2", "--set", "train.epochs=2"])
+    s = json.loads((tmp_path / "run" / SUMMARY).read_text())
+    assert s["world_size"] == 2 and s["stopped_early"] and s["steps"] == 3
+    assert [e["step"] for e in s["validation"]["evals"]] == [1, 2, 3]
+    assert (tmp_path / "run" / TENSORBOARD).is_dir() and (tmp_path / "run" / EXPORT).exists()
+
+
+# ------------------------------------------------------------------------------------------------ experiment
+
+@pytest.mark.slow
+def test_select_on_validation_and_on_test(spark, tiny_dataset, tmp_path):
+    """One real experiment (AMAN at two rates, OVERSAMPLING at two factors), reported under both rules: each picks
+    its variants by its own criterion and says so in Table 2's caption and table2.json."""
+    from esmm import report as R
+    from esmm.experiment import run_experiment, write_reports
+    _, ds = tiny_dataset
+    sets = ["experiment.methods=[aman, oversampling, esmm]", "experiment.aman_rates=[0.1, 1.0]",
+            "experiment.oversampling_ks=[2, 10]", "experiment.figure_rates=[1.0]"]
+    exp = str(tmp_path / "exp")
+    out = run_experiment(spark, load_config(CONF, sets), ds, exp, None)
+    unit = json.loads(Path(exp, "metrics", "r0-rate1.0.json").read_text())
+    val = unit["validation"]
+    assert set(val) == {"ctr", "aman[rate=0.1]", "aman[rate=1.0]", "oversampling[k=2]", "oversampling[k=10]", "esmm"}
+    assert all(isinstance(v, float) for v in val.values())
+    for name, v in val.items():                                         # the trainings' own best validation AUCs
+        d = os.path.join(exp, "runs", "r0-rate1.0", name.replace("[", "-").replace("]", "").replace("=", ""))
+        assert json.loads(Path(d, SUMMARY).read_text())["validation"]["best_auc"] == v
+
+    def by_validation(m):
+        return max((n for n in val if n.startswith(m + "[")), key=lambda n: val[n])
+
+    test_cvr = {r[S.RUN_ID]: r["auc"] for r in unit["metrics"] if r["task"] == "cvr"}
+
+    def by_test(m):
+        return max((n for n in test_cvr if n.startswith(m + "[")), key=lambda n: test_cvr[n])
+
+    assert out["select_on"] == "validation"
+    assert {m: out["chosen"][1.0][m] for m in ("aman", "oversampling")} == {m: by_validation(m) for m in
+                                                                             ("aman", "oversampling")}
+    caption = Path(exp, "table2.md").read_text().splitlines()[0]
+    assert "experiment.select_on=validation" in caption
+    split = find_split(f"{ds}/train", read_manifest(ds), 0.05)
+    assert f"({train_rows(read_manifest(ds), split, 1.0):,} training impressions, {split['rows']:,} validation)" \
+        in caption
+    table = json.loads(Path(exp, "table2.json").read_text())
+    assert table["select_on"] == "validation" and table["validation_auc"]["1.0"]["aman"] == {
+        n: val[n] for n in ("aman[rate=0.1]", "aman[rate=1.0]")}
+    assert [r["variant"] for r in table["table2"]][:2] == [by_validation("aman"), by_validation("oversampling")]
+
+    cfg_test = load_config(CONF, sets + ["experiment.select_on=test"])
+    os.makedirs(tmp_path / "on_test")
+    rep = write_reports([unit], cfg_test, str(tmp_path / "on_test"), [1.0], 1.0, None)
+    assert rep["select_on"] == "test"
+    assert {m: rep["chosen"][1.0][m] for m in ("aman", "oversampling")} == {m: by_test(m) for m in
+                                                                             ("aman", "oversampling")}
+    assert "experiment.select_on=test" in Path(tmp_path, "on_test", "table2.md").read_text().splitlines()[0]
+    assert R.pick_variants(R.summarize([unit], 1.0), ("aman",))["aman"] == by_test("aman")
