@@ -18,7 +18,7 @@ One Python process, one SparkSession (local[2] by default, driver memory 4g), in
 
    Plus two Spark baselines for a time breakdown of ``exact``: ``scan`` (read the two columns, noop write) and
    ``agg`` (the (score) -> (pos, neg) aggregation that ``exact`` starts with, noop write).
-2. Scoring throughput: an untrained ESMM (``esmm.model.build_model`` on conf/demo.yaml's layout, saved with
+2. Scoring throughput: an untrained ESMM (``esmm.methods.build_model`` on conf/demo.yaml's layout, saved with
    ``esmm.train.export_model``) scored by ``esmm.evaluate.score`` over a synthetic test table in the dataset layout
    (``<workdir>/ds-<n>-seed<seed>/test``: sample_id, click, conversion, feat_ids array<int> of num_slots global ids
    inside each field's id range, feat_wts array<float>); the output is written with the ``noop`` sink
@@ -256,7 +256,7 @@ def model_export(workdir: str, seed: int) -> tuple:
 
     from esmm.config import load_config
     from esmm.features import FeatureLayout
-    from esmm.model import build_model
+    from esmm.methods import build_model
     from esmm.train import EXPORT, export_model
     cfg = load_config(DEMO_CONF)
     layout = FeatureLayout.from_config(cfg.features)

@@ -49,7 +49,7 @@ def main():
         for name in ("all partitions", "coalesced"):
             M._fewer_tasks = original if name == "coalesced" else (lambda df, rows: df)
             t0 = time.time()
-            rows, _, _ = M.protocol_metrics(pred, truth, runs, own_ctr=("ctr",) + OWN_CTR_METHODS)
+            rows, _, _ = M.protocol_metrics(pred, truth, runs, own_ctr=OWN_CTR_METHODS)
             times[name].append(time.time() - t0)
             results[name] = sorted((r["run_id"], r["task"], r["auc"]) for r in rows)
             print(f"{name:16s} {times[name][-1]:7.1f}s", flush=True)

@@ -153,13 +153,23 @@ class EtlConfig:
 class ModelConfig:
     embedding_dim: int = 18          # paper: 18
     hidden: tuple = (200, 80)        # paper: 360 x 200 x 80 x 2 (a 2-way softmax == one sigmoid logit)
+    experts: int = 4                 # MMoE: experts under the towers (4 as MMLRec's Ali-CCP benchmark)
+    expert_hidden: tuple = (200,)    # MMoE: each expert (F*D) -> 200, the paper's first layer
+    tower_hidden: tuple = (80,)      # MMoE: each task tower 200 -> 80 -> 1, the paper's remaining layers
 
     def validate(self, key: str) -> None:
         _check(self.embedding_dim >= 1, f"{key}.embedding_dim", "must be >= 1")
-        _check(all(isinstance(h, int) and h >= 1 for h in self.hidden), f"{key}.hidden", "list of positive ints")
+        _check(self.experts >= 1, f"{key}.experts", "must be >= 1")
+        for name in ("hidden", "expert_hidden", "tower_hidden"):
+            v = getattr(self, name)
+            _check(len(v) >= 1 and all(isinstance(h, int) and h >= 1 for h in v), f"{key}.{name}",
+                   "a non-empty list of positive ints")
 
 
-METHODS = ("ctr", "base", "aman", "oversampling", "unbias", "division", "esmm_ns", "esmm")
+def _method_names() -> tuple:
+    """The registered methods (esmm.methods, imported when a config is validated: the registry is the one list)."""
+    from esmm.methods import METHODS
+    return tuple(METHODS)
 
 
 @dataclass(frozen=True)
@@ -176,6 +186,10 @@ class TrainConfig:
     aman_rate: float = 0.1           # AMAN: share of un-clicked rows kept as negatives
     oversampling_k: int = 3          # OVERSAMPLING: converted rows repeated k times
     unbias_min_ctr: float = 0.01     # UNBIAS: pCTR clipped below at this before 1/pCTR
+    escm2_cf_weight: float = 0.5     # ESCM2: weight of the counterfactual CVR risk (PaddleRec config_bigdata.yaml)
+    escm2_ctcvr_weight: float = 0.5  # ESCM2: weight of the CTCVR loss (PaddleRec config_bigdata.yaml; CTR's is 1)
+    escm2_min_ctr: float = 0.01      # ESCM2: propensity floor, so an inverse-propensity weight is at most 100
+    aitm_alpha: float = 0.6          # AITM: weight of the behavioural calibrator (the authors' code, --weight 0.6)
     workers: int = 1                 # Horovod processes (spark launcher)
     threads: int = 1                 # torch threads per worker
     shuffle_buffer: int = 20_000     # rows
@@ -190,7 +204,8 @@ class TrainConfig:
     patience: int = 5                # stop after this many evaluations without a better validation AUC
 
     def validate(self, key: str) -> None:
-        _check(self.method in METHODS, f"{key}.method", f"must be one of {METHODS}, got {self.method!r}")
+        names = _method_names()
+        _check(self.method in names, f"{key}.method", f"must be one of {names}, got {self.method!r}")
         _check(0 < self.sampling_rate <= 1, f"{key}.sampling_rate", "must be in (0, 1]")
         for name in ("epochs", "batch_size", "workers", "threads", "checkpoint_every", "log_every", "oversampling_k",
                      "reader_workers", "eval_every", "patience"):
@@ -205,6 +220,10 @@ class TrainConfig:
         _check(self.shuffle_buffer >= 0, f"{key}.shuffle_buffer", "must be >= 0")
         _check(0 <= self.validation_share < 1, f"{key}.validation_share",
                f"must be in [0, 1) (0 = no validation split), got {self.validation_share}")
+        for name in ("escm2_cf_weight", "escm2_ctcvr_weight", "aitm_alpha"):
+            v = getattr(self, name)
+            _check(math.isfinite(v) and v >= 0, f"{key}.{name}", f"must be a finite number >= 0, got {v}")
+        _check(0 < self.escm2_min_ctr <= 1, f"{key}.escm2_min_ctr", f"must be in (0, 1], got {self.escm2_min_ctr}")
 
 
 EXPORT_MODES = ("auto", "path", "broadcast")
@@ -241,8 +260,9 @@ class ExperimentConfig:
     select_on: str = "validation"                # AMAN's rate / OVERSAMPLING's k by validation AUC; test = the paper's
 
     def validate(self, key: str) -> None:
-        bad = [m for m in self.methods if m not in METHODS]
-        _check(not bad, f"{key}.methods", f"unknown method(s) {bad}; choose from {METHODS}")
+        names = _method_names()
+        bad = [m for m in self.methods if m not in names]
+        _check(not bad, f"{key}.methods", f"unknown method(s) {bad}; choose from {names}")
         _check(self.repeats >= 1, f"{key}.repeats", "must be >= 1")
         bad = [m for m in self.figure_methods if m not in self.methods]
         _check(not bad, f"{key}.figure_methods", f"{bad} not in experiment.methods {list(self.methods)}")

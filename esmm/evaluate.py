@@ -45,9 +45,11 @@ import pyarrow as pa
 from pyspark.sql import DataFrame, SparkSession
 
 import schemas as S
+from esmm.methods import METHODS, REFERENCE_CTR, get_method
 
 log = logging.getLogger(__name__)
-OWN_CTR_METHODS = ("esmm", "esmm_ns")
+# the methods whose pCTR is their own (the reference CTR network included); the others' is the reference network's
+OWN_CTR_METHODS = tuple(n for n, m in METHODS.items() if not m.uses_reference_ctr)
 _MODEL_CACHE: dict = {}   # per Python worker: export content hash -> model; only the current pass's models are kept
 
 
@@ -120,13 +122,13 @@ def _repeat(text: str, n: int) -> pa.Array:
 def _score_fn(group: dict, ref_digest: str | None, sources: dict, width: int, threads: int, clip_acc):
     """mapInArrow function of one pass: rows for every run of ``group`` ({run_id: (method, digest)}); ``sources``
     ({digest: path or broadcast}) covers the group and the reference CTR network (``ref_digest``)."""
-    needs_ref = any(m not in OWN_CTR_METHODS + ("ctr",) for m, _ in group.values())
+    needs_ref = any(get_method(m).uses_reference_ctr for m, _ in group.values())
 
     def score_batches(batches):
         import torch
 
         from esmm.batch import Batch
-        from esmm.methods import division_cvr, predict
+        from esmm.methods import predict, scores
         torch.set_num_threads(threads)
         nets = _load_models(sources)
         for rb in batches:
@@ -138,24 +140,15 @@ def _score_fn(group: dict, ref_digest: str | None, sources: dict, width: int, th
                                      _list_to_numpy(cols[S.FEAT_WTS], width, np.float32),
                                      np.zeros(n, np.float32), np.zeros(n, np.float32))
             with torch.inference_mode():
-                ref_ctr = predict("ctr", nets[ref_digest], batch)[S.P_CTR] if needs_ref else None
+                ref_ctr = predict(REFERENCE_CTR, nets[ref_digest], batch)[S.P_CTR] if needs_ref else None
                 for run_id, (method, digest) in group.items():
-                    out = predict(method, nets[digest], batch)
-                    if method == "ctr":  # the reference network itself: CTR only, no CVR (NaN)
-                        p_ctr = out[S.P_CTR]
-                        p_cvr = torch.full_like(p_ctr, float("nan"))
-                    elif method in OWN_CTR_METHODS:
-                        p_ctr, p_cvr = out[S.P_CTR], out[S.P_CVR]
-                    elif method == "division":
-                        p_ctr = ref_ctr
-                        p_cvr, clipped = division_cvr(out[S.P_CTCVR], ref_ctr)
+                    p_ctr, p_cvr, p_ctcvr, clipped = scores(method, predict(method, nets[digest], batch), ref_ctr)
+                    if clipped:
                         clip_acc.add(clipped)
-                    else:
-                        p_ctr, p_cvr = ref_ctr, out[S.P_CVR]
                     yield pa.RecordBatch.from_arrays(
                         [cols[S.SAMPLE_ID], cols[S.CLICK], cols[S.CONVERSION],
                          pa.array(p_ctr.numpy().astype(np.float32)), pa.array(p_cvr.numpy().astype(np.float32)),
-                         pa.array((p_ctr * p_cvr).numpy().astype(np.float32)),
+                         pa.array(p_ctcvr.numpy().astype(np.float32)),
                          _repeat(method, n), _repeat(run_id, n), cols[S.USER_KEY].cast(pa.int64())],
                         schema=_PRED_ARROW)
     return score_batches
@@ -186,7 +179,7 @@ class _Export:
 def _resolve(runs: list[ScoredRun], reference_ctr: ScoredRun | None) -> tuple[list[_Export], _Export | None]:
     """Check the exports and hash them; returns (every run to write rows for, the reference). The reference CTR
     network gets rows too (once, also when it is not among ``runs``); a run_id names one export."""
-    needs_ref = [r.method for r in runs if r.method not in OWN_CTR_METHODS + ("ctr",)]
+    needs_ref = [r.method for r in runs if get_method(r.method).uses_reference_ctr]
     if needs_ref and reference_ctr is None:
         raise EvaluateError(f"methods {needs_ref} need the reference CTR network's export (paper protocol)")
     out: dict[str, _Export] = {}
@@ -368,7 +361,7 @@ def evaluate_runs(spark: SparkSession, dataset: str, run_dirs: list[str], ctr_di
         return ScoredRun(method, ids[os.path.abspath(d)], path)
 
     runs = [spec(d) for d in run_dirs]
-    ref = spec(ctr_dir) if ctr_dir else next((r for r in runs if r.method == "ctr"), None)
+    ref = spec(ctr_dir) if ctr_dir else next((r for r in runs if r.method == REFERENCE_CTR), None)
     width = read_manifest(dataset)["layout"]["num_slots"]
     with O.OutputLock(out, "evaluate"):
         O.claim_dir(out, "evaluation")
@@ -404,7 +397,7 @@ def _evaluate_locked(spark, dataset, runs, ref, out, width, truth_path, threads,
     pred = spark.read.parquet(pred_path)
     truth = spark.read.parquet(truth_path) if truth_path and os.path.exists(truth_path) else None
     rows, dl, aliases = protocol_metrics(pred, truth, {r.run_id: r.method for r in runs + ([ref] if ref else [])},
-                                         own_ctr=("ctr",) + OWN_CTR_METHODS)
+                                         own_ctr=OWN_CTR_METHODS)
     result = {"metrics": rows, "delong": {t: delong_record(r, aliases.get(t)) for t, r in dl.items()},
               "division_clipped": info["division_clipped"], "predictions": pred_path,
               "trained_on_other_dataset": sorted(info["trained_on_other_dataset"])}

@@ -41,6 +41,7 @@ from esmm import report as R
 from esmm import validation as V
 from esmm.config import Config, to_dict
 from esmm.evaluate import OWN_CTR_METHODS, ScoredRun, score_to_parquet
+from esmm.methods import METHODS, REFERENCE_CTR, get_method
 from esmm.metrics import oracle_protocol_metrics, protocol_metrics
 from esmm.outputs import OutputRefused
 from esmm.train import EXPORT, launch, read_manifest
@@ -84,13 +85,12 @@ def unit_methods(cfg: Config, rate: float, table_rate: float) -> tuple:
 
 def unit_specs(cfg: Config, repeat: int, rate: float, methods: tuple | None = None) -> list[RunSpec]:
     """The reference CTR network first (UNBIAS/DIVISION and the CTCVR protocol need it), then every variant."""
-    specs = [RunSpec(repeat, rate, "ctr")]
+    specs = [RunSpec(repeat, rate, REFERENCE_CTR)]
     for m in (cfg.experiment.methods if methods is None else methods):
-        if m == "aman":
-            specs += [RunSpec(repeat, rate, m, f"rate={r}") for r in cfg.experiment.aman_rates]
-        elif m == "oversampling":
-            specs += [RunSpec(repeat, rate, m, f"k={k}") for k in cfg.experiment.oversampling_ks]
-        elif m != "ctr":
+        grid = get_method(m).grid
+        if grid is not None:
+            specs += [RunSpec(repeat, rate, m, f"{grid.label}={v}") for v in getattr(cfg.experiment, grid.values)]
+        elif m != REFERENCE_CTR:
             specs.append(RunSpec(repeat, rate, m))
     return specs
 
@@ -98,11 +98,13 @@ def unit_specs(cfg: Config, repeat: int, rate: float, methods: tuple | None = No
 def config_for(cfg: Config, spec: RunSpec, exp_dir: str) -> Config:
     train = dataclasses.replace(cfg.train, method=spec.method, seed=cfg.train.seed + 1000 * spec.repeat,
                                 sampling_rate=spec.rate,
-                                ctr_model=os.path.join(RunSpec(spec.repeat, spec.rate, "ctr").run_dir(exp_dir), EXPORT))
-    if spec.variant.startswith("rate="):
-        train = dataclasses.replace(train, aman_rate=float(spec.variant[5:]))
-    if spec.variant.startswith("k="):
-        train = dataclasses.replace(train, oversampling_k=int(spec.variant[2:]))
+                                ctr_model=os.path.join(RunSpec(spec.repeat, spec.rate, REFERENCE_CTR).run_dir(exp_dir),
+                                                       EXPORT))
+    grid = get_method(spec.method).grid
+    if spec.variant and grid is not None:
+        value = spec.variant.split("=", 1)[1]
+        kind = type(getattr(cfg.train, grid.key))  # the train config's type of the key (float rate, int k)
+        train = dataclasses.replace(train, **{grid.key: kind(float(value)) if kind is int else kind(value)})
     return dataclasses.replace(cfg, train=train)
 
 
@@ -127,7 +129,7 @@ def run_unit(spark: SparkSession, cfg: Config, dataset: str, exp_dir: str, repea
     t0 = time.time()
     summaries = launch(jobs, cfg.train.workers, spark)
     t1 = time.time()
-    ref = ScoredRun("ctr", specs[0].name, os.path.join(specs[0].run_dir(exp_dir), EXPORT))
+    ref = ScoredRun(REFERENCE_CTR, specs[0].name, os.path.join(specs[0].run_dir(exp_dir), EXPORT))
     runs = [ScoredRun(s.method, s.name, os.path.join(s.run_dir(exp_dir), EXPORT)) for s in specs]
     width = read_manifest(dataset)["layout"]["num_slots"]
     pred_path = os.path.join(exp_dir, "predictions", specs[0].unit)
@@ -136,7 +138,7 @@ def run_unit(spark: SparkSession, cfg: Config, dataset: str, exp_dir: str, repea
     pred = spark.read.parquet(pred_path)
     truth = spark.read.parquet(truth_path) if truth_path else None
     rows, dl, aliases = protocol_metrics(pred, truth, {s.name: s.method for s in specs},
-                                         own_ctr=("ctr",) + OWN_CTR_METHODS)
+                                         own_ctr=OWN_CTR_METHODS)
     result = {"unit": specs[0].unit, "repeat": repeat, "rate": rate, "identity": identity,
               "run_ids": {s.name: _run_id(s.run_dir(exp_dir)) for s in specs}, "metrics": rows,
               "delong": {t: R.delong_record(r, aliases.get(t)) for t, r in dl.items()},
@@ -235,7 +237,7 @@ def _run_experiment(spark: SparkSession, cfg: Config, dataset: str, exp_dir: str
     return report
 
 
-SEARCHED = ("aman", "oversampling")   # the methods whose variants are chosen
+SEARCHED = tuple(n for n, m in METHODS.items() if m.grid is not None)   # the methods whose variants are chosen
 
 
 def validation_choices(units: list[dict], methods: tuple, rates) -> dict:
@@ -280,7 +282,7 @@ def selection_note(select_on: str, methods: tuple) -> str:
     searched = [R.label(m) for m in SEARCHED if m in methods]
     if not searched:
         return ""
-    what = " and ".join(f"{m}'s {'rate' if m == 'AMAN' else 'k'}" for m in searched)
+    what = " and ".join(f"{R.label(m)}'s {get_method(m).grid.label}" for m in SEARCHED if m in methods)
     if select_on == "validation":
         return (f"{what} chosen on the validation split: the best mean validation CVR AUC of the trainings "
                 f"(experiment.select_on=validation; the test split plays no part in the choice).")

@@ -17,11 +17,15 @@ from esmm.features import FeatureLayout
 
 EMBEDDING_INIT_STD = 0.01
 
-# Architectures a method can ask for (``Method.model_kind`` in esmm.methods).
+# Architectures a method can ask for (``Method.network`` in esmm.methods; built by ``build_network``). This module
+# knows nothing of methods, losses or training: esmm.methods maps each method to one of these.
 SINGLE = "single"      # embedding + one tower -> one logit
 ESMM_SHARED = "esmm"   # two towers over one shared embedding table
 ESMM_NS = "esmm_ns"    # two towers, each with its own embedding table
-MODEL_KINDS = (SINGLE, ESMM_SHARED, ESMM_NS)
+MMOE = "mmoe"          # experts + one gate per task under ESMM's two towers
+AITM_NET = "aitm"      # click and click-and-convert towers with adaptive information transfer
+ESMM_IMPUTED = "esmm_imputed"  # ESMM's towers plus an imputation tower (ESCM2-DR)
+MODEL_KINDS = (SINGLE, ESMM_SHARED, ESMM_NS, MMOE, AITM_NET, ESMM_IMPUTED)
 
 
 class FieldEmbedding(nn.Module):
@@ -162,7 +166,10 @@ class MMoE(nn.Module):
 
     def forward(self, ids: torch.Tensor, wts: torch.Tensor) -> Logits:
         x = self.embedding(ids, wts)                                                     # (B, F*D)
-        experts = torch.stack([e(x) for e in self.experts], dim=1)                       # (B, E, H)
+        outs: list[torch.Tensor] = []
+        for expert in self.experts:
+            outs.append(expert(x))
+        experts = torch.stack(outs, dim=1)                                               # (B, E, H)
         g_ctr = torch.softmax(self.ctr_gate(x), dim=-1).unsqueeze(-1)                    # (B, E, 1)
         g_cvr = torch.softmax(self.cvr_gate(x), dim=-1).unsqueeze(-1)
         return Logits(ctr=self.ctr_tower((g_ctr * experts).sum(1)), cvr=self.cvr_tower((g_cvr * experts).sum(1)))
@@ -240,14 +247,18 @@ class AITM(nn.Module):
         return StepLogits(ctr=self.ctr_out(q_ctr).squeeze(-1), ctcvr=self.ctcvr_out(z).squeeze(-1))
 
 
-def build_model(method: str, layout: FeatureLayout, model_cfg) -> nn.Module:
-    """The network a method trains (``esmm.methods.METHODS[method].model_kind`` picks the architecture)."""
-    from esmm.methods import get_method  # esmm.methods imports this module; resolve the registry at call time
-    kind = get_method(method).model_kind
+def build_network(kind: str, layout: FeatureLayout, model_cfg) -> nn.Module:
+    """The network of architecture ``kind`` (one of MODEL_KINDS) for ``layout`` and a ``ModelConfig``."""
     if kind == SINGLE:
         return SingleTask(layout, model_cfg)
     if kind in (ESMM_SHARED, ESMM_NS):
         return ESMM(layout, model_cfg, shared=kind == ESMM_SHARED)
+    if kind == MMOE:
+        return MMoE(layout, model_cfg)
+    if kind == AITM_NET:
+        return AITM(layout, model_cfg)
+    if kind == ESMM_IMPUTED:
+        return ESMMImputed(layout, model_cfg)
     raise ValueError(f"unknown model kind {kind!r}; expected one of {MODEL_KINDS}")
 
 

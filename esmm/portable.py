@@ -30,8 +30,9 @@ import torch
 from torch import nn
 
 from esmm.features import P1, P2, P3, P4, P5, SPARK_SEED, FeatureLayout, spark_hash_long
-from esmm.methods import TASK_CTCVR, TASK_CTR, TASK_CVR, TASK_MULTI, get_method
-from esmm.model import FieldEmbedding, build_model, probs
+from esmm.methods import (HEAD_PRODUCT, HEAD_SINGLE, NONE, OWN, RATIO, TASK_CTCVR, TASK_CTR, TASK_CVR, build_model,
+                          get_method)
+from esmm.model import FieldEmbedding
 from esmm.outputs import atomic_write_json, file_digest
 
 log = logging.getLogger(__name__)
@@ -64,11 +65,26 @@ class _Checked(nn.Module):
 
 
 class MultiScorer(_Checked):
-    """ESMM / ESMM-NS: (p_ctr, p_cvr, p_ctcvr = p_ctr * p_cvr) from the network's own towers."""
+    """ESMM's head (ESMM, ESMM-NS, MMoE, ESCM2): (p_ctr, p_cvr, p_ctcvr = p_ctr * p_cvr) from the network's first two
+    outputs, its CTR and CVR logits."""
 
     def forward(self, feat_ids: torch.Tensor, feat_wts: torch.Tensor) -> Probs:
         ids, wts = self._inputs(feat_ids, feat_wts)
-        return probs(self.net(ids, wts))
+        out = self.net(ids, wts)
+        p_ctr, p_cvr = torch.sigmoid(out[0]), torch.sigmoid(out[1])
+        return p_ctr, p_cvr, p_ctr * p_cvr
+
+
+class StepScorer(_Checked):
+    """Two steps (AITM): the network's CTR and CTCVR logits; p_cvr = clip(p_ctcvr / p_ctr, 0, 1) and
+    p_ctcvr = p_ctr * p_cvr, as the evaluation scores it."""
+
+    def forward(self, feat_ids: torch.Tensor, feat_wts: torch.Tensor) -> Probs:
+        ids, wts = self._inputs(feat_ids, feat_wts)
+        out = self.net(ids, wts)
+        p_ctr, p_ctcvr = torch.sigmoid(out[0]), torch.sigmoid(out[1])
+        p_cvr = torch.clamp(p_ctcvr / torch.clamp(p_ctr, min=1.1754943508222875e-38), 0.0, 1.0)
+        return p_ctr, p_cvr, p_ctr * p_cvr
 
 
 class SingleScorer(_Checked):
@@ -92,9 +108,11 @@ class SingleScorer(_Checked):
 def scorer(net: nn.Module, method: str, layout: FeatureLayout) -> nn.Module:
     """The eager (not yet scripted) scorer of a trained network of ``method``."""
     m = get_method(method)
-    if m.task == TASK_MULTI:
+    if m.head == HEAD_SINGLE:
+        return SingleScorer(net, layout.num_slots, _OUTPUT_OF_TASK[m.task]).eval()
+    if m.head == HEAD_PRODUCT:
         return MultiScorer(net, layout.num_slots).eval()
-    return SingleScorer(net, layout.num_slots, _OUTPUT_OF_TASK[m.task]).eval()
+    return StepScorer(net, layout.num_slots).eval()
 
 
 def cpu_copy(model: nn.Module, method: str, cfg, layout: FeatureLayout) -> nn.Module:
@@ -167,8 +185,12 @@ ENCODING = [
 
 def _outputs(method: str) -> dict:
     m = get_method(method)
-    if m.task == TASK_MULTI:
+    if m.head != HEAD_SINGLE and m.cvr_from == OWN:
         meaningful, combine = list(OUTPUTS), "all three from this network; p_ctcvr = p_ctr * p_cvr"
+    elif m.head != HEAD_SINGLE and m.cvr_from == RATIO:
+        meaningful = list(OUTPUTS)
+        combine = ("all three from this network: its click and click-and-convert steps give p_ctr and pCTCVR; "
+                   "p_cvr = clip(pCTCVR / max(p_ctr, 1.1754944e-38), 0, 1), reported p_ctcvr = p_ctr * p_cvr")
     elif m.task == TASK_CTR:
         meaningful, combine = ["p_ctr"], "the reference CTR network: p_cvr and p_ctcvr are NaN"
     elif m.task == TASK_CVR:
@@ -192,7 +214,7 @@ def contract(method: str, layout: FeatureLayout, identity: dict | None = None) -
                         for i, f in enumerate(layout.fields)]
     L = layout.num_slots
     return {
-        "format": PORTABLE_FORMAT, "method": method, "task": m.task, "model_kind": m.model_kind,
+        "format": PORTABLE_FORMAT, "method": method, "task": m.task, "model_kind": m.network, "head": m.head,
         "run_id": (identity or {}).get("run_id"), "dataset_fingerprint": (identity or {}).get("dataset_fingerprint"),
         "torch_version": torch.__version__,
         "usage": "m = torch.jit.load(path, map_location='cpu'); p_ctr, p_cvr, p_ctcvr = m(feat_ids, feat_wts)",

@@ -93,8 +93,8 @@ class Model:
 
 
 def _needs_reference(method: str) -> bool:
-    from esmm.evaluate import OWN_CTR_METHODS
-    return method not in OWN_CTR_METHODS + ("ctr",)
+    from esmm.methods import get_method
+    return get_method(method).uses_reference_ctr
 
 
 def _check_layouts(models: list[Model], layout: dict, what: str) -> None:
@@ -164,7 +164,8 @@ def predict(spark: SparkSession, cfg: Config, model: str, out: str, *, ctr: str 
     if _needs_reference(net.method) and ref is None:
         raise PredictError(f"{net.method} predicts pCVR only: its pCTR comes from the reference CTR network "
                            f"(evaluation's rule); pass the reference CTR run (--ctr)")
-    if ref is not None and ref.method != "ctr":
+    from esmm.methods import REFERENCE_CTR
+    if ref is not None and ref.method != REFERENCE_CTR:
         raise PredictError(f"--ctr must be a reference CTR network's run, got a {ref.method!r} model ({ref.path})")
     models = [net] + ([ref] if ref and _needs_reference(net.method) else [])
     ref = models[1] if len(models) > 1 else None

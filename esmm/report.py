@@ -45,7 +45,9 @@ SIG_HIGHER, SIG_LOWER = "*", "†"
 
 
 def label(method: str) -> str:
-    return method.upper().replace("_", "-")
+    """The method's name in tables and figures (``Method.title``: ESMM-NS, ESCM2-IPS, ...)."""
+    from esmm.methods import METHODS
+    return METHODS[method].title if method in METHODS else method.upper().replace("_", "-")
 
 
 # ------------------------------------------------------------------------------------------------ DeLong records

@@ -63,8 +63,8 @@ from esmm import validation as V
 from esmm.config import Config, from_dict, to_dict
 from esmm.data import steps_per_epoch, subset_rows, train_stream
 from esmm.features import FeatureLayout
-from esmm.methods import all_rows, get_method, loss_for, predict
-from esmm.model import build_model, sparse_parameters
+from esmm.methods import REFERENCE_CTR, build_model, get_method, loss_for, predict
+from esmm.model import sparse_parameters
 from esmm.outputs import (OutputError, OutputLock, OutputRefused, atomic_write_json, claim_dir, dataset_fingerprint,
                           file_digest, fingerprint, marker_record, read_marker, remove_owned, write_marker, write_success)
 from esmm.portable import export_portable
@@ -440,14 +440,14 @@ def train_step(state: TrainState, method, raw, cfg: Config, gen: torch.Generator
     else started before the backward pass and collected after the optimizer step (Horovod negotiates it with the
     step's gradients instead of spending a round trip of its own). A flagged step may have updated the parameters
     already; they are never written (the error propagates out of ``train``)."""
-    ctr_probs = predict("ctr", ctr_net, raw)[P_CTR] if ctr_net is not None else None
+    ctr_probs = predict(REFERENCE_CTR, ctr_net, raw)[P_CTR] if ctr_net is not None else None
     batch = method.prepare(raw, cfg.train, gen, ctr_probs)
     out = state.model(batch.ids, batch.wts)
-    loss, parts = loss_for(method, out, batch)
+    loss, parts = loss_for(method, out, batch, cfg.train)
     step, bad, pending = state.step + 1, not math.isfinite(parts["loss"]), None
     if world_size() == 1:
         _raise_if_nonfinite_loss([0] if bad else [], step)
-    elif method.rows is not all_rows:
+    elif method.selects_rows:
         # Horovod averages per-rank gradients; when ranks select different numbers of rows (BASE keeps clicks only)
         # (methods that train on every row with unit weights skip this extra allreduce: the shares are equal)
         # the average of per-rank means is not the mean over the global batch. Rescale each rank's mean by its

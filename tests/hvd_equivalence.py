@@ -1,7 +1,9 @@
 """Run under horovodrun (or alone): train K steps on fixed global batches, each rank taking its slice.
 
-usage: hvd_equivalence.py DATASET CONF OUT_PREFIX GLOBAL_BATCH STEPS METHOD
-Writes OUT_PREFIX.rank<r>.pt with the final parameters of each rank.
+usage: hvd_equivalence.py DATASET CONF OUT_PREFIX GLOBAL_BATCH STEPS METHOD[,METHOD...]
+Writes OUT_PREFIX.<method>.rank<r>.pt with the final parameters of each rank (and OUT_PREFIX.<method>.init.pt), one
+method after the other in one process (a horovodrun start costs more than the steps). A method that needs the
+reference CTR network's pCTR (UNBIAS) gets a CTR network initialized from a fixed seed, the same in every process.
 """
 import sys
 from pathlib import Path
@@ -16,20 +18,30 @@ import schemas as S  # noqa: E402
 from esmm import distributed as D  # noqa: E402
 from esmm.batch import Batch  # noqa: E402
 from esmm.config import load_config  # noqa: E402
-from esmm.methods import get_method  # noqa: E402
+from esmm.methods import REFERENCE_CTR, build_model, get_method  # noqa: E402
 from esmm.train import build_state, layout_from_manifest, read_manifest, train_step  # noqa: E402
 
 
-def main(dataset, conf, out, global_batch, steps, method):
-    global_batch, steps = int(global_batch), int(steps)
-    cfg = load_config(conf, [f"train.method={method}"])
+def main(dataset, conf, out, global_batch, steps, methods):
     dist = D.init(1)
+    for method in methods.split(","):
+        run(dataset, conf, f"{out}.{method}", int(global_batch), int(steps), method, dist)
+
+
+def run(dataset, conf, out, global_batch, steps, method, dist):
+    cfg = load_config(conf, [f"train.method={method}"])
     table = pq.read_table(f"{dataset}/train", columns=[S.SAMPLE_ID, S.CLICK, S.CONVERSION, S.FEAT_IDS, S.FEAT_WTS])
     table = table.sort_by(S.SAMPLE_ID)
     ids = np.stack(table[S.FEAT_IDS].to_numpy(zero_copy_only=False))
     wts = np.stack(table[S.FEAT_WTS].to_numpy(zero_copy_only=False))
     click, conv = table[S.CLICK].to_numpy(), table[S.CONVERSION].to_numpy()
-    state = build_state(cfg, layout_from_manifest(read_manifest(dataset)), dist)
+    layout = layout_from_manifest(read_manifest(dataset))
+    ctr_net = None
+    if get_method(method).needs_ctr_probs:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(1234)
+            ctr_net = build_model(REFERENCE_CTR, layout, cfg.model).eval()
+    state = build_state(cfg, layout, dist)
     D.broadcast_parameters(state.model)
     if dist.rank == 0:
         torch.save({n: p.detach().clone() for n, p in state.model.state_dict().items()}, f"{out}.init.pt")
@@ -40,7 +52,7 @@ def main(dataset, conf, out, global_batch, steps, method):
         sl = slice(lo, lo + local)
         raw = Batch.from_numpy(ids[sl], wts[sl], click[sl], conv[sl])
         gen.manual_seed(k)
-        train_step(state, get_method(method), raw, cfg, gen, None)
+        train_step(state, get_method(method), raw, cfg, gen, ctr_net)
     torch.save({n: p.detach().clone() for n, p in state.model.state_dict().items()}, f"{out}.rank{dist.rank}.pt")
 
 

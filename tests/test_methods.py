@@ -9,8 +9,9 @@ from esmm.batch import Batch
 from esmm.config import TrainConfig
 from esmm.features import FeatureLayout
 from esmm.losses import bce_logits, esmm_loss, log_one_minus_sigmoid_product
-from esmm.methods import METHODS, division_cvr, get_method, loss_for, predict
-from esmm.model import ESMM, Logits, SingleTask
+from esmm.methods import (METHODS, PAPER_METHODS, REFERENCE, SUCCESSORS, build_model, division_cvr, get_method,
+                          loss_for, predict, scores)
+from esmm.model import AITM, ESMM, MMoE, ESMMImputed, ImputedLogits, Logits, SingleTask, StepLogits
 from schemas.dataset import P_CTCVR, P_CTR, P_CVR
 
 CFG = TrainConfig(aman_rate=0.5, oversampling_k=3, unbias_min_ctr=0.01)
@@ -101,11 +102,26 @@ def test_bce_logits_weighted_mean_and_empty():
 
 # ------------------------------------------------------------------------------------------------ methods
 
-def test_registry_matches_config():
-    assert tuple(METHODS) == config.METHODS
+def test_the_registry_is_the_one_list_of_methods():
     assert get_method("esmm") is METHODS["esmm"]
     with pytest.raises(ValueError, match="unknown method"):
         get_method("nope")
+    # config validation reads the registry: every method is accepted, anything else is refused with the list
+    for name in METHODS:
+        assert config.load_config(None, [f"train.method={name}"]).train.method == name
+    with pytest.raises(config.ConfigError, match=r"train.method: must be one of \('ctr', 'base'"):
+        config.load_config(None, ["train.method=nope"])
+    with pytest.raises(config.ConfigError, match="unknown method"):
+        config.load_config(None, ["experiment.methods=[esmm, nope]"])
+    assert set(METHODS) == {"ctr", *PAPER_METHODS, *SUCCESSORS}
+    # the model module is plain networks: it imports nothing of methods, losses or training
+    import ast
+
+    import esmm.model
+    tree = ast.parse(open(esmm.model.__file__).read())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | \
+        {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert imported <= {"__future__", "typing", "torch", "esmm.features"}, imported
 
 
 def test_ctr_division_esmm_use_all_rows():
@@ -195,3 +211,54 @@ def test_division_cvr_clips_and_counts():
     p_cvr, n = division_cvr(torch.tensor([0.1, 0.3, 0.0, 0.2]), torch.tensor([0.5, 0.2, 0.0, 0.0]))
     torch.testing.assert_close(p_cvr, torch.tensor([0.2, 1.0, 0.0, 1.0]))
     assert n == 2
+
+
+# ------------------------------------------------------------------------------------------------ successors
+
+LAYOUT3 = FeatureLayout(fields=("a", "b", "c"), buckets=(8, 8, 8), max_len=(1, 1, 1))
+MCFG = config.ModelConfig(embedding_dim=2, hidden=(4,), experts=3, expert_hidden=(5,), tower_hidden=(4,))
+TCFG = TrainConfig(escm2_cf_weight=0.5, escm2_ctcvr_weight=0.5, escm2_min_ctr=0.01, aitm_alpha=0.6)
+
+
+@pytest.mark.parametrize("name,net,out", [("escm2_ips", ESMM, Logits), ("escm2_dr", ESMMImputed, ImputedLogits),
+                                          ("aitm", AITM, StepLogits), ("mmoe", MMoE, Logits)])
+def test_each_successor_trains_on_the_entire_space_and_scores_by_its_own_rule(name, net, out):
+    m = get_method(name)
+    torch.manual_seed(0)
+    model = build_model(name, LAYOUT3, MCFG)
+    assert isinstance(model, net) and not m.selects_rows and not m.uses_reference_ctr
+    b = m.prepare(_batch(), TCFG)
+    assert _rows(b) == list(range(8))                                 # every impression
+    o = model(b.ids % 8, b.wts)
+    assert isinstance(o, out)
+    loss, parts = loss_for(name, o, b, TCFG)
+    loss.backward()
+    assert math.isfinite(loss.item()) and parts["loss"] == pytest.approx(loss.item())
+    assert all(p.grad is not None for p in model.parameters())       # every parameter is trained by the loss
+    expected_parts = {"escm2_ips": {"loss", "ctr", "ctcvr", "cf"}, "escm2_dr": {"loss", "ctr", "ctcvr", "cf", "imputation"},
+                      "aitm": {"loss", "ctr", "ctcvr", "calibration"}, "mmoe": {"loss", "ctr", "ctcvr"}}[name]
+    assert set(parts) == expected_parts
+    with torch.no_grad():
+        own = m.outputs(model(b.ids % 8, b.wts))
+        p_ctr, p_cvr, p_ctcvr, _ = scores(name, own, None)               # no reference network needed
+    assert torch.all((0 <= p_cvr) & (p_cvr <= 1)) and torch.allclose(p_ctcvr, p_ctr * p_cvr)
+    if name == "aitm":   # pCVR is the clipped ratio of its two steps
+        torch.testing.assert_close(p_cvr, torch.clamp(own[P_CTCVR] / own[P_CTR], 0, 1))
+    else:                # ESMM's product of its own towers
+        torch.testing.assert_close(p_cvr, own[P_CVR])
+
+
+def test_scoring_rules_of_the_paper_methods():
+    own = {P_CTR: torch.tensor([0.5, 0.2]), P_CVR: torch.tensor([0.1, 0.4]), P_CTCVR: torch.tensor([0.3, 0.1])}
+    ref = torch.tensor([0.25, 0.5])
+    p_ctr, p_cvr, p_ctcvr, clipped = scores("base", {P_CVR: own[P_CVR]}, ref)     # pCTR from the reference network
+    assert p_ctr.tolist() == ref.tolist() and p_cvr.tolist() == pytest.approx([0.1, 0.4])
+    p_ctr, p_cvr, _, clipped = scores("division", {P_CTCVR: own[P_CTCVR]}, ref)  # pCVR = pCTCVR / reference pCTR
+    assert p_cvr.tolist() == pytest.approx([1.0, 0.2]) and clipped == 1
+    p_ctr, p_cvr, _, _ = scores("ctr", {P_CTR: own[P_CTR]}, None)                # the reference itself: no pCVR
+    assert torch.isnan(p_cvr).all() and p_ctr.tolist() == pytest.approx([0.5, 0.2])
+    with pytest.raises(ValueError, match="reference CTR network"):
+        scores("base", {P_CVR: own[P_CVR]}, None)
+    assert [n for n, m in METHODS.items() if m.ctr_from == REFERENCE] == ["base", "aman", "oversampling", "unbias",
+                                                                           "division"]
+    assert {n: m.grid.label for n, m in METHODS.items() if m.grid} == {"aman": "rate", "oversampling": "k"}

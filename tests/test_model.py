@@ -3,12 +3,12 @@ import pytest
 import torch
 
 from esmm.batch import Batch
-from esmm.config import METHODS, ModelConfig
+from esmm.config import ModelConfig
 from esmm.features import FeatureLayout
 from esmm.losses import esmm_loss
-from esmm.methods import get_method
-from esmm.model import (ESMM, FieldEmbedding, Logits, SingleTask, Tower, build_model, dense_parameters, probs,
-                        sparse_parameters)
+from esmm.methods import METHODS, build_model, get_method
+from esmm.model import (ESMM, MODEL_KINDS, FieldEmbedding, Logits, SingleTask, Tower, build_network, dense_parameters,
+                        probs, sparse_parameters)
 
 # 3 fields: "a" 1 slot (ids 0..3), "b" 2 slots (ids 4..6), "c" 3 slots (ids 7..11); L = 6, 12 embeddings.
 LAYOUT = FeatureLayout(fields=("a", "b", "c"), buckets=(4, 3, 5), max_len=(1, 2, 3))
@@ -104,11 +104,20 @@ def test_parameter_groups_partition_the_model_and_embedding_grads_are_sparse():
 @pytest.mark.parametrize("method", METHODS)
 def test_build_model_per_method(method):
     m = build_model(method, LAYOUT, TINY)
-    kind = get_method(method).model_kind
+    kind = get_method(method).network
+    assert kind in MODEL_KINDS and type(m) is type(build_network(kind, LAYOUT, TINY))
     if kind == "single":
         assert isinstance(m, SingleTask)
-    else:
+    elif kind in ("esmm", "esmm_ns"):
         assert isinstance(m, ESMM) and m.shared == (kind == "esmm")
+    # every network runs on an empty batch and on a batch, and its embedding gradients are sparse
+    for n in (0, 5):
+        b = _random_batch(n)
+        out = m(b.ids, b.wts)
+        first = out if isinstance(out, torch.Tensor) else out[0]
+        assert first.shape == (n,)
+    sum(o.sum() for o in ([out] if isinstance(out, torch.Tensor) else list(out))).backward()
+    assert all(p.grad is None or p.grad.is_sparse for p in sparse_parameters(m))
 
 
 def test_empty_batch_runs_and_gives_zero_loss():
