@@ -257,7 +257,7 @@ def model_export(workdir: str, seed: int) -> tuple:
     from esmm.config import load_config
     from esmm.features import FeatureLayout
     from esmm.methods import build_model
-    from esmm.train import EXPORT, export_model
+    from esmm.artifacts import EXPORT, export_model
     cfg = load_config(DEMO_CONF)
     layout = FeatureLayout.from_config(cfg.features)
     torch.manual_seed(seed)

@@ -367,7 +367,7 @@ def train_plan(ctx: Ctx, dataset: str, workers: int, steps: int = TRAIN_STEPS,
     many epochs as reach ``steps``, a checkpoint every ``total / checkpoints`` steps, one torch thread per worker."""
     from esmm.config import load_config
     from esmm.data import steps_per_epoch, subset_rows
-    from esmm.train import read_manifest
+    from esmm.artifacts import read_manifest
     cfg, manifest = load_config(ctx.conf, ctx.sets), read_manifest(dataset)
     rates = sorted(manifest["sampling_rates"])
     rate = next((r for r in rates if steps_per_epoch(subset_rows(manifest, "train", r), cfg.train.batch_size,
@@ -407,7 +407,7 @@ def same_parameters(a: str, b: str) -> tuple[bool, float]:
     """(every tensor bit-identical, largest absolute difference) of the ``model.pt`` exports of run dirs a and b."""
     import torch
 
-    from esmm.train import EXPORT, load_export
+    from esmm.artifacts import EXPORT, load_export
     sa, sb = (load_export(os.path.join(d, EXPORT))[0].state_dict() for d in (a, b))
     if sa.keys() != sb.keys():
         return False, float("inf")
@@ -543,7 +543,8 @@ def train_nan(ctx: Ctx, steps: int = TRAIN_STEPS) -> dict:
     naming the step; no export, no summary, no checkpoint of that step or after, and no lock left."""
     import torch
 
-    from esmm.train import EXPORT, SUMMARY, list_checkpoints
+    from esmm.artifacts import EXPORT, SUMMARY
+    from esmm.train import list_checkpoints
     ds = ctx.path("dataset-nan")
     shutil.rmtree(ds, ignore_errors=True)
     shutil.copytree(ensure_reference_dataset(ctx), ds)

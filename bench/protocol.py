@@ -35,7 +35,7 @@ def main():
     from esmm.evaluate import ScoredRun, score_to_parquet
     from esmm.metrics import entire_space_cvr_metrics, protocol_metrics, task_metrics
     from esmm.spark import get_spark
-    from esmm.train import read_manifest
+    from esmm.artifacts import read_manifest
     setup_logging("WARNING")
     cfg = load_config(os.path.join(ROOT, "conf", "demo.yaml"))
     spark = get_spark(cfg.spark, "bench-protocol")

@@ -62,7 +62,8 @@ def variant_in_memory(args) -> dict:
     from esmm import distributed as D
     from esmm.batch import Batch
     from esmm.methods import get_method
-    from esmm.train import build_state, layout_from_manifest, read_manifest, train_step
+    from esmm.artifacts import layout_from_manifest, read_manifest
+    from esmm.train import build_state, train_step
     cfg = bench_config(args)
     dist = D.init(1)
     t = pq.read_table(os.path.join(args.dataset, S.TRAIN), columns=[S.CLICK, S.CONVERSION, S.FEAT_IDS, S.FEAT_WTS])

@@ -739,20 +739,14 @@ def _check_quarantine(cfg: Config, manifest: dict, tmp: str) -> None:
 
 
 def _read_manifest(spark: SparkSession, out: str) -> dict | None:
-    path = f"{out}/{S.MANIFEST}"
-    if not sparkfs.exists(spark, path):
+    """The manifest of an existing ETL output (None when ``out`` does not exist)."""
+    from esmm.artifacts import read_manifest as read
+    if not sparkfs.exists(spark, f"{out}/{S.MANIFEST}"):
         if sparkfs.exists(spark, out):
             raise EtlError(f"{out} exists but has no {S.MANIFEST} (not an ETL output?); move it away or choose "
                            f"another path")
         return None
-    return json.loads(sparkfs.read_text(spark, path))
-
-
-def read_manifest(spark: SparkSession, dataset: str) -> dict:
-    m = _read_manifest(spark, dataset.rstrip("/"))
-    if m is None:
-        raise EtlError(f"no dataset at {dataset}: run jobs/etl.py first")
-    return m
+    return read(out, spark)
 
 
 def summary_text(m: dict) -> str:

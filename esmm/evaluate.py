@@ -100,7 +100,7 @@ def _load_models(sources: dict) -> dict:
 
     import torch
 
-    from esmm.train import load_export_blob
+    from esmm.artifacts import load_export_blob
     _retain_models(sources)
     for digest, where in sources.items():
         if digest not in _MODEL_CACHE:
@@ -271,7 +271,7 @@ def score_to_parquet(spark: SparkSession, dataset: str, runs: list[ScoredRun], r
     ev = evaluate if evaluate is not None else EvaluateConfig()
     ev.validate("evaluate")
     from esmm import outputs as O
-    from esmm.train import read_manifest
+    from esmm.artifacts import read_manifest
     scored, ref = _resolve(runs, reference_ctr)
     if not scored:
         raise EvaluateError("no runs to score")
@@ -349,7 +349,7 @@ def evaluate_runs(spark: SparkSession, dataset: str, run_dirs: list[str], ctr_di
     import torch
 
     from esmm import outputs as O
-    from esmm.train import EXPORT, read_manifest
+    from esmm.artifacts import EXPORT, read_manifest
 
     ids = unique_run_ids(run_dirs + ([ctr_dir] if ctr_dir else []))
 

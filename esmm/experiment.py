@@ -44,7 +44,8 @@ from esmm.evaluate import OWN_CTR_METHODS, ScoredRun, score_to_parquet
 from esmm.methods import METHODS, REFERENCE_CTR, get_method
 from esmm.metrics import oracle_protocol_metrics, protocol_metrics
 from esmm.outputs import OutputRefused
-from esmm.train import EXPORT, launch, read_manifest
+from esmm.artifacts import EXPORT, read_manifest, write_json
+from esmm.train import launch
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +151,7 @@ def run_unit(spark: SparkSession, cfg: Config, dataset: str, exp_dir: str, repea
               # each run's best validation AUC (None without a validation split): what select_on=validation uses
               "validation": {s.name: (summ.get("validation") or {}).get("best_auc")
                              for s, summ in zip(specs, summaries)}}
-    _atomic_json(out_path, result)
+    write_json(out_path, result)
     return result
 
 
@@ -170,11 +171,6 @@ def _run_id(run_dir: str) -> str | None:
     return rec.get("run_id") if rec else None
 
 
-def _atomic_json(path: str, obj) -> None:
-    from esmm.outputs import atomic_write_json
-    atomic_write_json(path, obj)
-
-
 def oracle(spark: SparkSession, dataset: str, truth_path: str, exp_dir: str) -> list[dict]:
     path = os.path.join(exp_dir, "metrics", "oracle.json")
     if os.path.exists(path):
@@ -183,7 +179,7 @@ def oracle(spark: SparkSession, dataset: str, truth_path: str, exp_dir: str) -> 
     test = spark.read.parquet(os.path.join(dataset, S.TEST)).drop(S.FEAT_IDS, S.FEAT_WTS, S.SAMPLE_TIER)  # + user_key
     truth = spark.read.parquet(truth_path).select(S.SAMPLE_ID, S.TRUE_CTR, S.TRUE_CVR, S.WOULD_CONVERT)
     rows = oracle_protocol_metrics(test.join(truth, S.SAMPLE_ID))
-    _atomic_json(path, rows)
+    write_json(path, rows)
     return rows
 
 
@@ -324,7 +320,7 @@ def write_reports(units, cfg, exp_dir, rates, table_rate, oracle_rows, train_row
             w.writeheader()
             w.writerows(table)
     clipped = sum(u.get("division_clipped", 0) for u in units)
-    _atomic_json(paths["json"], {"table2": rows, "significance": sig, "comparisons": comps, "rate": table_rate,
+    write_json(paths["json"], {"table2": rows, "significance": sig, "comparisons": comps, "rate": table_rate,
                                  "select_on": select_on, "selection_note": note,
                                  "chosen": {str(r): c for r, c in chosen.items()},
                                  "validation_auc": {str(r): {m: c["validation_auc"] for m, c in per.items()}

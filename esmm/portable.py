@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from esmm.features import P1, P2, P3, P4, P5, SPARK_SEED, FeatureLayout, spark_hash_long
-from esmm.methods import (HEAD_PRODUCT, HEAD_SINGLE, NONE, OWN, RATIO, TASK_CTCVR, TASK_CTR, TASK_CVR, build_model,
+from esmm.methods import (HEAD_PRODUCT, HEAD_SINGLE, OWN, RATIO, TASK_CTCVR, TASK_CTR, TASK_CVR, build_model,
                           get_method)
 from esmm.model import FieldEmbedding
 from esmm.outputs import atomic_write_json, file_digest
@@ -281,7 +281,7 @@ def export_portable(model: nn.Module, method: str, cfg, layout: FeatureLayout, o
 
 
 def _load(export_path: str):
-    from esmm.train import EXPORT, load_export  # esmm.train imports this module
+    from esmm.artifacts import EXPORT, load_export
     if os.path.isdir(export_path):
         export_path = os.path.join(export_path, EXPORT)
     net, blob = load_export(export_path)

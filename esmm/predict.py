@@ -77,7 +77,7 @@ class Model:
         import torch
 
         from esmm.evaluate import _digest
-        from esmm.train import EXPORT
+        from esmm.artifacts import EXPORT
         path = os.path.join(where, EXPORT) if os.path.isdir(where) else where
         if not os.path.isfile(path):
             raise PredictError(f"no model export at {path}: train that run first (jobs/train.py)")
@@ -111,7 +111,7 @@ def dataset_input(spark: SparkSession, dataset: str, split: str, rate: float | N
     """(rows to score, manifest, input identity) of an ETL'd dataset."""
     from esmm.data import tier_for_rate
     from esmm.outputs import dataset_fingerprint
-    from esmm.train import read_manifest
+    from esmm.artifacts import read_manifest
     if split not in SPLIT_CHOICES:
         raise PredictError(f"split must be one of {SPLIT_CHOICES}, got {split!r}")
     manifest = read_manifest(dataset)

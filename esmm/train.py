@@ -60,6 +60,8 @@ import torch
 
 from esmm import distributed as D
 from esmm import validation as V
+from esmm.artifacts import (EXPORT, SUMMARY, atomic_save, export_model, layout_from_manifest, load_export,
+                            read_manifest)
 from esmm.config import Config, from_dict, to_dict
 from esmm.data import steps_per_epoch, subset_rows, train_stream
 from esmm.features import FeatureLayout
@@ -68,15 +70,12 @@ from esmm.model import sparse_parameters
 from esmm.outputs import (OutputError, OutputLock, OutputRefused, atomic_write_json, claim_dir, dataset_fingerprint,
                           file_digest, fingerprint, marker_record, read_marker, remove_owned, write_marker, write_success)
 from esmm.portable import export_portable
-from schemas.dataset import MANIFEST, P_CTR, TRAIN
+from schemas.dataset import P_CTR, TRAIN
 
 log = logging.getLogger(__name__)
-EXPORT = "model.pt"
-SUMMARY = "train_summary.json"
 RUN_KIND = "train_run"
 CHECKPOINT_RE = re.compile(r"checkpoint-(\d{9})\.(pt|json)$")
 KEEP_CHECKPOINTS = 2
-EXPORT_FORMAT = 1
 TENSORBOARD = "tensorboard"
 
 
@@ -89,68 +88,6 @@ class TrainOutputRefused(TrainError, OutputRefused):
 
 
 # ------------------------------------------------------------------------------------------------ files
-
-def read_manifest(dataset: str) -> dict:
-    """The ETL manifest of a local path or a URL pyarrow can open (hdfs://, s3://, file://)."""
-    path = f"{dataset.rstrip('/')}/{MANIFEST}"
-    if "://" in dataset:
-        import pyarrow.fs as pafs
-        fs, inner = pafs.FileSystem.from_uri(path)
-        if fs.get_file_info(inner).type == pafs.FileType.NotFound:
-            raise TrainError(f"no dataset manifest at {path}: run jobs/etl.py first")
-        with fs.open_input_stream(inner) as f:
-            return json.loads(f.read())
-    if not os.path.exists(path):
-        raise TrainError(f"no dataset manifest at {path}: run jobs/etl.py first")
-    with open(path) as f:
-        return json.load(f)
-
-
-def layout_from_manifest(manifest: dict) -> FeatureLayout:
-    lay = manifest["layout"]
-    return FeatureLayout(tuple(lay["fields"]), tuple(lay["buckets"]), tuple(lay["max_len"]))
-
-
-def atomic_save(obj, path: str) -> None:
-    """torch.save to a temporary file in the same directory, fsync, then rename: readers never see a partial file."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def export_model(model: torch.nn.Module, method: str, cfg: Config, layout: FeatureLayout, path: str,
-                 identity: dict | None = None) -> None:
-    """``identity``: ``run_id`` and ``dataset_fingerprint`` of the run (extra keys; ``load_export_blob`` ignores them)."""
-    atomic_save({"format": EXPORT_FORMAT, "method": method, "state_dict": model.state_dict(),
-                 "config": to_dict(cfg), "layout": layout.to_dict(), **(identity or {})}, path)
-
-
-def load_export(path: str, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
-    """(model in eval mode, export dict) from a ``model.pt``; safe to load (``weights_only=True``)."""
-    if not os.path.exists(path):
-        raise TrainError(f"no model export at {path}")
-    blob = torch.load(path, map_location=device, weights_only=True)
-    return load_export_blob(blob).to(device), blob
-
-
-def load_export_blob(blob: dict) -> torch.nn.Module:
-    """The model (eval mode) of an already loaded export dict."""
-    if blob.get("format") != EXPORT_FORMAT:
-        raise TrainError(f"unsupported model export format {blob.get('format')!r} (expected {EXPORT_FORMAT})")
-    lay = blob["layout"]
-    layout = FeatureLayout(tuple(lay["fields"]), tuple(lay["buckets"]), tuple(lay["max_len"]))
-    model = build_model(blob["method"], layout, from_dict(blob["config"]).model)
-    model.load_state_dict(blob["state_dict"])
-    return model.eval()
-
 
 # ------------------------------------------------------------------------------------------------ state
 

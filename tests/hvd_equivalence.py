@@ -19,7 +19,8 @@ from esmm import distributed as D  # noqa: E402
 from esmm.batch import Batch  # noqa: E402
 from esmm.config import load_config  # noqa: E402
 from esmm.methods import REFERENCE_CTR, build_model, get_method  # noqa: E402
-from esmm.train import build_state, layout_from_manifest, read_manifest, train_step  # noqa: E402
+from esmm.artifacts import layout_from_manifest, read_manifest  # noqa: E402
+from esmm.train import build_state, train_step  # noqa: E402
 
 
 def main(dataset, conf, out, global_batch, steps, methods):

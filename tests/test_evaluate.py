@@ -15,7 +15,8 @@ from esmm.config import EvaluateConfig, load_config
 from esmm.evaluate import EvaluateError, ScoredRun, score_to_parquet
 from esmm.experiment import ExperimentError, run_experiment
 from esmm.methods import predict
-from esmm.train import EXPORT, load_export, read_manifest, train
+from esmm.artifacts import EXPORT, load_export, read_manifest
+from esmm.train import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONF = os.path.join(ROOT, "conf", "test.yaml")

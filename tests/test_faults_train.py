@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import faults as F  # noqa: E402
 from test_train_faults import _params, _same_error_on_every_rank  # noqa: E402
 
-from esmm.train import EXPORT  # noqa: E402
+from esmm.artifacts import EXPORT  # noqa: E402
 
 STEPS = 60   # per training run (the bench's 120 halved): the faults still land with most of the run left
 

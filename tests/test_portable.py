@@ -17,7 +17,8 @@ from esmm.config import load_config
 from esmm.features import FeatureLayout
 from esmm.methods import HEAD_SINGLE, METHODS, build_model, predict, scores
 from esmm.portable import CONTRACT, OUTPUTS, TORCHSCRIPT, export_portable, export_portable_from
-from esmm.train import EXPORT, SUMMARY, export_model, load_export, read_manifest, train
+from esmm.artifacts import EXPORT, SUMMARY, export_model, load_export, read_manifest
+from esmm.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf" / "test.yaml"

@@ -17,7 +17,8 @@ from esmm.etl import QuarantineGateError
 from esmm.methods import predict as predict_batch
 from esmm.outputs import MARKER, SUCCESS, OutputError
 from esmm.predict import PREDICTIONS, SUMMARY, PredictError, PredictOutputRefused, predict
-from esmm.train import EXPORT, load_export, train
+from esmm.artifacts import EXPORT, load_export
+from esmm.train import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONF = os.path.join(ROOT, "conf", "test.yaml")

@@ -12,7 +12,8 @@ import torch
 import schemas as S
 from esmm.config import load_config
 from esmm.data import _chunks, shuffled_batches, steps_per_epoch, subset_rows, tier_for_rate
-from esmm.train import EXPORT, SUMMARY, launch, list_checkpoints, load_export, read_manifest, train
+from esmm.artifacts import EXPORT, SUMMARY, load_export, read_manifest
+from esmm.train import launch, list_checkpoints, train
 from esmm.validation import find_split, train_rows
 
 ROOT = Path(__file__).resolve().parents[1]

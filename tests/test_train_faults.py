@@ -25,8 +25,8 @@ import torch  # noqa: E402
 
 from esmm.config import ConfigError, load_config  # noqa: E402
 from esmm.outputs import MARKER, OutputError, OutputLock, read_marker  # noqa: E402
-from esmm.train import (EXPORT, SUMMARY, TrainError, build_state, check_finite_parameters,  # noqa: E402
-                        layout_from_manifest, list_checkpoints, load_export, read_manifest, train)
+from esmm.artifacts import EXPORT, SUMMARY, layout_from_manifest, load_export, read_manifest  # noqa: E402
+from esmm.train import TrainError, build_state, check_finite_parameters, list_checkpoints, train  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
 CONF = ROOT / "conf" / "test.yaml"

@@ -15,7 +15,8 @@ import torch
 import schemas as S
 from esmm.config import ConfigError, load_config
 from esmm.data import _chunks, steps_per_epoch, subset_rows, tier_for_rate, train_stream
-from esmm.train import EXPORT, SUMMARY, TENSORBOARD, list_checkpoints, load_export, read_manifest, train
+from esmm.artifacts import EXPORT, SUMMARY, load_export, read_manifest
+from esmm.train import TENSORBOARD, list_checkpoints, train
 from esmm.validation import Tracker, exact_auc, find_split, train_rows
 
 ROOT = Path(__file__).resolve().parents[1]
