@@ -949,7 +949,7 @@ def protocol_metrics(pred_df: DataFrame, truth_df: DataFrame | None, runs: dict,
                  *users, *[F.max(F.when(run == r, F.col(src))).alias(col[(r, o)]) for r in names
                            for o, src in (("ctr", P_CTR), ("cvr", P_CVR), ("ctcvr", P_CTCVR))]))
     if truth_df is not None:
-        wide = wide.join(truth_df.select(SAMPLE_ID, WOULD_CONVERT), SAMPLE_ID, "left")
+        wide = wide.join(truth_df.select(SAMPLE_ID, WOULD_CONVERT, TRUE_CVR), SAMPLE_ID, "left")
     wide = wide.persist(CACHE)
     try:
         y, z = F.col(CLICK), F.col(CONVERSION)
@@ -983,6 +983,8 @@ def protocol_metrics(pred_df: DataFrame, truth_df: DataFrame | None, runs: dict,
             ga = _task_gauc(work, scols, has_users, num_partitions)
         finally:
             stacked.unpersist()
+        ece = (calibration_error(wide, {r: col[(r, "cvr")] for r in cvr_runs}, TRUE_CVR)
+               if truth_df is not None and cvr_runs else {})
     finally:
         wide.unpersist()
     rows, aliases = [], {}
@@ -999,7 +1001,7 @@ def protocol_metrics(pred_df: DataFrame, truth_df: DataFrame | None, runs: dict,
                 continue
             c = ll[(task, src)]
             rows.append({RUN_ID: r, TASK: task, "auc": float(res.auc[res.index(src)]), **c,
-                         **_gauc_fields(ga, task, src)})
+                         **_gauc_fields(ga, task, src), **(ece.get(src, {}) if task == "cvr_entire" else {})})
     rows.sort(key=lambda d: (d[RUN_ID], order.index(d[TASK])))
     return rows, {t: dl[(t,)] for t in order if (t,) in dl}, aliases
 
@@ -1026,6 +1028,48 @@ def _gauc_fields(ga: dict | None, task: str, run: str) -> dict:
     """The GAUC keys of one metrics row (none without a GAUC result for the task and run)."""
     r = (ga or {}).get((task,), {}).get(run)
     return {} if r is None else {"gauc": r["gauc"], "gauc_users": r["users"], "gauc_impressions": r["impressions"]}
+
+
+ECE_BINS = 20
+
+
+def calibration_error(df: DataFrame, scores: dict, truth_col: str, bins: int = ECE_BINS,
+                      relative_error: float = 1e-4) -> dict:
+    """Expected calibration error of each score column against the true probabilities ``truth_col``, over every
+    row of ``df`` (the entire space): ``{name: {"ece", "mean_pred", "mean_true", "ece_bins"}}``.
+
+    ECE = sum_b (n_b / N) |mean score_b - mean truth_b| over ``bins`` equal-mass bins of the score (boundaries
+    from one ``approxQuantile`` pass over all columns, rank error ``relative_error``; a score equal to a boundary
+    goes to the lower bin, so ties never split). Against the *true* probability rather than 0/1 outcomes, so it
+    measures the model's bias alone, without the outcomes' sampling noise. NaN scores (a model that does not
+    predict pCVR) are left out. Two passes: the quantiles, then one aggregation of (model, bin) sums."""
+    names = list(scores)
+    if not names:
+        return {}
+    cols = [scores[n] for n in names]
+    probs = [i / bins for i in range(1, bins)]
+    edges = df.approxQuantile(cols, probs, relative_error)
+    parts = []
+    for i, (name, c) in enumerate(zip(names, cols)):
+        s = F.col(c).cast("double")
+        b = sum((F.when(s > F.lit(float(e)), 1).otherwise(0) for e in sorted(set(edges[i]))), F.lit(0))
+        parts.append(df.where(s.isNotNull() & ~F.isnan(s)).select(
+            F.lit(i).alias("__model"), b.alias("__bin"), s.alias("__p"), F.col(truth_col).cast("double").alias("__t")))
+    stacked = parts[0]
+    for p in parts[1:]:
+        stacked = stacked.unionByName(p)
+    agg = (stacked.groupBy("__model", "__bin")
+           .agg(F.count(F.lit(1)).alias("n"), F.sum("__p").alias("sp"), F.sum("__t").alias("st")).collect())
+    out = {}
+    for i, name in enumerate(names):
+        rows = [r for r in agg if r["__model"] == i]
+        n = sum(r["n"] for r in rows)
+        if n == 0:
+            continue
+        ece = sum(abs(r["sp"] - r["st"]) for r in rows) / n   # sum_b n_b/N |sp/n_b - st/n_b|
+        out[name] = {"ece": ece, "mean_pred": sum(r["sp"] for r in rows) / n,
+                     "mean_true": sum(r["st"] for r in rows) / n, "ece_bins": len(rows)}
+    return out
 
 
 def oracle_protocol_metrics(test_df_with_truth: DataFrame) -> list[dict]:

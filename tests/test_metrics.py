@@ -197,3 +197,16 @@ def test_entire_space_cvr_metrics(spark):
     assert got["cvr_entire_clicked"]["n"] == int(m.sum())
     with pytest.raises(MetricError, match="null or not 0/1"):  # a prediction without ground truth is not dropped
         entire_space_cvr_metrics(preds, truth.where("sample_id > 0"))
+
+
+def test_calibration_error_against_true_probabilities_by_hand(spark):
+    from esmm.metrics import calibration_error
+    rows = [(0.1, 0.1, 0.1, float("nan")), (0.2, 0.1, 0.1, float("nan")), (0.3, 0.5, 0.5, 0.2), (0.4, 0.5, 0.5, 0.2)]
+    df = spark.createDataFrame(rows, "p double, t double, exact double, half double")
+    out = calibration_error(df, {"m": "p", "oracle": "exact", "partial": "half"}, "t", bins=2, relative_error=0.0)
+    # median boundary 0.2: bin 0 = {0.1, 0.2} (mean p .15 vs truth .1), bin 1 = {0.3, 0.4} (mean p .35 vs .5)
+    assert out["m"]["ece"] == pytest.approx(2 / 4 * 0.05 + 2 / 4 * 0.15)
+    assert out["m"]["mean_pred"] == pytest.approx(0.25) and out["m"]["mean_true"] == pytest.approx(0.3)
+    assert out["oracle"]["ece"] == pytest.approx(0.0)           # the truth itself is perfectly calibrated
+    # NaN scores are left out: 2 rows, one bin (ties at the boundary stay together), |0.2 - 0.5| = 0.3
+    assert out["partial"]["ece"] == pytest.approx(0.3) and out["partial"]["ece_bins"] == 1

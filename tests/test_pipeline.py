@@ -30,3 +30,10 @@ def test_pipeline_main_job(spark, tmp_path, capsys):
     assert abs(run.data.metrics["esmm.cvr_auc"] - esmm["cvr_auc"]) < 1e-9
     assert run.data.params["train.workers"] == "2" and run.data.params["experiment.methods"] == "['base', 'division', 'esmm']"
     assert {"table2.md", "table2.json", "figure3.png"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+
+    # the entire-space pCVR calibration against the generator's true pCVR, on every CVR run's cvr_entire row
+    import json
+    unit = json.load(open(os.path.join(tmp_path, "runs", "experiment", "metrics", "r0-rate1.0.json")))
+    ece = [r for r in unit["metrics"] if r["task"] == "cvr_entire"]
+    assert {r["run_id"] for r in ece} == {"base", "division", "esmm"}
+    assert all(0 <= r["ece"] < 1 and 0 < r["mean_true"] < 1 and r["ece_bins"] >= 1 for r in ece)
