@@ -27,13 +27,18 @@ case "$MASTER" in
     # the code: the package's wheel (pyproject.toml), built on every submit (seconds, pure Python) and shipped under a
     # .zip name, as PySpark puts only .zip/.egg/.jar py-files on the executors' Python path (a wheel is a zip with the
     # packages at its root). Built aside and renamed, so a concurrent submit never ships half a file.
-    WHEELS="$BUILD/wheel.$$"
-    rm -rf "$WHEELS"
-    "$VENV/bin/python" -m pip wheel -q --no-deps --no-build-isolation --no-cache-dir -w "$WHEELS" "$ROOT" >&2 \
-      || { echo "spark-submit.sh: building the esmm-spark wheel failed" >&2; exit 1; }
-    WHEEL=$(ls "$WHEELS"/esmm_spark-*.whl)
-    cp -f "$WHEEL" "$BUILD/esmm.zip.$$" && mv -f "$BUILD/esmm.zip.$$" "$BUILD/esmm.zip"
-    mv -f "$WHEEL" "$BUILD/" && rm -rf "$WHEELS" "$ROOT/build" "$ROOT"/*.egg-info
+    # One build at a time (setuptools builds in the tree: build/, *.egg-info), from a clean build/ (a killed build
+    # must not leave modules behind that the next wheel would ship).
+    (
+      if command -v flock >/dev/null; then flock 8; fi
+      WHEELS="$BUILD/wheel.$$"
+      rm -rf "$WHEELS" "$ROOT/build" "$ROOT"/*.egg-info
+      "$VENV/bin/python" -m pip wheel -q --no-deps --no-build-isolation --no-cache-dir -w "$WHEELS" "$ROOT" >&2 \
+        || { echo "spark-submit.sh: building the esmm-spark wheel failed" >&2; exit 1; }
+      WHEEL=$(ls "$WHEELS"/esmm_spark-*.whl)
+      cp -f "$WHEEL" "$BUILD/esmm.zip.$$" && mv -f "$BUILD/esmm.zip.$$" "$BUILD/esmm.zip"
+      mv -f "$WHEEL" "$BUILD/" && rm -rf "$WHEELS" "$ROOT/build" "$ROOT"/*.egg-info
+    ) 8>"$BUILD/.wheel.lock"
     # the venv, packed once per requirements/install version (delete dist/venv.tar.gz to force a repack). Left out,
     # as the driver and every executor unpack it: pyspark's jars (the executors' JVMs are the cluster's Spark), torch's
     # C++ headers and the packages' own test suites (0.7 GB and 17k files of 2.0 GB and 37k)

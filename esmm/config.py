@@ -264,6 +264,10 @@ class ExperimentConfig:
         bad = [m for m in self.methods if m not in names]
         _check(not bad, f"{key}.methods", f"unknown method(s) {bad}; choose from {names}")
         _check(self.repeats >= 1, f"{key}.repeats", "must be >= 1")
+        _check(len(self.aman_rates) >= 1 and all(0 < r <= 1 for r in self.aman_rates), f"{key}.aman_rates",
+               f"a non-empty list of rates in (0, 1], got {list(self.aman_rates)}")
+        _check(len(self.oversampling_ks) >= 1 and all(isinstance(k, int) and k >= 1 for k in self.oversampling_ks),
+               f"{key}.oversampling_ks", f"a non-empty list of integers >= 1, got {list(self.oversampling_ks)}")
         bad = [m for m in self.figure_methods if m not in self.methods]
         _check(not bad, f"{key}.figure_methods", f"{bad} not in experiment.methods {list(self.methods)}")
         _check(self.select_on in SELECT_ON, f"{key}.select_on", f"must be one of {'|'.join(SELECT_ON)}, "

@@ -143,7 +143,7 @@ def _score_fn(group: dict, ref_digest: str | None, sources: dict, width: int, th
                 ref_ctr = predict(REFERENCE_CTR, nets[ref_digest], batch)[S.P_CTR] if needs_ref else None
                 for run_id, (method, digest) in group.items():
                     p_ctr, p_cvr, p_ctcvr, clipped = scores(method, predict(method, nets[digest], batch), ref_ctr)
-                    if clipped:
+                    if clipped and get_method(method).uses_reference_ctr:  # DIVISION's (AITM clips its own)
                         clip_acc.add(clipped)
                     yield pa.RecordBatch.from_arrays(
                         [cols[S.SAMPLE_ID], cols[S.CLICK], cols[S.CONVERSION],

@@ -103,9 +103,13 @@ def config_for(cfg: Config, spec: RunSpec, exp_dir: str) -> Config:
                                                        EXPORT))
     grid = get_method(spec.method).grid
     if spec.variant and grid is not None:
-        value = spec.variant.split("=", 1)[1]
-        kind = type(getattr(cfg.train, grid.key))  # the train config's type of the key (float rate, int k)
-        train = dataclasses.replace(train, **{grid.key: kind(float(value)) if kind is int else kind(value)})
+        value = float(spec.variant.split("=", 1)[1])
+        if isinstance(getattr(cfg.train, grid.key), int):  # the train config's type of the key (float rate, int k)
+            if not value.is_integer():
+                raise ExperimentError(f"{spec.name}: {grid.key} must be an integer, got {value}")
+            value = int(value)
+        train = dataclasses.replace(train, **{grid.key: value})
+        train.validate("train")
     return dataclasses.replace(cfg, train=train)
 
 

@@ -1042,7 +1042,7 @@ def calibration_error(df: DataFrame, scores: dict, truth_col: str, bins: int = E
     from one ``approxQuantile`` pass over all columns, rank error ``relative_error``; a score equal to a boundary
     goes to the lower bin, so ties never split). Against the *true* probability rather than 0/1 outcomes, so it
     measures the model's bias alone, without the outcomes' sampling noise. NaN scores (a model that does not
-    predict pCVR) are left out. Two passes: the quantiles, then one aggregation of (model, bin) sums."""
+    predict pCVR) and rows without a true probability are left out. Two passes: the quantiles, then one aggregation of (model, bin) sums."""
     names = list(scores)
     if not names:
         return {}
@@ -1053,7 +1053,7 @@ def calibration_error(df: DataFrame, scores: dict, truth_col: str, bins: int = E
     for i, (name, c) in enumerate(zip(names, cols)):
         s = F.col(c).cast("double")
         b = sum((F.when(s > F.lit(float(e)), 1).otherwise(0) for e in sorted(set(edges[i]))), F.lit(0))
-        parts.append(df.where(s.isNotNull() & ~F.isnan(s)).select(
+        parts.append(df.where(s.isNotNull() & ~F.isnan(s) & F.col(truth_col).isNotNull()).select(
             F.lit(i).alias("__model"), b.alias("__bin"), s.alias("__p"), F.col(truth_col).cast("double").alias("__t")))
     stacked = parts[0]
     for p in parts[1:]:

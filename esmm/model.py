@@ -149,7 +149,7 @@ class MMoE(nn.Module):
     ESMM's shared bottom (the embedding feeding both towers directly) becomes ``experts`` MLPs over the embedded
     input, each (F*D) -> ``expert_hidden``; each task has a softmax gate (a linear map of the same input) that mixes
     the experts' outputs into its tower's input. The towers are ``tower_hidden`` -> 1. With the defaults
-    (8 experts of 360 -> 200, towers 200 -> 80 -> 1) each task still sees the paper's 360 x 200 x 80 widths.
+    (4 experts of 360 -> 200, towers 200 -> 80 -> 1) each task still sees the paper's 360 x 200 x 80 widths.
     forward(ids (B, L), wts (B, L)) -> Logits(ctr (B,), cvr (B,)); losses and p_ctcvr = p_ctr * p_cvr as ESMM's.
     """
 

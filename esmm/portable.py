@@ -6,9 +6,10 @@ written for an existing run with ``export_portable_from(run_dir)``. Neither need
     m = torch.jit.load("model.ts.pt")                   # torch only, any device via map_location
     p_ctr, p_cvr, p_ctcvr = m(feat_ids, feat_wts)      # (B, L) int64 and (B, L) float32 -> three (B,) float32
 
-The module is ``torch.jit.script`` of the trained network itself (the same ``FieldEmbedding``/``Tower`` code and
-``esmm.model.probs``), wrapped so that every method returns the same three outputs: what the network predicts by
-itself (``esmm.methods.predict``), NaN where it predicts nothing (e.g. a BASE network's p_ctr). Any batch size works,
+The module is ``torch.jit.script`` of the trained network itself (the same ``esmm.model`` code), wrapped by its
+method's head (``esmm.methods``: one logit, ESMM's product of two towers, or AITM's two steps) so that every method
+returns the same three outputs, scored as the evaluation scores them without a reference network, NaN where the
+network predicts nothing by itself (e.g. a BASE network's p_ctr). Any batch size works,
 B = 0 included. The JSON holds the feature layout, the hashing and per-row encoding rules spelled out (with test
 vectors) so a serving system can build ``feat_ids``/``feat_wts`` from raw Ali-CCP entries, the method, run id and
 the input/output contract; the same JSON (less the file's own checksum) is also stored inside the TorchScript

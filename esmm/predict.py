@@ -12,15 +12,16 @@ Input, one of:
 
 Output directory ``out`` (written to ``<out>.tmp-XXXXXXXX`` and renamed into place, so it appears whole or not at all)::
 
-    predictions/   Parquet, PREDICT_SCHEMA: sample_id, p_ctr, p_cvr, p_ctcvr (one row per scored impression)
+    predictions/   Parquet: sample_id, split, p_ctr, p_cvr, p_ctcvr (one row per scored impression; ``split`` is the
+                   dataset split or the raw file's, as sample ids of the real log's two files overlap)
     quarantine/    raw input only: schemas.dataset.QUARANTINE_SCHEMA rows (every rejected line, with why and where)
     predict.json   what was scored with what: model, inputs, rows read = scored + quarantined, seconds
     _ESMM_OUTPUT   ownership marker (kind "predict") with the identity of the model and the inputs
     _SUCCESS       written last
 
-The probabilities follow the evaluation's combination rules (``esmm.evaluate``): ESMM and ESMM-NS give p_ctr and
-p_cvr from their own towers; a single-task CVR method (BASE, AMAN, OVERSAMPLING, UNBIAS, DIVISION) takes p_ctr from
-the reference CTR network (``ctr``: required for them), and p_ctcvr = p_ctr * p_cvr. Scoring is the evaluation's
+The probabilities follow the evaluation's combination rules (``esmm.methods.scores``): ESMM, ESMM-NS and the
+successors (ESCM2, AITM, MMoE) give p_ctr and p_cvr themselves; a single-task CVR method (BASE, AMAN, OVERSAMPLING,
+UNBIAS, DIVISION) takes p_ctr from the reference CTR network (``ctr``: required for them); p_ctcvr = p_ctr * p_cvr. Scoring is the evaluation's
 own ``mapInArrow`` pass: each Python worker holds the model and the reference network (two models, whatever the
 data size) and scores Arrow batches of ``spark.sql.execution.arrow.maxRecordsPerBatch`` rows under
 ``torch.inference_mode``; nothing is collected to the driver.
@@ -49,7 +50,8 @@ log = logging.getLogger(__name__)
 KIND = "predict"
 PREDICTIONS = "predictions"
 SUMMARY = "predict.json"
-PREDICT_COLUMNS = (S.SAMPLE_ID, S.P_CTR, S.P_CVR, S.P_CTCVR)
+SPLIT = "split"   # the dataset split (or the raw file's split) a row comes from: sample ids repeat across raw files
+PREDICT_COLUMNS = (S.SAMPLE_ID, SPLIT, S.P_CTR, S.P_CVR, S.P_CTCVR)
 SPLIT_CHOICES = (S.TRAIN, S.TEST, "all")
 
 
@@ -107,8 +109,8 @@ def _check_layouts(models: list[Model], layout: dict, what: str) -> None:
 
 # ------------------------------------------------------------------------------------------------ inputs
 
-def dataset_input(spark: SparkSession, dataset: str, split: str, rate: float | None) -> tuple[DataFrame, dict, dict]:
-    """(rows to score, manifest, input identity) of an ETL'd dataset."""
+def dataset_input(spark: SparkSession, dataset: str, split: str, rate: float | None) -> tuple[list, dict, dict]:
+    """([(split, rows to score)], manifest, input identity) of an ETL'd dataset."""
     from esmm.data import tier_for_rate
     from esmm.outputs import dataset_fingerprint
     from esmm.artifacts import read_manifest
@@ -124,11 +126,9 @@ def dataset_input(spark: SparkSession, dataset: str, split: str, rate: float | N
         df = spark.read.parquet(path)
         if rate is not None:
             df = df.where(F.col(S.SAMPLE_TIER) <= tier_for_rate(manifest, rate))
-        frames.append(df.select(S.SAMPLE_ID, S.CLICK, S.CONVERSION, S.FEAT_IDS, S.FEAT_WTS))
-    rows = frames[0] if len(frames) == 1 else frames[0].unionByName(frames[1])
-    identity = {"kind": "dataset", "path": dataset, "dataset": dataset_fingerprint(manifest), "split": split,
-                "rate": rate}
-    return rows, manifest, identity
+        frames.append((s, df.select(S.SAMPLE_ID, S.CLICK, S.CONVERSION, S.FEAT_IDS, S.FEAT_WTS)))
+    identity = {"kind": "dataset", "dataset": dataset_fingerprint(manifest), "split": split, "rate": rate}
+    return frames, manifest, identity
 
 
 def raw_inputs(spark: SparkSession, raw_dir: str):
@@ -200,7 +200,8 @@ def predict(spark: SparkSession, cfg: Config, model: str, out: str, *, ctr: str 
             if raw is not None:
                 from esmm.etl import build_plan
                 plan = build_plan(spark, pcfg, inputs)
-                rows = plan.dataset
+                from esmm.etl import RAW_SPLIT
+                rows = [(s, plan.dataset.where(F.col(RAW_SPLIT) == s)) for s in sorted(inputs.skeleton)]
             summary = _score_and_write(spark, cfg, rows, net, ref, tmp, int(sum(net.layout["max_len"])))
             summary.update({"model": {"run_id": net.run_id, "method": net.method, "path": net.path},
                             "ctr": {"run_id": ref.run_id, "path": ref.path} if ref else None, "input": source})
@@ -226,17 +227,24 @@ def predict(spark: SparkSession, cfg: Config, model: str, out: str, *, ctr: str 
     return summary
 
 
-def _score_and_write(spark: SparkSession, cfg: Config, rows: DataFrame, net: Model, ref: Model | None, tmp: str,
+def _score_and_write(spark: SparkSession, cfg: Config, rows: list, net: Model, ref: Model | None, tmp: str,
                      width: int) -> dict:
+    """Score ``rows`` ([(split, DataFrame)]) with one scoring pass each, written as one Parquet output."""
     from esmm.evaluate import _export_mode, _resolve, _score_pass
     cfg.evaluate.validate("evaluate")
     scored, ref_export = _resolve([net.scored], ref.scored if ref else None)
     group = [e for e in scored if e.run.run_id == net.run_id and e.digest == net.digest]
     clips = spark.sparkContext.accumulator(0)
-    df, broadcasts = _score_pass(spark, rows, group, ref_export, width, cfg.evaluate.threads,
-                                 _export_mode(spark, cfg.evaluate.exports), clips)
+    out, broadcasts = None, []
     try:
-        df.where(F.col(S.RUN_ID) == net.run_id).select(*PREDICT_COLUMNS).write.parquet(f"{tmp}/{PREDICTIONS}")
+        for split, df in rows:
+            pred, bcs = _score_pass(spark, df, group, ref_export, width, cfg.evaluate.threads,
+                                    _export_mode(spark, cfg.evaluate.exports), clips)
+            broadcasts += bcs
+            pred = pred.where(F.col(S.RUN_ID) == net.run_id).select(
+                S.SAMPLE_ID, F.lit(split).alias(SPLIT), S.P_CTR, S.P_CVR, S.P_CTCVR)
+            out = pred if out is None else out.unionByName(pred)
+        out.write.parquet(f"{tmp}/{PREDICTIONS}")
     finally:
         for bc in broadcasts:
             bc.destroy()

@@ -45,7 +45,10 @@ def code_root() -> str:
 def with_code_root() -> None:
     """Put :func:`code_root` first on this process's PYTHONPATH (the environment its child processes inherit; the
     project never edits ``sys.path``)."""
+    import site
     root = code_root()
+    if root in site.getsitepackages() + [site.getusersitepackages()]:
+        return  # an installed package: every process of this interpreter imports it already
     parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     if not parts or os.path.abspath(parts[0]) != root:
         os.environ["PYTHONPATH"] = os.pathsep.join([root] + [p for p in parts if os.path.abspath(p) != root])
@@ -154,8 +157,8 @@ def local_path(spark: SparkSession, path: str) -> str | None:
     fs, p = _fs(spark, path)
     if fs.getScheme() != "file":
         return None
-    from urllib.parse import urlparse
-    return urlparse(str(fs.makeQualified(p).toUri())).path
+    from urllib.parse import unquote, urlparse
+    return unquote(urlparse(str(fs.makeQualified(p).toUri())).path)  # "my%20dir" -> "my dir"
 
 
 def read_small(spark: SparkSession, path: str) -> str | None:

@@ -4,7 +4,7 @@
     ./spark-submit.sh jobs/predict.py --model RUN_DIR --ctr CTR_RUN_DIR --dataset DIR --split all --out DIR
     ./spark-submit.sh jobs/predict.py --model RUN_DIR --raw DIR_OF_ALI_CCP_FILES --out DIR
 
-Writes <out>/predictions (Parquet: sample_id, p_ctr, p_cvr, p_ctcvr), <out>/predict.json and, for a raw log,
+Writes <out>/predictions (Parquet: sample_id, split, p_ctr, p_cvr, p_ctcvr), <out>/predict.json and, for a raw log,
 <out>/quarantine (rows read = scored + quarantined). Single-task CVR methods take pCTR from the reference CTR network
 (--ctr), as in evaluation. A finished output of the same model and inputs is kept; one of others needs --overwrite.
 See esmm/predict.py.
@@ -21,17 +21,19 @@ def main(argv=None) -> dict:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--dataset", default=None, help="ETL output to score (default: paths.dataset)")
     src.add_argument("--raw", default=None, help="raw Ali-CCP log directory to parse and score instead of a dataset")
-    p.add_argument("--split", default="test", choices=("train", "test", "all"), help="dataset split (default test)")
+    p.add_argument("--split", default=None, choices=("train", "test", "all"), help="dataset split (default test)")
     p.add_argument("--rate", type=float, default=None, help="only the dataset's nested subset of this sampling rate")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an output of another model or other inputs (only predictions this project wrote)")
     args, cfg = cli.parse(p, argv)
+    if args.raw and (args.split or args.rate is not None):
+        p.error("--split and --rate select rows of a dataset; a raw log (--raw) is scored whole")
     from esmm.predict import predict, summary_text
     from esmm.spark import get_spark
     spark = get_spark(cfg.spark, "esmm-predict")
     dataset = None if args.raw else (args.dataset or cfg.paths.dataset)
-    summary = predict(spark, cfg, args.model, args.out, ctr=args.ctr, dataset=dataset, split=args.split,
+    summary = predict(spark, cfg, args.model, args.out, ctr=args.ctr, dataset=dataset, split=args.split or "test",
                       rate=args.rate, raw=args.raw, overwrite=args.overwrite)
     print(summary_text(summary))
     return summary

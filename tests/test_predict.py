@@ -52,7 +52,7 @@ def test_dataset_split_scores_equal_the_package_and_rerun_is_idempotent(spark, t
     out = str(tmp_path / "p")
     summary = predict(spark, cfg, str(runs / "esmm"), out, dataset=ds, split="test")
     got = _read(out)
-    assert list(got.columns) == [S.SAMPLE_ID, S.P_CTR, S.P_CVR, S.P_CTCVR]
+    assert list(got.columns) == [S.SAMPLE_ID, "split", S.P_CTR, S.P_CVR, S.P_CTCVR] and set(got["split"]) == {"test"}
     sid, batch = _rows(ds, [S.TEST])
     assert got[S.SAMPLE_ID].tolist() == sid.tolist() and summary["rows"]["scored"] == len(sid)
     want = predict_batch("esmm", load_export(str(runs / "esmm" / EXPORT))[0], batch)
@@ -102,6 +102,7 @@ def test_raw_log_is_parsed_like_the_etl_and_bad_lines_are_quarantined(spark, tin
     from_dataset = _read(str(tmp_path / "all"))
     # the raw log is the dataset's source: the same rows, the same encoding, the same scores
     assert from_raw[S.SAMPLE_ID].tolist() == from_dataset[S.SAMPLE_ID].tolist()
+    assert set(from_raw["split"]) <= {"train", "test"} and set(from_dataset["split"]) == {"train", "test"}
     np.testing.assert_allclose(from_raw[[S.P_CTR, S.P_CVR]], from_dataset[[S.P_CTR, S.P_CVR]], rtol=1e-6)
     r = summary["rows"]
     assert r["skeleton_read"] == r["scored"] + r["skeleton_quarantined"] and r["skeleton_quarantined"] == 0
