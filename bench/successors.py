@@ -166,11 +166,20 @@ def main(argv=None) -> dict:
     spark = get_spark(load_config(args.conf, args.set).spark, "esmm-successors")
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
-    worlds = [run_world(spark, args, b) for b in args.biases]
-    results = {w["bias"]: collect(w, tuple(args.methods)) for w in worlds}
-    text = markdown(results, tuple(args.methods))
     command = "bench/successors.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    report = (f"Successors vs ground truth: {args.repeats} repeat(s) per world, mean ± 95% t-interval over the "
+    worlds, results = [], {}
+    for b in args.biases:  # the report is rewritten after every world, so a long study shows its progress
+        worlds.append(run_world(spark, args, b))
+        results[b] = collect(worlds[-1], tuple(args.methods))
+        report = write(args, command, worlds, results, t0)
+    print(report)
+    print(f"total {time.time() - t0:.0f}s; reports in {args.out}/successors.{{md,json,png}}")
+    return results
+
+
+def write(args, command: str, worlds: list, results: dict, t0: float) -> str:
+    text = markdown(results, tuple(args.methods))
+    report = (f"Successors vs ground truth ({len(results)} of {len(args.biases)} worlds): {args.repeats} repeat(s) per world, mean ± 95% t-interval over the "
               f"repeats (one repeat: the DeLong half-width); ECE in percentage points of pCVR.\n"
               f"command: {command}\n\n{text}")
     with open(os.path.join(args.out, "successors.md"), "w") as f:
@@ -180,9 +189,7 @@ def main(argv=None) -> dict:
                    "results": {str(b): {m: {f"{t}.{k}": v for (t, k), v in cols.items()} for m, cols in tab.items()}
                                for b, tab in results.items()}}, f, indent=2, default=float)
     figure(results, tuple(args.methods), os.path.join(args.out, "successors.png"))
-    print(report)
-    print(f"total {time.time() - t0:.0f}s; reports in {args.out}/successors.{{md,json,png}}")
-    return results
+    return report
 
 
 if __name__ == "__main__":
