@@ -88,8 +88,9 @@ class RawInputs:
         return out
 
 
-def find_inputs(spark: SparkSession, raw_dir: str) -> RawInputs:
-    """The Ali-CCP files under ``raw_dir`` (plain files or Spark part-file directories of the same names)."""
+def find_inputs(spark: SparkSession, raw_dir: str, need_train: bool = True) -> RawInputs:
+    """The Ali-CCP files under ``raw_dir`` (plain files or Spark part-file directories of the same names). The ETL
+    needs the train split (``need_train``); scoring (esmm/predict.py) takes either split or both."""
     skel, common = {}, {}
     for split in S.RAW_SPLITS:
         sp = f"{raw_dir}/{S.SKELETON_FILE.format(split=split)}"
@@ -98,7 +99,9 @@ def find_inputs(spark: SparkSession, raw_dir: str) -> RawInputs:
             if not sparkfs.exists(spark, cp):
                 raise EtlError(f"{sp} has no matching common features file: expected {cp}")
             skel[split], common[split] = sp, cp
-    if "train" not in skel:
+    if not skel and not need_train:
+        raise EtlError(f"no {S.SKELETON_FILE.format(split='{train,test}')} under {raw_dir}")
+    if need_train and "train" not in skel:
         raise EtlError(f"no {S.SKELETON_FILE.format(split='train')} under {raw_dir} "
                        f"(run jobs/generate.py, or point paths.raw at the Ali-CCP files)")
     return RawInputs(skel, common)

@@ -38,7 +38,7 @@ import os
 import time
 import uuid
 
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
 import schemas as S
@@ -131,22 +131,6 @@ def dataset_input(spark: SparkSession, dataset: str, split: str, rate: float | N
     return frames, manifest, identity
 
 
-def raw_inputs(spark: SparkSession, raw_dir: str):
-    """The Ali-CCP files under ``raw_dir``: either split or both (the ETL needs the train split; scoring does not)."""
-    from esmm.etl import RawInputs
-    skel, common = {}, {}
-    for split in S.RAW_SPLITS:
-        sp = f"{raw_dir}/{S.SKELETON_FILE.format(split=split)}"
-        cp = f"{raw_dir}/{S.COMMON_FILE.format(split=split)}"
-        if sparkfs.exists(spark, sp):
-            if not sparkfs.exists(spark, cp):
-                raise PredictError(f"{sp} has no matching common features file: expected {cp}")
-            skel[split], common[split] = sp, cp
-    if not skel:
-        raise PredictError(f"no {S.SKELETON_FILE.format(split='{train,test}')} under {raw_dir}")
-    return RawInputs(skel, common)
-
-
 # ------------------------------------------------------------------------------------------------ the job
 
 def predict(spark: SparkSession, cfg: Config, model: str, out: str, *, ctr: str | None = None,
@@ -176,7 +160,8 @@ def predict(spark: SparkSession, cfg: Config, model: str, out: str, *, ctr: str 
                        f"the dataset {dataset}")
     else:
         from esmm.features import FeatureLayout
-        inputs = raw_inputs(spark, raw)
+        from esmm.etl import find_inputs
+        inputs = find_inputs(spark, raw, need_train=False)
         # the model's features (so the encoding is the one it was trained on), this job's parser settings
         pcfg = dataclasses.replace(cfg, features=from_dict(net.config).features)
         lay = FeatureLayout.from_config(pcfg.features).to_dict()
