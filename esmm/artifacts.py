@@ -8,20 +8,17 @@ records (training summaries, unit metrics, reports).
 - Model export: ``<run>/model.pt``, ``{"format", "method", "state_dict", "config", "layout", "run_id",
   "dataset_fingerprint"}``, saved atomically (temporary file, fsync, rename) and loaded with ``weights_only=True``.
   The network is rebuilt from the method's registry entry (``esmm.methods``) and the stored model config.
-- JSON records: ``esmm.outputs.atomic_write_json`` (re-exported here as ``write_json``), the only JSON writer.
+- JSON records: ``esmm.storage.write_json`` (re-exported here as ``write_json``), the only JSON writer.
 """
 from __future__ import annotations
 
-import json
-import os
-
 import torch
 
+from esmm import storage
 from esmm.features import FeatureLayout
-from esmm.outputs import atomic_write_json
-
-write_json = atomic_write_json  # the one JSON writer (esmm.outputs), under its name here
 from schemas.dataset import MANIFEST
+
+write_json = storage.write_json  # the one JSON writer (esmm.storage), under its name here
 
 EXPORT = "model.pt"             # a training run's model export
 SUMMARY = "train_summary.json"  # a training run's summary (the export and the summary mark it finished)
@@ -35,26 +32,17 @@ class ArtifactError(RuntimeError):
 # ------------------------------------------------------------------------------------------------ manifest
 
 def read_manifest(dataset: str, spark=None) -> dict:
-    """The ETL manifest of ``dataset``: a local path or a URL pyarrow can open, or (``spark`` given) any path the
-    session's Hadoop filesystem reaches."""
-    path = f"{dataset.rstrip('/')}/{MANIFEST}"
-    missing = f"no dataset manifest at {path}: run jobs/etl.py first"
-    if spark is not None:
-        from esmm import spark as sparkfs
-        if not sparkfs.exists(spark, path):
-            raise ArtifactError(missing)
-        return json.loads(sparkfs.read_text(spark, path))
-    if "://" in dataset:
-        import pyarrow.fs as pafs
-        fs, inner = pafs.FileSystem.from_uri(path)
-        if fs.get_file_info(inner).type == pafs.FileType.NotFound:
-            raise ArtifactError(missing)
-        with fs.open_input_stream(inner) as f:
-            return json.loads(f.read())
-    if not os.path.exists(path):
-        raise ArtifactError(missing)
-    with open(path) as f:
-        return json.load(f)
+    """The ETL manifest of the committed dataset ``dataset`` (any path or URL ``esmm.storage`` reaches). Its
+    ``run_id`` is the dataset's committed run id, which readers pin (``esmm.outputs.check_pinned``)."""
+    from esmm.outputs import find_committed
+    where = find_committed(dataset)
+    if where is None:
+        path = storage.join(dataset, MANIFEST)
+        if not storage.exists(path):
+            raise ArtifactError(f"no dataset manifest at {storage.display(path)}: run jobs/etl.py first")
+        raise ArtifactError(f"the dataset {storage.display(dataset)} is not committed (an ETL is writing it, was "
+                            f"interrupted, or an older version built it): run jobs/etl.py (--overwrite) first")
+    return storage.read_json(storage.join(where, MANIFEST))
 
 
 def layout_from_manifest(manifest: dict) -> FeatureLayout:
@@ -64,19 +52,7 @@ def layout_from_manifest(manifest: dict) -> FeatureLayout:
 
 # ------------------------------------------------------------------------------------------------ model export
 
-def atomic_save(obj, path: str) -> None:
-    """torch.save to a temporary file in the same directory, fsync, then rename: readers never see a partial file."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+atomic_save = storage.save_torch  # torch.save, atomic on local files (esmm.storage)
 
 
 def export_model(model: torch.nn.Module, method: str, cfg, layout: FeatureLayout, path: str,
@@ -89,9 +65,9 @@ def export_model(model: torch.nn.Module, method: str, cfg, layout: FeatureLayout
 
 def load_export(path: str, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
     """(model in eval mode, export dict) from a ``model.pt``; safe to load (``weights_only=True``)."""
-    if not os.path.exists(path):
-        raise ArtifactError(f"no model export at {path}")
-    blob = torch.load(path, map_location=device, weights_only=True)
+    if not storage.isfile(path):
+        raise ArtifactError(f"no model export at {storage.display(path)}")
+    blob = storage.load_torch(path, map_location=device)
     return load_export_blob(blob).to(device), blob
 
 

@@ -67,6 +67,20 @@ def parse(p: argparse.ArgumentParser, argv=None) -> tuple[argparse.Namespace, Co
 
 # ------------------------------------------------------------------------------------------------ exit codes
 
+def release_on_sigterm() -> None:
+    """Turn SIGTERM (a scheduler's kill, a preemption) into ``SystemExit(143)`` in the main thread, so that every
+    ``with`` block unwinds: output locks are released and unfinished staging is removed."""
+    import signal
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def exit_code(error: BaseException) -> int:
     """The exit code of a job that raised ``error`` (module docstring)."""
     from esmm.config import ConfigError
@@ -108,6 +122,7 @@ def run(main, argv=None, name: str | None = None) -> int:
     with 0."""
     global _prog
     _prog = name = name or job_name(main)
+    release_on_sigterm()
     try:
         main(argv)
     except Exception as e:  # noqa: BLE001  (KeyboardInterrupt and SystemExit pass through)

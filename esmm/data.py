@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import warnings
 from typing import Iterator
 
@@ -41,7 +40,10 @@ class DataError(RuntimeError):
 
 
 def dataset_url(path: str) -> str:
-    return path if "://" in path else "file://" + os.path.abspath(path)
+    """The canonical URL Petastorm opens (``esmm.storage.resolve``; ``s3a://`` spelled ``s3://`` for pyarrow)."""
+    from esmm import storage
+    u = storage.resolve(path)
+    return "s3://" + u[len("s3a://"):] if u.startswith("s3a://") else u
 
 
 def tier_for_rate(manifest: dict, rate: float) -> int:
@@ -121,11 +123,16 @@ def shuffled_batches(chunks: Iterator[dict], batch_size: int, buffer_rows: int, 
 
 
 def _passes(path: str, tier: int, rank: int, world: int, seed: int, workers: int,
-            cut: int | None = None) -> Iterator[dict]:
+            cut: int | None = None, pin: tuple | None = None) -> Iterator[dict]:
     """Endless chunks: one full pass over the shard after another, each pass with its own seeded order.
-    (Petastorm's own ``num_epochs=None`` reshuffles with an unseeded RNG after the first pass.)"""
+    (Petastorm's own ``num_epochs=None`` reshuffles with an unseeded RNG after the first pass.) ``pin``:
+    (dataset, committed run id): every pass first checks that the dataset is still that run
+    (``esmm.outputs.check_pinned``), so an ETL ``--overwrite`` during training stops it instead of mixing datasets."""
     p = 0
     while True:
+        if pin is not None:
+            from esmm.outputs import check_pinned
+            check_pinned(pin[0], pin[1], "training")
         rows = 0
         for chunk in _chunks(path, tier, rank, world, seed=(seed * 1000 + rank) * 1000 + p, workers=workers,
                              num_epochs=1, cut=cut):
@@ -139,12 +146,13 @@ def _passes(path: str, tier: int, rank: int, world: int, seed: int, workers: int
 
 
 def train_stream(path: str, manifest: dict, rate: float, rank: int, world: int, batch_size: int,
-                 buffer_rows: int, seed: int, reader_workers: int = 1, cut: int | None = None) -> Iterator[Batch]:
+                 buffer_rows: int, seed: int, reader_workers: int = 1, cut: int | None = None,
+                 pin: tuple | None = None) -> Iterator[Batch]:
     """Endless stream of this rank's training batches (see module docs for the epoch contract); with ``cut``, rows
     with ``sample_id >= cut`` (the validation part) are left out. Close it (``.close()``) when done so the reader
     thread stops."""
     tier = tier_for_rate(manifest, rate)
-    chunks = _passes(path, tier, rank, world, seed, reader_workers, cut)
+    chunks = _passes(path, tier, rank, world, seed, reader_workers, cut, pin)
     return shuffled_batches(chunks, batch_size, buffer_rows, seed=seed * 1000 + rank)
 
 

@@ -25,7 +25,6 @@ import json
 import logging
 import math
 import time
-import uuid
 from dataclasses import dataclass
 
 from pyspark import StorageLevel
@@ -34,10 +33,10 @@ from pyspark.sql import functions as F
 from pyspark.sql.window import Window
 
 import schemas as S
-from esmm import spark as sparkfs
+from esmm import storage
 from esmm.config import Config, to_dict
 from esmm.features import FeatureLayout
-from esmm.outputs import OutputRefused
+from esmm.outputs import Output, OutputRefused
 from esmm.rawparse import FLOAT_RE, INT_RE
 
 log = logging.getLogger(__name__)
@@ -80,11 +79,9 @@ class RawInputs:
         out = []
         for kind, paths in (("skeleton", self.skeleton), ("common", self.common)):
             for split, path in sorted(paths.items()):
-                fs, p = sparkfs._fs(spark, path)
-                summary = fs.getContentSummary(p)
-                mtime = max(st.getModificationTime() for st in fs.listStatus(p))
-                out.append({"kind": kind, "split": split, "path": path, "bytes": int(summary.getLength()),
-                            "mtime": int(mtime)})
+                files = storage.walk(path).values()
+                out.append({"kind": kind, "split": split, "path": path, "bytes": sum(s for s, _ in files),
+                            "mtime": int(max((m for _, m in files), default=0) * 1000)})
         return out
 
 
@@ -92,11 +89,12 @@ def find_inputs(spark: SparkSession, raw_dir: str, need_train: bool = True) -> R
     """The Ali-CCP files under ``raw_dir`` (plain files or Spark part-file directories of the same names). The ETL
     needs the train split (``need_train``); scoring (esmm/predict.py) takes either split or both."""
     skel, common = {}, {}
+    raw_dir = storage.resolve(raw_dir)
     for split in S.RAW_SPLITS:
-        sp = f"{raw_dir}/{S.SKELETON_FILE.format(split=split)}"
-        cp = f"{raw_dir}/{S.COMMON_FILE.format(split=split)}"
-        if sparkfs.exists(spark, sp):
-            if not sparkfs.exists(spark, cp):
+        sp = storage.join(raw_dir, S.SKELETON_FILE.format(split=split))
+        cp = storage.join(raw_dir, S.COMMON_FILE.format(split=split))
+        if storage.exists(sp):
+            if not storage.exists(cp):
                 raise EtlError(f"{sp} has no matching common features file: expected {cp}")
             skel[split], common[split] = sp, cp
     if not skel and not need_train:
@@ -563,35 +561,32 @@ def _config_hash(cfg: Config) -> str:
 
 def run_etl(spark: SparkSession, cfg: Config, raw_dir: str | None = None, out: str | None = None,
             overwrite: bool = False) -> dict:
-    """Run the ETL; returns the manifest. Idempotent: an existing output from the same inputs and config is kept."""
-    raw_dir = raw_dir or cfg.paths.raw
-    out = (out or cfg.paths.dataset).rstrip("/")
+    """Run the ETL; returns the manifest. Idempotent: a committed output of the same inputs and config is kept; one
+    of other inputs is refused unless ``overwrite`` (``esmm.outputs.Output``: lock, recovery, staging, commit)."""
+    raw_dir = storage.resolve(raw_dir or cfg.paths.raw)
+    out = storage.resolve(out or cfg.paths.dataset)
     t0 = time.time()
     inputs = find_inputs(spark, raw_dir)
     fingerprint = inputs.fingerprint(spark)
     chash = _config_hash(cfg)
-    with sparkfs.output_lock(spark, out, "etl"):
-        sparkfs.clean_stale_staging(spark, out)
-        sparkfs.owned(spark, out, "dataset", legacy=S.MANIFEST)  # a foreign directory raises, --overwrite or not
-        existing = _read_manifest(spark, out)
-        if existing is not None and not overwrite:
-            if existing.get("inputs") == fingerprint and existing.get("config_hash") == chash:
-                log.info("ETL output %s is up to date (same inputs and config): nothing to do", out)
-                return existing
-            raise EtlOutputRefused(f"{out} exists and was built from other inputs or config; pass --overwrite to "
-                                   f"replace it")
-        return _run_locked(spark, cfg, raw_dir, out, inputs, fingerprint, chash, existing, t0)
+    with Output(out, "dataset", {"inputs": fingerprint, "config_hash": chash}, "etl", overwrite,
+                EtlOutputRefused) as o:
+        if o.reusable:
+            log.info("ETL output %s is up to date (same inputs and config): nothing to do", storage.display(out))
+            return _read_manifest(out)
+        o.refuse_other_inputs("a dataset")
+        return _run_locked(spark, cfg, raw_dir, o, inputs, fingerprint, chash, t0)
 
 
-def _run_locked(spark: SparkSession, cfg: Config, raw_dir: str, out: str, inputs: RawInputs, fingerprint: list,
-                chash: str, existing: dict | None, t0: float) -> dict:
-    """The ETL proper, while this job holds ``out``'s lock: stage, account, check, commit."""
-    from esmm.outputs import marker_record
-    tmp = f"{out}.tmp-{uuid.uuid4().hex[:8]}"
+def _run_locked(spark: SparkSession, cfg: Config, raw_dir: str, o: Output, inputs: RawInputs, fingerprint: list,
+                chash: str, t0: float) -> dict:
+    """The ETL proper, while this job holds the output's lock: stage, account, check, commit."""
+    from esmm.outputs import read_commit
+    tmp = o.stage()
     raw_mb = sum(x["bytes"] for x in fingerprint) / 2**20
     partitions = max(1, math.ceil(raw_mb / cfg.etl.mb_per_partition))
-    log.info("ETL %s (%.0f MB, %s parser, %d shuffle partitions) -> %s (staging in %s)", raw_dir, raw_mb,
-             cfg.etl.parser, partitions, out, tmp)
+    log.info("ETL %s (%.0f MB, %s parser, %d shuffle partitions) -> %s (staging in %s)", storage.display(raw_dir),
+             raw_mb, cfg.etl.parser, partitions, storage.display(o.out), storage.display(tmp))
     # The parser's memory is bounded in bytes: lines are cut at etl.max_line_bytes by the reader, and Arrow batches
     # to the Python workers at ARROW_BATCH_BYTES (or maxRecordsPerBatch lines, whichever comes first).
     saved = {k: spark.conf.get(k, None) for k in ("spark.sql.shuffle.partitions",
@@ -615,17 +610,17 @@ def _run_locked(spark: SparkSession, cfg: Config, raw_dir: str, out: str, inputs
                 spark.conf.set(k, v)
         if plan is not None:
             plan.release()
-    upstream = sparkfs.read_marker(spark, raw_dir.rstrip("/"))  # the generator's run (None for real Ali-CCP files)
-    owner = marker_record("dataset", {"inputs": fingerprint, "config_hash": chash,
-                                      "raw_run_id": upstream.get("run_id") if upstream else None})
+    upstream = read_commit(raw_dir, verify=False)  # the generator's run (None for real Ali-CCP files)
     manifest.update({"inputs": fingerprint, "config_hash": chash, "seconds": round(time.time() - t0, 2),
                      "parser": cfg.etl.parser, "writer": cfg.etl.writer, "shuffle_partitions": partitions,
-                     "run_id": owner["run_id"], "raw_run_id": owner["inputs"]["raw_run_id"]})
-    sparkfs.write_text(spark, f"{tmp}/{S.MANIFEST}", json.dumps(manifest, indent=2, sort_keys=True))
-    sparkfs.write_marker(spark, tmp, owner)
-    _check_quarantine(cfg, manifest, tmp)
-    sparkfs.write_success(spark, tmp)  # last: the staging directory is complete, and moves into place with it
-    sparkfs.commit_dir(spark, tmp, out, replace=existing is not None)
+                     "run_id": o.run_id, "raw_run_id": upstream.get("run_id") if upstream else None})
+    storage.write_json(storage.join(tmp, S.MANIFEST), manifest)
+    try:
+        _check_quarantine(cfg, manifest, tmp)
+    except QuarantineGateError:
+        o.keep_staging = True  # for inspection (the message names it); removed by the next run on this output
+        raise
+    o.commit()
     log.info("ETL done in %.1fs: %s", time.time() - t0, json.dumps(manifest["rows"]))
     return manifest
 
@@ -659,14 +654,14 @@ def _write_dataset(spark: SparkSession, cfg: Config, data: DataFrame, tmp: str) 
             pa.field(S.FEAT_WTS, pa.list_(pa.field("element", pa.float32(), False)), False),
             pa.field(S.USER_KEY, pa.int64(), False)])
         n_files = len(write_partitioned(
-            data, sparkfs.arrow_uri(spark, f"{tmp}/_data"), schema, ("split", S.SAMPLE_TIER),
+            data, storage.arrow_uri(f"{tmp}/_data"), schema, ("split", S.SAMPLE_TIER),
             rows_per_file=cfg.etl.rows_per_file, row_group_bytes=block, row_bytes=16 + 8 * width + 24,
             dictionary=[S.SAMPLE_ID, S.CLICK, S.CONVERSION, f"{S.FEAT_WTS}.list.element", S.USER_KEY]))
     # both writers lay out _data/split=<s>/sample_tier=<t>/: each split directory moves into place
     for split in S.SPLITS:
-        if sparkfs.exists(spark, f"{tmp}/_data/split={split}"):
-            sparkfs.rename(spark, f"{tmp}/_data/split={split}", f"{tmp}/{split}")
-    sparkfs.delete(spark, f"{tmp}/_data")
+        if storage.exists(f"{tmp}/_data/split={split}"):
+            storage.rename(f"{tmp}/_data/split={split}", f"{tmp}/{split}")
+    storage.delete(f"{tmp}/_data", recursive=True)
     return n_files
 
 
@@ -695,7 +690,7 @@ def _account(spark: SparkSession, cfg: Config, tmp: str, plan: Plan, split_info:
     splits = {}
     for split in S.SPLITS:
         path = f"{tmp}/{split}"
-        if not sparkfs.exists(spark, path):
+        if not storage.exists(path):
             splits[split] = {"rows": 0, "clicks": 0, "conversions": 0, "tiers": {}}
             continue
         agg = (spark.read.parquet(path).groupBy(S.SAMPLE_TIER)
@@ -738,18 +733,12 @@ def _check_quarantine(cfg: Config, manifest: dict, tmp: str) -> None:
         top = "; ".join(f"{r['count']}x {r['kind']}: {r['reason']}" for r in manifest["quarantine_reasons"][:3])
         raise QuarantineGateError(f"{share:.2%} of skeleton lines were quarantined (> etl.max_quarantine_share="
                                   f"{cfg.etl.max_quarantine_share:.2%}); top reasons: {top}. "
-                                  f"Inspect {tmp}/{S.QUARANTINE} (output not committed)")
+                                  f"Inspect {storage.display(tmp)}/{S.QUARANTINE} (output not committed)")
 
 
-def _read_manifest(spark: SparkSession, out: str) -> dict | None:
-    """The manifest of an existing ETL output (None when ``out`` does not exist)."""
-    from esmm.artifacts import read_manifest as read
-    if not sparkfs.exists(spark, f"{out}/{S.MANIFEST}"):
-        if sparkfs.exists(spark, out):
-            raise EtlError(f"{out} exists but has no {S.MANIFEST} (not an ETL output?); move it away or choose "
-                           f"another path")
-        return None
-    return read(out, spark)
+def _read_manifest(out: str) -> dict:
+    from esmm.artifacts import read_manifest
+    return read_manifest(out)
 
 
 def summary_text(m: dict) -> str:

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,6 +44,7 @@ import pyarrow as pa
 from pyspark.sql import DataFrame, SparkSession
 
 import schemas as S
+from esmm import storage
 from esmm.methods import METHODS, REFERENCE_CTR, get_method
 
 log = logging.getLogger(__name__)
@@ -71,8 +71,8 @@ def _fetch(digest: str, where) -> bytes:
     """The bytes of the export with content hash ``digest``: ``where`` is its path (read here, on the worker) or a
     broadcast of its bytes."""
     if isinstance(where, str):
-        with open(where, "rb") as f:
-            data = f.read()
+        from esmm import storage
+        data = storage.read_bytes(where)
         if hashlib.sha1(data).hexdigest() != digest:
             raise EvaluateError(f"model export {where} changed while it was being scored")
         return data
@@ -162,11 +162,16 @@ _PRED_ARROW = pa.schema([(S.SAMPLE_ID, pa.int64()), (S.CLICK, pa.int32()), (S.CO
 # ------------------------------------------------------------------------------------------------ driver side
 
 def _digest(path: str) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return hashlib.sha1(storage.read_bytes(path)).hexdigest()
+
+
+def _export_blob(path: str) -> dict:
+    """An export's dict without reading its tensors into memory where the file is local (memory-mapped)."""
+    import torch
+    local = storage.local_path(path)
+    if local is not None:
+        return torch.load(local, map_location="cpu", weights_only=True, mmap=True)
+    return storage.load_torch(path)
 
 
 @dataclass(frozen=True)
@@ -184,9 +189,9 @@ def _resolve(runs: list[ScoredRun], reference_ctr: ScoredRun | None) -> tuple[li
         raise EvaluateError(f"methods {needs_ref} need the reference CTR network's export (paper protocol)")
     out: dict[str, _Export] = {}
     for r in runs + ([reference_ctr] if reference_ctr else []):
-        if not os.path.exists(r.export):
-            raise EvaluateError(f"no model export for {r.run_id} at {r.export}: train it first")
-        e = _Export(r, os.path.abspath(r.export), _digest(r.export))
+        if not storage.isfile(r.export):
+            raise EvaluateError(f"no model export for {r.run_id} at {storage.display(r.export)}: train it first")
+        e = _Export(r, storage.resolve(r.export), _digest(r.export))
         if r.run_id in out and out[r.run_id].digest != e.digest:
             raise EvaluateError(f"run id {r.run_id!r} names two different exports: {out[r.run_id].path}, {e.path}")
         out.setdefault(r.run_id, e)
@@ -221,8 +226,7 @@ def _score_pass(spark: SparkSession, test: DataFrame, group: list[_Export], ref:
         sources = {}
         try:
             for d, e in wanted.items():
-                with open(e.path, "rb") as f:
-                    data = f.read()
+                data = storage.read_bytes(e.path)
                 if hashlib.sha1(data).hexdigest() != d:
                     raise EvaluateError(f"model export {e.path} changed while it was being scored")
                 sources[d] = spark.sparkContext.broadcast(data)
@@ -259,70 +263,58 @@ def score(spark: SparkSession, test: DataFrame, runs: list[ScoredRun], reference
 
 def score_to_parquet(spark: SparkSession, dataset: str, runs: list[ScoredRun], reference_ctr: ScoredRun | None,
                      out: str, width: int, threads: int = 1, evaluate=None) -> dict:
-    """Score the test split and write predictions to ``out`` atomically; returns {division_clipped, passes}.
+    """Score the test split and commit the predictions at ``out`` (a sub-output whose parent's lock the caller
+    holds); returns {division_clipped, passes, trained_on_other_dataset, dataset_run_id}.
 
     The runs (and the reference CTR network's own rows) are scored ``evaluate.models_per_pass`` at a time
     (``evaluate``: an ``EvaluateConfig``; None = its defaults); every pass appends to one staging directory, which
-    replaces ``out`` only when all passes have succeeded."""
-    import shutil
-    import uuid
-
+    replaces ``out`` only when all passes have succeeded (``esmm.outputs.Output``)."""
     from esmm.config import EvaluateConfig
     ev = evaluate if evaluate is not None else EvaluateConfig()
     ev.validate("evaluate")
-    from esmm import outputs as O
     from esmm.artifacts import read_manifest
+    from esmm.outputs import Output, check_pinned
     scored, ref = _resolve(runs, reference_ctr)
     if not scored:
         raise EvaluateError("no runs to score")
-    other = check_exports(scored + ([ref] if ref and ref not in scored else []), read_manifest(dataset))
-    O.owned(out, "predictions")  # a foreign directory at ``out`` is refused before any work
-    O.clean_stale_staging(out)   # the caller holds the lock of the directory ``out`` lives in
+    manifest = read_manifest(dataset)
+    other = check_exports(scored + ([ref] if ref and ref not in scored else []), manifest)
     mode = _export_mode(spark, ev.exports)
     passes = plan_passes(len(scored), ev.models_per_pass)
-    test = spark.read.parquet(os.path.join(dataset, S.TEST))
+    test = spark.read.parquet(storage.join(dataset, S.TEST))
     if S.USER_KEY not in test.columns:
         log.warning("GAUC will be omitted: %s has no %s column (written before user keys; re-run the ETL with "
-                    "--overwrite to get them)", dataset, S.USER_KEY)
+                    "--overwrite to get them)", storage.display(dataset), S.USER_KEY)
     clips = spark.sparkContext.accumulator(0)
-    tmp = f"{out}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+    inputs = {"runs": {e.run.run_id: e.digest for e in scored}, "dataset_run_id": manifest["run_id"]}
+    with Output(out, "predictions", inputs, "predictions", overwrite=True, lock=False) as o:
+        tmp = o.stage()
         for i, idx in enumerate(passes):
             group = [scored[j] for j in idx]
             log.info("scoring pass %d/%d (%s exports): %s", i + 1, len(passes), mode,
                      ", ".join(e.run.run_id for e in group))
             df, broadcasts = _score_pass(spark, test, group, ref, width, threads, mode, clips)
             try:
-                df.write.mode("append" if i else "errorifexists").parquet(tmp)
+                df.write.mode("append").parquet(tmp)
             finally:
                 for bc in broadcasts:
                     bc.destroy()
-        O.write_marker(tmp, O.marker_record("predictions", {"runs": {e.run.run_id: e.digest for e in scored}}))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if os.path.exists(out):
-        old = f"{out}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out, old)      # checked above: our own predictions
-        os.replace(tmp, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out)
-    return {"division_clipped": int(clips.value), "passes": len(passes), "trained_on_other_dataset": list(other)}
+        check_pinned(dataset, manifest["run_id"], "scoring")
+        o.commit()
+    return {"division_clipped": int(clips.value), "passes": len(passes), "trained_on_other_dataset": list(other),
+            "dataset_run_id": manifest["run_id"]}
 
 
 def check_exports(exports: list, manifest: dict) -> dict:
     """Refuse exports whose feature layout is not the dataset's (their ids would index other hash buckets);
     returns {run_id: True} for exports trained on another build of the dataset (same layout: scoring is valid,
     but the caller should know). Reads only the exports' metadata (memory-mapped load)."""
-    import torch
-
     from esmm.outputs import dataset_fingerprint
     lay = manifest["layout"]
     want = {k: list(lay[k]) for k in ("fields", "buckets", "max_len")}
     other = {}
     for e in exports:
-        blob = torch.load(e.path, map_location="cpu", weights_only=True, mmap=True)
+        blob = _export_blob(e.path)
         got = {k: list(blob["layout"][k]) for k in ("fields", "buckets", "max_len")}
         if got != want:
             diff = [k for k in want if got[k] != want[k]]
@@ -337,42 +329,53 @@ def check_exports(exports: list, manifest: dict) -> dict:
 
 
 def evaluate_runs(spark: SparkSession, dataset: str, run_dirs: list[str], ctr_dir: str | None, out: str,
-                  truth_path: str | None = None, threads: int = 1, evaluate=None) -> dict:
-    """Score ``run_dirs`` (each holding a ``model.pt``) on the test split, write predictions under ``out`` and
-    return {"metrics": rows per run/task, "delong": {task: DeLong record}, "division_clipped": n, "predictions": path}
-    (``metrics.protocol_metrics``). ``evaluate``: an
-    ``EvaluateConfig`` (models per pass, how exports reach the executors); None = its defaults.
+                  truth_path: str | None = None, threads: int = 1, evaluate=None, overwrite: bool = False) -> dict:
+    """Score ``run_dirs`` (each holding a ``model.pt``) on the test split, commit predictions and ``metrics.json``
+    under ``out`` and return {"metrics": rows per run/task, "delong": {task: DeLong record}, "division_clipped": n,
+    "predictions": path} (``metrics.protocol_metrics``). ``evaluate``: an ``EvaluateConfig`` (models per pass, how
+    exports reach the executors); None = its defaults.
 
-    ``out`` is an evaluation directory this project owns (created, or an earlier evaluation replaced; a foreign
-    directory is refused), written by one job at a time (``<out>.lock``). Run ids are the run directories' names,
-    lengthened by parent names where two would collide (``unique_run_ids``)."""
-    import torch
-
-    from esmm import outputs as O
+    ``out`` is an evaluation output (``esmm.outputs.Output``): staged and committed; a committed evaluation of the
+    same exports, dataset, ground truth and evaluate config is returned as it is; one of other inputs is replaced
+    (an evaluation is derived data: it follows its runs), a foreign directory refused. Run ids are the run
+    directories' names, lengthened by parent names where two would collide (``unique_run_ids``)."""
     from esmm.artifacts import EXPORT, read_manifest
+    from esmm.config import to_dict
+    from esmm.outputs import Output, read_commit
 
     ids = unique_run_ids(run_dirs + ([ctr_dir] if ctr_dir else []))
 
     def spec(d: str) -> ScoredRun:
-        path = os.path.join(d, EXPORT)
-        if not os.path.exists(path):
-            raise EvaluateError(f"no model export at {path}: train that run first")
-        method = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["method"]
-        return ScoredRun(method, ids[os.path.abspath(d)], path)
+        path = storage.join(d, EXPORT)
+        if not storage.isfile(path):
+            raise EvaluateError(f"no model export at {storage.display(path)}: train that run first")
+        return ScoredRun(_export_blob(path)["method"], ids[storage.resolve(d)], path)
 
     runs = [spec(d) for d in run_dirs]
     ref = spec(ctr_dir) if ctr_dir else next((r for r in runs if r.method == REFERENCE_CTR), None)
-    width = read_manifest(dataset)["layout"]["num_slots"]
-    with O.OutputLock(out, "evaluate"):
-        O.claim_dir(out, "evaluation")
-        return _evaluate_locked(spark, dataset, runs, ref, out, width, truth_path, threads, evaluate)
+    manifest = read_manifest(dataset)
+    truth = storage.resolve(truth_path) if truth_path and storage.exists(truth_path) else None
+    inputs = {"exports": {r.run_id: _digest(r.export) for r in runs + ([ref] if ref else [])},
+              "dataset_run_id": manifest["run_id"], "evaluate": to_dict(evaluate) if evaluate is not None else None,
+              "truth": (read_commit(storage.parent(truth), verify=False) or {}).get("run_id", truth) if truth else None}
+    with Output(out, "evaluation", inputs, "evaluate", overwrite=True) as o:
+        if o.reusable and not overwrite:
+            log.info("%s holds the evaluation of the same exports and dataset: reusing it", storage.display(out))
+            return storage.read_json(storage.join(out, "metrics.json"))
+        tmp = o.stage()
+        result = _evaluate_into(spark, dataset, runs, ref, tmp, manifest["layout"]["num_slots"], truth, threads,
+                                evaluate)
+        result["predictions"] = storage.join(out, "predictions")
+        storage.write_json(storage.join(tmp, "metrics.json"), result)
+        o.commit()
+    return result
 
 
 def unique_run_ids(run_dirs: list[str]) -> dict:
     """{absolute run dir: run id}: the directory's name, lengthened by parent names (``r0-rate1.0/esmm``) until no
     two different directories share one, so runs of different units never collide in one predictions table."""
-    dirs = list(dict.fromkeys(os.path.abspath(d) for d in run_dirs))
-    parts = {d: d.strip(os.sep).split(os.sep) for d in dirs}
+    dirs = list(dict.fromkeys(storage.resolve(d) for d in run_dirs))
+    parts = {d: d.split("://", 1)[1].strip("/").split("/") for d in dirs}
     depth = {d: 1 for d in dirs}
     while True:
         ids = {d: "/".join(parts[d][-depth[d]:]) for d in dirs}
@@ -387,20 +390,15 @@ def unique_run_ids(run_dirs: list[str]) -> dict:
                 depth[d] += 1
 
 
-def _evaluate_locked(spark, dataset, runs, ref, out, width, truth_path, threads, evaluate) -> dict:
+def _evaluate_into(spark, dataset, runs, ref, tmp, width, truth_path, threads, evaluate) -> dict:
     from esmm.metrics import protocol_metrics
-    from esmm.outputs import atomic_write_json, clear_success, write_success
     from esmm.report import delong_record
-    pred_path = os.path.join(out, "predictions")
-    clear_success(out)  # predictions and metrics.json are replaced in place: finished again once both are
+    pred_path = storage.join(tmp, "predictions")
     info = score_to_parquet(spark, dataset, runs, ref, pred_path, width, threads, evaluate)
     pred = spark.read.parquet(pred_path)
-    truth = spark.read.parquet(truth_path) if truth_path and os.path.exists(truth_path) else None
+    truth = spark.read.parquet(truth_path) if truth_path else None
     rows, dl, aliases = protocol_metrics(pred, truth, {r.run_id: r.method for r in runs + ([ref] if ref else [])},
                                          own_ctr=OWN_CTR_METHODS)
-    result = {"metrics": rows, "delong": {t: delong_record(r, aliases.get(t)) for t, r in dl.items()},
-              "division_clipped": info["division_clipped"], "predictions": pred_path,
-              "trained_on_other_dataset": sorted(info["trained_on_other_dataset"])}
-    atomic_write_json(os.path.join(out, "metrics.json"), result)
-    write_success(out)
-    return result
+    return {"metrics": rows, "delong": {t: delong_record(r, aliases.get(t)) for t, r in dl.items()},
+            "division_clipped": info["division_clipped"], "dataset_run_id": info["dataset_run_id"],
+            "trained_on_other_dataset": sorted(info["trained_on_other_dataset"])}

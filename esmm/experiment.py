@@ -28,9 +28,8 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
+import io
 import logging
-import os
 import time
 from dataclasses import dataclass
 
@@ -38,6 +37,7 @@ from pyspark.sql import SparkSession
 
 import schemas as S
 from esmm import report as R
+from esmm import storage
 from esmm import validation as V
 from esmm.config import Config, to_dict
 from esmm.evaluate import OWN_CTR_METHODS, ScoredRun, score_to_parquet
@@ -74,7 +74,7 @@ class RunSpec:
         return f"r{self.repeat}-rate{self.rate}"
 
     def run_dir(self, exp_dir: str) -> str:
-        return os.path.join(exp_dir, "runs", self.unit, self.name.replace("[", "-").replace("]", "").replace("=", ""))
+        return storage.join(exp_dir, "runs", self.unit, self.name.replace("[", "-").replace("]", "").replace("=", ""))
 
 
 def unit_methods(cfg: Config, rate: float, table_rate: float) -> tuple:
@@ -99,7 +99,7 @@ def unit_specs(cfg: Config, repeat: int, rate: float, methods: tuple | None = No
 def config_for(cfg: Config, spec: RunSpec, exp_dir: str) -> Config:
     train = dataclasses.replace(cfg.train, method=spec.method, seed=cfg.train.seed + 1000 * spec.repeat,
                                 sampling_rate=spec.rate,
-                                ctr_model=os.path.join(RunSpec(spec.repeat, spec.rate, REFERENCE_CTR).run_dir(exp_dir),
+                                ctr_model=storage.join(RunSpec(spec.repeat, spec.rate, REFERENCE_CTR).run_dir(exp_dir),
                                                        EXPORT))
     grid = get_method(spec.method).grid
     if spec.variant and grid is not None:
@@ -119,11 +119,10 @@ def run_unit(spark: SparkSession, cfg: Config, dataset: str, exp_dir: str, repea
              truth_path: str | None, methods: tuple | None = None) -> dict:
     """Train, score and measure one (repeat, rate); returns and persists the unit's metrics."""
     specs = unit_specs(cfg, repeat, rate, methods)
-    out_path = os.path.join(exp_dir, "metrics", f"{specs[0].unit}.json")
+    out_path = storage.join(exp_dir, "metrics", f"{specs[0].unit}.json")
     identity = unit_identity(cfg, dataset, specs, exp_dir)
-    if os.path.exists(out_path):
-        with open(out_path) as f:
-            done = json.load(f)
+    if storage.exists(out_path):
+        done = storage.read_json(out_path)
         if done.get("identity") != identity:
             raise ExperimentOutputRefused(f"unit {specs[0].unit} in {exp_dir} was measured with another config, "
                                           f"method list or dataset build than this run's; pass --overwrite to start "
@@ -134,10 +133,10 @@ def run_unit(spark: SparkSession, cfg: Config, dataset: str, exp_dir: str, repea
     t0 = time.time()
     summaries = launch(jobs, cfg.train.workers, spark)
     t1 = time.time()
-    ref = ScoredRun(REFERENCE_CTR, specs[0].name, os.path.join(specs[0].run_dir(exp_dir), EXPORT))
-    runs = [ScoredRun(s.method, s.name, os.path.join(s.run_dir(exp_dir), EXPORT)) for s in specs]
+    ref = ScoredRun(REFERENCE_CTR, specs[0].name, storage.join(specs[0].run_dir(exp_dir), EXPORT))
+    runs = [ScoredRun(s.method, s.name, storage.join(s.run_dir(exp_dir), EXPORT)) for s in specs]
     width = read_manifest(dataset)["layout"]["num_slots"]
-    pred_path = os.path.join(exp_dir, "predictions", specs[0].unit)
+    pred_path = storage.join(exp_dir, "predictions", specs[0].unit)
     info = score_to_parquet(spark, dataset, runs, ref, pred_path, width, cfg.evaluate.threads, cfg.evaluate)
     t2 = time.time()
     pred = spark.read.parquet(pred_path)
@@ -175,15 +174,26 @@ def _run_id(run_dir: str) -> str | None:
     return rec.get("run_id") if rec else None
 
 
+def truth_identity(truth_path: str) -> str:
+    """The ground truth's identity: the committed run id of the generated log holding it (its path otherwise)."""
+    from esmm.outputs import read_commit
+    rec = read_commit(storage.parent(truth_path), verify=False)
+    return (rec or {}).get("run_id") or storage.resolve(truth_path)
+
+
 def oracle(spark: SparkSession, dataset: str, truth_path: str, exp_dir: str) -> list[dict]:
-    path = os.path.join(exp_dir, "metrics", "oracle.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
-    test = spark.read.parquet(os.path.join(dataset, S.TEST)).drop(S.FEAT_IDS, S.FEAT_WTS, S.SAMPLE_TIER)  # + user_key
+    """The oracle rows (true probabilities as scores), reused only when computed from the same dataset build and
+    ground truth."""
+    path = storage.join(exp_dir, "metrics", "oracle.json")
+    identity = {"dataset_run_id": read_manifest(dataset)["run_id"], "truth": truth_identity(truth_path)}
+    if storage.exists(path):
+        done = storage.read_json(path)
+        if isinstance(done, dict) and done.get("identity") == identity:
+            return done["rows"]
+    test = spark.read.parquet(storage.join(dataset, S.TEST)).drop(S.FEAT_IDS, S.FEAT_WTS, S.SAMPLE_TIER)  # + user_key
     truth = spark.read.parquet(truth_path).select(S.SAMPLE_ID, S.TRUE_CTR, S.TRUE_CVR, S.WOULD_CONVERT)
     rows = oracle_protocol_metrics(test.join(truth, S.SAMPLE_ID))
-    write_json(path, rows)
+    write_json(path, {"identity": identity, "rows": rows})
     return rows
 
 
@@ -196,12 +206,16 @@ def run_experiment(spark: SparkSession, cfg: Config, dataset: str, exp_dir: str,
     ``exp_dir`` is an experiment directory this project owns, written by one job at a time (``<exp_dir>.lock``).
     Finished units and trainings are reused only when they were built from the same dataset build and config
     (else :class:`ExperimentError`); ``overwrite`` removes an owned ``exp_dir`` first and starts over."""
-    from esmm import outputs as O
-    with O.OutputLock(exp_dir, "experiment"):
-        if overwrite:
-            O.remove_owned(exp_dir, "experiment")
-        O.claim_dir(exp_dir, "experiment")
-        return _run_experiment(spark, cfg, dataset, exp_dir, truth_path, table_rate)
+    from esmm.outputs import Output
+    dataset, exp_dir = storage.resolve(dataset), storage.resolve(exp_dir)
+    truth_path = storage.resolve(truth_path) if truth_path else None
+    with Output(exp_dir, "experiment", {}, "experiment", overwrite, ExperimentOutputRefused) as o:
+        o.claim()
+        if o.committed is not None:
+            o.uncommit()  # the reports are rewritten in place: committed again once they all are
+        report = _run_experiment(spark, cfg, dataset, exp_dir, truth_path, table_rate)
+        o.commit_in_place()
+    return report
 
 
 def _run_experiment(spark: SparkSession, cfg: Config, dataset: str, exp_dir: str, truth_path: str | None,
@@ -215,7 +229,6 @@ def _run_experiment(spark: SparkSession, cfg: Config, dataset: str, exp_dir: str
     for r in rates:
         if str(r) not in subsets:
             raise ValueError(f"sampling rate {r} is not in the dataset (ETL rates {manifest['sampling_rates']})")
-    os.makedirs(exp_dir, exist_ok=True)
     units = []
     total = cfg.experiment.repeats * len(rates)
     for repeat in range(cfg.experiment.repeats):
@@ -226,15 +239,11 @@ def _run_experiment(spark: SparkSession, cfg: Config, dataset: str, exp_dir: str
             units.append(run_unit(spark, cfg, dataset, exp_dir, repeat, rate, truth_path, methods))
     oracle_rows = oracle(spark, dataset, truth_path, exp_dir) if truth_path else None
     train_rows = {r: subsets[str(r)]["rows"] for r in rates}
-    split = V.find_split(os.path.join(dataset, S.TRAIN), manifest, cfg.train.validation_share)
+    split = V.find_split(storage.join(dataset, S.TRAIN), manifest, cfg.train.validation_share)
     if split is not None:  # the impressions trained on: the subsets' rows before the validation cut
         train_rows = {r: V.train_rows(manifest, split, r) for r in rates}
-    from esmm.outputs import clear_success, write_success
-    clear_success(exp_dir)  # the reports are rewritten in place: finished again once they all are
-    report = write_reports(units, cfg, exp_dir, sorted(rates), table_rate, oracle_rows, train_rows,
-                           validation_rows=split["rows"] if split is not None else None)
-    write_success(exp_dir)
-    return report
+    return write_reports(units, cfg, exp_dir, sorted(rates), table_rate, oracle_rows, train_rows,
+                         validation_rows=split["rows"] if split is not None else None)
 
 
 SEARCHED = tuple(n for n, m in METHODS.items() if m.grid is not None)   # the methods whose variants are chosen
@@ -305,7 +314,7 @@ def write_reports(units, cfg, exp_dir, rates, table_rate, oracle_rows, train_row
     comps = R.comparisons(units, chosen)
     sig = R.significance_summary(comps, table_rate)
     sig_md = R.significance_markdown(sig) if sig else ""
-    paths = {k: os.path.join(exp_dir, v) for k, v in (("md", "table2.md"), ("csv", "table2.csv"),
+    paths = {k: storage.join(exp_dir, v) for k, v in (("md", "table2.md"), ("csv", "table2.csv"),
                                                        ("json", "table2.json"), ("sig_csv", "significance.csv"),
                                                        ("png", "figure3.png"), ("fig_csv", "figure3.csv"))}
     note = selection_note(select_on, methods)
@@ -316,13 +325,13 @@ def write_reports(units, cfg, exp_dir, rates, table_rate, oracle_rows, train_row
             + (f". {note}" if note else "") + f"\n\n{md}\n\n{R.TABLE2_LEGEND}\n")
     if sig_md:
         text += f"\nESMM minus each competitor (AUC points, rate {table_rate}):\n\n{sig_md}\n\n{R.SIGNIFICANCE_LEGEND}\n"
-    with open(paths["md"], "w") as f:
-        f.write(text)
+    storage.write_text(paths["md"], text)
     for key, table in (("csv", rows), ("sig_csv", comps)):
-        with open(paths[key], "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(table[0]) if table else ["model"])
-            w.writeheader()
-            w.writerows(table)
+        f = io.StringIO(newline="")
+        w = csv.DictWriter(f, fieldnames=list(table[0]) if table else ["model"])
+        w.writeheader()
+        w.writerows(table)
+        storage.write_text(paths[key], f.getvalue())
     clipped = sum(u.get("division_clipped", 0) for u in units)
     write_json(paths["json"], {"table2": rows, "significance": sig, "comparisons": comps, "rate": table_rate,
                                  "select_on": select_on, "selection_note": note,
@@ -336,5 +345,6 @@ def write_reports(units, cfg, exp_dir, rates, table_rate, oracle_rows, train_row
     R.plot_figure3(points, paths["png"], paths["fig_csv"],
                    title=f"{cfg.experiment.repeats} repeat(s); error bars: 95% "
                          + ("t-interval over repeats" if cfg.experiment.repeats > 1 else "DeLong interval"))
-    return {"table2": rows, "markdown": md, "significance": sig, "paths": paths, "text": text,
+    return {"table2": rows, "markdown": md, "significance": sig,
+            "paths": {k: storage.display(v) for k, v in paths.items()}, "text": text,
             "select_on": select_on, "chosen": chosen}

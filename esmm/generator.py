@@ -1,6 +1,6 @@
 """Synthetic Ali-CCP raw logs with ground truth (the conversion outcome of *every* impression, clicked or not).
 
-Output (under ``out``, written atomically: staged in ``out.tmp-<uuid>`` then renamed)::
+Output (under ``out``, staged and committed by ``esmm.outputs.Output``)::
 
     sample_skeleton_train.csv  common_features_train.csv   first half of the common keys in time order
     sample_skeleton_test.csv   common_features_test.csv    second half
@@ -73,24 +73,18 @@ config => byte-identical files.
 from __future__ import annotations
 
 import functools
-import glob
-import json
 import logging
 import math
-import os
-import shutil
 import time
-import uuid
 from dataclasses import dataclass
-from urllib.parse import urlparse
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from pyspark.accumulators import AccumulatorParam
 
-from esmm import spark as sparkfs
-from esmm.outputs import OutputRefused
+from esmm import storage
+from esmm.outputs import Output, OutputRefused
 from schemas import raw as R
 from schemas.dataset import (CLICK, CONVERSION, GROUND_TRUTH_SCHEMA, SAMPLE_ID, TRUE_CTR, TRUE_CVR, WOULD_CONVERT)
 
@@ -665,108 +659,76 @@ def _split_tasks(plan: Plan, split: str) -> list:
     return tasks
 
 
-def _local_dir(spark, path: str) -> str | None:
-    """The local path of ``path`` when the driver can see every part file (local master, local filesystem)."""
-    fs, p = sparkfs._fs(spark, path)
-    if fs.getScheme() != "file" or not spark.sparkContext.master.startswith("local"):
-        return None
-    return urlparse(str(fs.makeQualified(p).toUri())).path
+def _single_files_ok(spark, path: str) -> bool:
+    """Whether part files can be joined into plain files: a local master writing to the local filesystem."""
+    return storage.is_local(path) and spark.sparkContext.master.startswith("local")
 
 
-def _concat_parts(parts_dir: str, dest: str) -> None:
-    """Concatenate Spark part files (in partition order) into one plain file."""
-    with open(dest, "wb") as out:
-        for part in sorted(glob.glob(os.path.join(parts_dir, "part-*"))):
-            with open(part, "rb") as f:
-                shutil.copyfileobj(f, out, 16 << 20)
-
-
-def _read_marker(spark, out: str) -> dict:
-    """The generator's summary (``_GENERATED.json``) of an output this project owns; {} when unreadable."""
-    text = sparkfs.read_small(spark, f"{out}/{MARKER}")
+def _read_marker(out: str) -> dict:
+    """The generator's summary (``_GENERATED.json``) of a committed output; {} when unreadable."""
     try:
-        return json.loads(text) if text is not None else {}
-    except ValueError:
+        return storage.read_json(storage.join(out, MARKER))
+    except (OSError, ValueError):
         return {}
 
 
 def generate(spark, cfg, out: str | None = None, overwrite: bool = False) -> dict:
     """Write the synthetic Ali-CCP files and ground truth under ``out`` (default ``cfg.paths.raw``); return the summary.
 
-    Idempotent: when ``out`` already holds output of the same resolved generate config it is kept (summary has
-    ``skipped: True``); any other existing ``out`` is refused unless ``overwrite``."""
+    Idempotent: when ``out`` already holds a committed output of the same resolved generate config it is kept
+    (summary has ``skipped: True``); one of another config is refused unless ``overwrite`` (``esmm.outputs``)."""
     from esmm.config import to_dict
-    from esmm.outputs import MARKER as OWNER, marker_record
     g = cfg.generate
-    out = (out or cfg.paths.raw).rstrip("/")
+    out = storage.resolve(out or cfg.paths.raw)
     resolved = to_dict(g)
-    with sparkfs.output_lock(spark, out, "generate"):
-        sparkfs.clean_stale_staging(spark, out)
-        owner = sparkfs.owned(spark, out, "raw", legacy=MARKER)  # a foreign directory raises, --overwrite or not
-        existing = _read_marker(spark, out) if owner is not None else None
-        if existing is not None and not overwrite:
-            if existing.get("generate") == resolved:
-                log.info("%s already holds generated data of the same generate config: nothing to do", out)
-                return {**existing, "out": out, "skipped": True, "seconds": 0.0}
-            raise GeneratorOutputRefused(f"{out} was generated with another generate config (or its {MARKER} is "
-                                         f"unreadable); pass --overwrite to replace it, or choose another path")
+    with Output(out, "raw", {"generate": resolved}, "generate", overwrite, GeneratorOutputRefused) as o:
+        if o.reusable:
+            log.info("%s already holds generated data of the same generate config: nothing to do",
+                     storage.display(out))
+            return {**_read_marker(out), "out": out, "skipped": True, "seconds": 0.0}
+        o.refuse_other_inputs("generated data")
         t0 = time.time()
-        marker = _generate_into(spark, g, out, resolved)
-        owner_rec = marker_record("raw", {"generate": resolved})
-        marker["run_id"] = owner_rec["run_id"]
-        tmp = marker.pop("_tmp")
-        local_tmp = marker.pop("_local_tmp")
-        text = json.dumps(marker, indent=2, sort_keys=True)
-        if local_tmp:
-            for name, content in ((MARKER, text), (OWNER, json.dumps(owner_rec, indent=2, sort_keys=True))):
-                with open(f"{local_tmp}/{name}", "w") as f:
-                    f.write(content)
-        else:
-            sparkfs.write_text(spark, f"{tmp}/{MARKER}", text)
-            sparkfs.write_marker(spark, tmp, owner_rec)
-        sparkfs.write_success(spark, tmp)  # last: the staging directory is complete, and moves into place with it
-        sparkfs.commit_dir(spark, tmp, out, replace=existing is not None)
+        tmp = o.stage()
+        marker = _generate_into(spark, g, tmp, resolved)
+        marker["run_id"] = o.run_id
+        storage.write_json(storage.join(tmp, MARKER), marker)
+        o.commit()
     summary = {**marker, "out": out, "skipped": False, "seconds": round(time.time() - t0, 2)}
-    log.info("generated %s in %.1fs", out, summary["seconds"])
+    log.info("generated %s in %.1fs", storage.display(out), summary["seconds"])
     return summary
 
 
-def _generate_into(spark, g, out: str, resolved: dict) -> dict:
-    """Write every file into a fresh staging directory ``<out>.tmp-<id>``; returns the summary (with the staging
-    paths under ``_tmp``/``_local_tmp``). A failed run deletes its staging directory."""
+def _generate_into(spark, g, tmp: str, resolved: dict) -> dict:
+    """Write every file into the staging directory ``tmp``; returns the summary (the lifecycle removes ``tmp`` if
+    this fails)."""
     plan = make_plan(g)
     intercepts = calibrate(g)
     log.info("generating %s impressions over %s keys into %s (%d blocks; intercepts ctr %.3f cvr %.3f)",
-             f"{sum(plan.impressions.values()):,}", f"{sum(plan.keys.values()):,}", out, len(plan.blocks), *intercepts)
-    tmp = f"{out}.tmp-{uuid.uuid4().hex[:8]}"
-    local_tmp = _local_dir(spark, tmp) if g.single_files else None
+             f"{sum(plan.impressions.values()):,}", f"{sum(plan.keys.values()):,}", storage.display(tmp),
+             len(plan.blocks), *intercepts)
+    single = g.single_files and _single_files_ok(spark, tmp)
     acc = spark.sparkContext.accumulator({}, _BlockStats())
     files = {}
-    try:
-        for split in R.RAW_SPLITS:
-            tasks = _split_tasks(plan, split)
-            for kind, pattern in (("skeleton", R.SKELETON_FILE), ("common", R.COMMON_FILE)):
-                name = pattern.format(split=split)
-                t1 = time.time()
-                target = f"{tmp}/_parts/{name}" if local_tmp else f"{tmp}/{name}"
-                _pass(spark, g, kind, tasks, intercepts, acc).write.text(target)
-                if local_tmp:
-                    _concat_parts(f"{local_tmp}/_parts/{name}", f"{local_tmp}/{name}")
-                files[name] = "file" if local_tmp else "directory"
-                log.info("wrote %s (%.1fs)", name, time.time() - t1)
-        if local_tmp:
-            shutil.rmtree(f"{local_tmp}/_parts")
-        t1 = time.time()
-        all_tasks = _split_tasks(plan, "train") + _split_tasks(plan, "test")
-        _pass(spark, g, "truth", all_tasks, intercepts, acc).write.parquet(f"{tmp}/{GROUND_TRUTH_DIR}")
-        log.info("wrote %s (%.1fs)", GROUND_TRUTH_DIR, time.time() - t1)
-    except BaseException:
-        log.error("generation failed; removing its staging directory %s", tmp)
-        sparkfs.delete(spark, tmp)
-        raise
+    for split in R.RAW_SPLITS:
+        tasks = _split_tasks(plan, split)
+        for kind, pattern in (("skeleton", R.SKELETON_FILE), ("common", R.COMMON_FILE)):
+            name = pattern.format(split=split)
+            t1 = time.time()
+            target = f"{tmp}/_parts/{name}" if single else f"{tmp}/{name}"
+            _pass(spark, g, kind, tasks, intercepts, acc).write.text(target)
+            if single:
+                storage.concat_parts(f"{tmp}/_parts/{name}", f"{tmp}/{name}")
+            files[name] = "file" if single else "directory"
+            log.info("wrote %s (%.1fs)", name, time.time() - t1)
+    if single:
+        storage.delete(f"{tmp}/_parts", recursive=True)
+    t1 = time.time()
+    all_tasks = _split_tasks(plan, "train") + _split_tasks(plan, "test")
+    _pass(spark, g, "truth", all_tasks, intercepts, acc).write.parquet(f"{tmp}/{GROUND_TRUTH_DIR}")
+    log.info("wrote %s (%.1fs)", GROUND_TRUTH_DIR, time.time() - t1)
     marker = _summarize(g, plan, intercepts, files, acc.value)
     marker["generate"] = resolved
-    return {**marker, "_tmp": tmp, "_local_tmp": local_tmp}
+    return marker
 
 
 def _summarize(g, plan: Plan, intercepts: tuple, files: dict, stats: dict) -> dict:

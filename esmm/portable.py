@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 import warnings
 from typing import Tuple
@@ -34,7 +33,7 @@ from esmm.features import P1, P2, P3, P4, P5, SPARK_SEED, FeatureLayout, spark_h
 from esmm.methods import (HEAD_PRODUCT, HEAD_SINGLE, OWN, RATIO, TASK_CTCVR, TASK_CTR, TASK_CVR, build_model,
                           get_method)
 from esmm.model import FieldEmbedding
-from esmm.outputs import atomic_write_json, file_digest
+from esmm import storage
 
 log = logging.getLogger(__name__)
 TORCHSCRIPT = "model.ts.pt"
@@ -234,18 +233,10 @@ def contract(method: str, layout: FeatureLayout, identity: dict | None = None) -
 # ------------------------------------------------------------------------------------------------ writing
 
 def _atomic(path: str, write) -> None:
-    """``write(tmp_path)``, fsync, rename onto ``path``: readers never see a partial file."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
+    """``write(local_path)`` for a library that writes to a path, then the file moves (or uploads) to ``path``
+    (``esmm.storage.local_file``): readers never see a partial file."""
+    with storage.local_file(path) as tmp:
         write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
 
 
 def script(net: nn.Module, method: str, layout: FeatureLayout) -> torch.jit.ScriptModule:
@@ -263,14 +254,15 @@ def write_portable(net: nn.Module, method: str, layout: FeatureLayout, out_dir: 
     start = time.time()
     spec = contract(method, layout, identity)
     module = script(net, method, layout)
-    ts_path = os.path.join(out_dir, TORCHSCRIPT)
+    ts_path = storage.join(out_dir, TORCHSCRIPT)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*torch.jit.*")
         _atomic(ts_path, lambda p: torch.jit.save(module, p, _extra_files={EMBEDDED: json.dumps(spec)}))
-    size, digest = file_digest(ts_path)
+    size, digest = storage.file_digest(ts_path)
     spec["files"] = {"torchscript": TORCHSCRIPT, "bytes": size, "sha256": digest}
-    atomic_write_json(os.path.join(out_dir, CONTRACT), spec)
-    log.info("portable export (%s, %s) written to %s in %.2fs", TORCHSCRIPT, CONTRACT, out_dir, time.time() - start)
+    storage.write_json(storage.join(out_dir, CONTRACT), spec)
+    log.info("portable export (%s, %s) written to %s in %.2fs", TORCHSCRIPT, CONTRACT, storage.display(out_dir),
+             time.time() - start)
     return spec
 
 
@@ -283,8 +275,8 @@ def export_portable(model: nn.Module, method: str, cfg, layout: FeatureLayout, o
 
 def _load(export_path: str):
     from esmm.artifacts import EXPORT, load_export
-    if os.path.isdir(export_path):
-        export_path = os.path.join(export_path, EXPORT)
+    if storage.isdir(export_path):
+        export_path = storage.join(export_path, EXPORT)
     net, blob = load_export(export_path)
     lay = blob["layout"]
     return net, blob, FeatureLayout(tuple(lay["fields"]), tuple(lay["buckets"]), tuple(lay["max_len"])), export_path
@@ -294,7 +286,7 @@ def export_portable_from(export_path: str, out_dir: str | None = None) -> dict:
     """The portable export of an existing run: ``export_path`` is a ``model.pt`` or its run directory; the files go
     to ``out_dir`` (default: beside the export)."""
     net, blob, layout, export_path = _load(export_path)
-    return write_portable(net, blob["method"], layout, out_dir or os.path.dirname(export_path), blob)
+    return write_portable(net, blob["method"], layout, out_dir or storage.parent(export_path), blob)
 
 
 # ------------------------------------------------------------------------------------------------ ONNX (optional)
@@ -336,7 +328,7 @@ def export_onnx(export_path: str, out_path: str | None = None) -> str:
     import onnx  # an ImportError names what is missing
     import onnxscript  # noqa: F401  (torch.onnx.export(dynamo=True) needs it)
     net, blob, layout, export_path = _load(export_path)
-    out_path = out_path or os.path.join(os.path.dirname(export_path), ONNX)
+    out_path = out_path or storage.join(storage.parent(export_path), ONNX)
     module = onnx_scorer(net, blob["method"], layout)
     L = layout.num_slots
     example = (torch.zeros(2, L, dtype=torch.long) + torch.tensor(layout.offsets).repeat_interleave(

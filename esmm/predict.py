@@ -34,17 +34,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import time
-import uuid
 
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
 import schemas as S
-from esmm import spark as sparkfs
+from esmm import storage
 from esmm.config import Config, from_dict
-from esmm.outputs import OutputRefused, fingerprint, marker_record
+from esmm.outputs import Output, OutputRefused, check_pinned
 
 log = logging.getLogger(__name__)
 KIND = "predict"
@@ -76,16 +74,14 @@ class Model:
     @classmethod
     def load(cls, where: str) -> "Model":
         """``where``: a run directory holding ``model.pt``, or the export file itself."""
-        import torch
-
-        from esmm.evaluate import _digest
+        from esmm.evaluate import _digest, _export_blob
         from esmm.artifacts import EXPORT
-        path = os.path.join(where, EXPORT) if os.path.isdir(where) else where
-        if not os.path.isfile(path):
-            raise PredictError(f"no model export at {path}: train that run first (jobs/train.py)")
-        blob = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        run_dir = os.path.dirname(os.path.abspath(path))
-        return cls(os.path.basename(run_dir), blob["method"], os.path.abspath(path), _digest(path), blob["config"],
+        path = storage.join(where, EXPORT) if storage.isdir(where) else storage.resolve(where)
+        if not storage.isfile(path):
+            raise PredictError(f"no model export at {storage.display(path)}: train that run first (jobs/train.py)")
+        blob = _export_blob(path)
+        run_dir = storage.parent(path)
+        return cls(storage.basename(run_dir), blob["method"], path, _digest(path), blob["config"],
                    {k: list(blob["layout"][k]) for k in ("fields", "buckets", "max_len")})
 
     @property
@@ -120,14 +116,15 @@ def dataset_input(spark: SparkSession, dataset: str, split: str, rate: float | N
     splits = S.SPLITS if split == "all" else (split,)
     frames = []
     for s in splits:
-        path = f"{dataset.rstrip('/')}/{s}"
-        if not sparkfs.exists(spark, path):
-            raise PredictError(f"the dataset {dataset} has no {s} split ({path})")
+        path = storage.join(dataset, s)
+        if not storage.exists(path):
+            raise PredictError(f"the dataset {storage.display(dataset)} has no {s} split")
         df = spark.read.parquet(path)
         if rate is not None:
             df = df.where(F.col(S.SAMPLE_TIER) <= tier_for_rate(manifest, rate))
         frames.append((s, df.select(S.SAMPLE_ID, S.CLICK, S.CONVERSION, S.FEAT_IDS, S.FEAT_WTS)))
-    identity = {"kind": "dataset", "dataset": dataset_fingerprint(manifest), "split": split, "rate": rate}
+    identity = {"kind": "dataset", "dataset": dataset_fingerprint(manifest), "split": split, "rate": rate,
+                "dataset_run_id": manifest["run_id"]}
     return frames, manifest, identity
 
 
@@ -142,7 +139,9 @@ def predict(spark: SparkSession, cfg: Config, model: str, out: str, *, ctr: str 
     if (dataset is None) == (raw is None):
         raise PredictError("give exactly one input: an ETL'd dataset or a raw Ali-CCP log directory")
     t0 = time.time()
-    out = out.rstrip("/")
+    out = storage.resolve(out)
+    dataset = storage.resolve(dataset) if dataset is not None else None
+    raw = storage.resolve(raw) if raw is not None else None
     net = Model.load(model)
     ref = Model.load(ctr) if ctr else None
     if _needs_reference(net.method) and ref is None:
@@ -157,7 +156,7 @@ def predict(spark: SparkSession, cfg: Config, model: str, out: str, *, ctr: str 
     if dataset is not None:
         rows, manifest, source = dataset_input(spark, dataset, split, rate)
         _check_layouts(models, {k: list(manifest["layout"][k]) for k in ("fields", "buckets", "max_len")},
-                       f"the dataset {dataset}")
+                       f"the dataset {storage.display(dataset)}")
     else:
         from esmm.features import FeatureLayout
         from esmm.etl import find_inputs
@@ -169,18 +168,13 @@ def predict(spark: SparkSession, cfg: Config, model: str, out: str, *, ctr: str 
                        "its own stored config gives (the export is inconsistent)")
         source = {"kind": "raw", "path": raw, "inputs": inputs.fingerprint(spark), "parser": cfg.etl.parser,
                   "max_line_bytes": cfg.etl.max_line_bytes}
-    identity = {"model": {"path": net.path, "digest": net.digest},
-                "ctr": {"path": ref.path, "digest": ref.digest} if ref else None, "input": source}
-    with sparkfs.output_lock(spark, out, "predict"):
-        sparkfs.clean_stale_staging(spark, out)
-        rec = sparkfs.owned(spark, out, KIND)  # a foreign directory raises, --overwrite or not
-        if rec is not None and not overwrite:
-            if rec.get("inputs_fingerprint") == fingerprint(identity) and sparkfs.exists(spark, f"{out}/_SUCCESS"):
-                log.info("predictions %s are up to date (same model and inputs): nothing to do", out)
-                return json.loads(sparkfs.read_small(spark, f"{out}/{SUMMARY}"))
-            raise PredictOutputRefused(f"{out} holds predictions of another model or other inputs; pass --overwrite "
-                                       f"to replace them, or choose another --out")
-        tmp = f"{out}.tmp-{uuid.uuid4().hex[:8]}"
+    identity = {"model": {"digest": net.digest}, "ctr": {"digest": ref.digest} if ref else None, "input": source}
+    with Output(out, KIND, identity, "predict", overwrite, PredictOutputRefused) as o:
+        if o.reusable:
+            log.info("predictions %s are up to date (same model and inputs): nothing to do", storage.display(out))
+            return storage.read_json(storage.join(out, SUMMARY))
+        o.refuse_other_inputs("predictions")
+        tmp = o.stage()
         try:
             if raw is not None:
                 from esmm.etl import build_plan
@@ -193,22 +187,21 @@ def predict(spark: SparkSession, cfg: Config, model: str, out: str, *, ctr: str 
             if plan is not None:
                 plan.quarantine.write.parquet(f"{tmp}/{S.QUARANTINE}")
                 summary["rows"].update(_raw_accounting(spark, plan, summary["rows"]["scored"]))
+            else:
+                check_pinned(dataset, source["dataset_run_id"], "prediction")
             summary["seconds"] = round(time.time() - t0, 2)
-            sparkfs.write_text(spark, f"{tmp}/{SUMMARY}", json.dumps(summary, indent=2, sort_keys=True))
-            sparkfs.write_marker(spark, tmp, marker_record(KIND, identity))
+            storage.write_json(storage.join(tmp, SUMMARY), summary)
             if plan is not None:
                 _quarantine_gate(cfg, summary, tmp)
-            sparkfs.write_success(spark, tmp)
         except QuarantineGateError:
-            raise  # the staging directory stays for inspection (the message names it); cleaned by the next run
-        except BaseException:
-            sparkfs.delete(spark, tmp)
+            o.keep_staging = True  # for inspection (the message names it); removed by the next run on this output
             raise
         finally:
             if plan is not None:
                 plan.release()
-        sparkfs.commit_dir(spark, tmp, out, replace=rec is not None)
-    log.info("predictions of %s (%s) -> %s: %s", net.run_id, net.method, out, json.dumps(summary["rows"]))
+        o.commit()
+    log.info("predictions of %s (%s) -> %s: %s", net.run_id, net.method, storage.display(out),
+             json.dumps(summary["rows"]))
     return summary
 
 

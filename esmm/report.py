@@ -399,12 +399,18 @@ def plot_figure3(points: list[dict], path_png: str, path_csv: str, title: str = 
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path_png, dpi=120)
+    import io
+
+    from esmm import storage
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
     plt.close(fig)
-    with open(path_csv, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(points[0]) if points else ["series"])
-        w.writeheader()
-        w.writerows(points)
+    storage.write_bytes(path_png, png.getvalue())
+    f = io.StringIO(newline="")
+    w = csv.DictWriter(f, fieldnames=list(points[0]) if points else ["series"])
+    w.writeheader()
+    w.writerows(points)
+    storage.write_text(path_csv, f.getvalue())
 
 
 def _short(n: int) -> str:

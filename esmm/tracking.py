@@ -46,7 +46,8 @@ def resolve_uri(uri: str) -> str:
     """A tracking URI for MLflow: paths become ``file://`` URIs of their absolute path."""
     if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", uri) and not re.match(r"^[A-Za-z]:[\\/]", uri):
         return uri
-    return "file://" + os.path.abspath(uri)
+    from esmm import storage
+    return storage.resolve(uri)
 
 
 def flatten(obj, prefix: str = "") -> dict:
@@ -103,10 +104,9 @@ def _mlflow(uri: str):
 
 
 def _previous_run(out: str, uri: str) -> str | None:
-    import json
+    from esmm import storage
     try:
-        with open(os.path.join(out, RUN_FILE)) as f:
-            rec = json.load(f)
+        rec = storage.read_json(storage.join(out, RUN_FILE))
     except (OSError, ValueError):
         return None
     return rec.get("run_id") if rec.get("uri") == uri else None
@@ -120,7 +120,8 @@ def log_run(tracking, out: str, name: str, config: dict, metrics: dict, artifact
     in ``<out>/_MLFLOW_RUN`` (params that are already there must keep their values; they do for a re-run)."""
     if not tracking.mlflow_uri:
         return None
-    from esmm.outputs import atomic_write_json, read_marker
+    from esmm import storage
+    from esmm.outputs import read_marker
     try:
         mlflow, uri = _mlflow(tracking.mlflow_uri)
         mlflow.set_experiment(tracking.mlflow_experiment)
@@ -131,7 +132,7 @@ def log_run(tracking, out: str, name: str, config: dict, metrics: dict, artifact
             except Exception:  # noqa: BLE001  (deleted from the store: start a new run)
                 previous = None
         marker = read_marker(out) or {}
-        all_tags = {"esmm.output": os.path.abspath(out), "esmm.output_run_id": str(marker.get("run_id", "")),
+        all_tags = {"esmm.output": storage.resolve(out), "esmm.output_run_id": str(marker.get("run_id", "")),
                     "esmm.command": " ".join(sys.argv)[:5000], **(tags or {})}
         with mlflow.start_run(run_id=previous, run_name=None if previous else name) as run:
             if previous is None:
@@ -144,11 +145,11 @@ def log_run(tracking, out: str, name: str, config: dict, metrics: dict, artifact
             if metrics:
                 mlflow.log_metrics(metrics)
             for path in artifacts:
-                if os.path.exists(path):
-                    mlflow.log_artifact(path)
+                if storage.isfile(path):
+                    _log_artifact(mlflow, path)
             run_id = run.info.run_id
-        atomic_write_json(os.path.join(out, RUN_FILE), {"uri": uri, "run_id": run_id,
-                                                        "experiment": tracking.mlflow_experiment})
+        storage.write_json(storage.join(out, RUN_FILE), {"uri": uri, "run_id": run_id,
+                                                         "experiment": tracking.mlflow_experiment})
         log.info("logged to MLflow %s: experiment %r, run %s", uri, tracking.mlflow_experiment, run_id)
         return run_id
     except TrackingError:
@@ -159,17 +160,38 @@ def log_run(tracking, out: str, name: str, config: dict, metrics: dict, artifact
                             f"a re-run reuses the results and only logs") from e
 
 
+def _log_artifact(mlflow, path: str) -> None:
+    """MLflow logs artifacts from local files: a remote one is copied to a temporary file first."""
+    import tempfile
+
+    from esmm import storage
+    local = storage.local_path(path)
+    if local is not None:
+        mlflow.log_artifact(local)
+        return
+    with tempfile.TemporaryDirectory(prefix="esmm-artifact-") as d:
+        tmp = os.path.join(d, storage.basename(path))
+        with open(tmp, "wb") as f:
+            f.write(storage.read_bytes(path))
+        mlflow.log_artifact(tmp)
+
+
 def log_experiment(cfg, report: dict, exp_dir: str) -> str | None:
     """Table 2 / Figure 3 of an experiment (``run_experiment``'s report) as one MLflow run."""
     from esmm.config import to_dict
-    return log_run(cfg.tracking, exp_dir, f"experiment {os.path.basename(os.path.abspath(exp_dir))}", to_dict(cfg),
+    return log_run(cfg.tracking, exp_dir, f"experiment {_name(exp_dir)}", to_dict(cfg),
                    table2_metrics(report["table2"]), list(report["paths"].values()),
                    {"esmm.job": "experiment"})
+
+
+def _name(out: str) -> str:
+    from esmm import storage
+    return storage.basename(out)
 
 
 def log_evaluation(cfg, result: dict, out: str) -> str | None:
     """An evaluation's metrics (``evaluate_runs``' result) as one MLflow run."""
     from esmm.config import to_dict
-    return log_run(cfg.tracking, out, f"evaluation {os.path.basename(os.path.abspath(out))}", to_dict(cfg),
-                   evaluation_metrics(result["metrics"]), [os.path.join(out, "metrics.json")],
+    return log_run(cfg.tracking, out, f"evaluation {_name(out)}", to_dict(cfg),
+                   evaluation_metrics(result["metrics"]), [f"{out.rstrip('/')}/metrics.json"],
                    {"esmm.job": "evaluate"})

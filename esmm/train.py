@@ -47,7 +47,6 @@ checkpoint and the export, so nothing is written from a diverged state.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import math
 import os
@@ -60,15 +59,14 @@ import torch
 
 from esmm import distributed as D
 from esmm import validation as V
-from esmm.artifacts import (EXPORT, SUMMARY, atomic_save, export_model, layout_from_manifest, load_export,
-                            read_manifest)
+from esmm import storage
+from esmm.artifacts import ArtifactError, EXPORT, SUMMARY, export_model, layout_from_manifest, load_export, read_manifest
 from esmm.config import Config, from_dict, to_dict
 from esmm.data import steps_per_epoch, subset_rows, train_stream
 from esmm.features import FeatureLayout
 from esmm.methods import REFERENCE_CTR, build_model, get_method, loss_for, predict
 from esmm.model import sparse_parameters
-from esmm.outputs import (OutputError, OutputLock, OutputRefused, atomic_write_json, claim_dir, dataset_fingerprint,
-                          file_digest, fingerprint, marker_record, read_marker, remove_owned, write_marker, write_success)
+from esmm.outputs import Output, OutputError, OutputRefused, check_pinned, dataset_fingerprint
 from esmm.portable import export_portable
 from schemas.dataset import P_CTR, TRAIN
 
@@ -146,7 +144,8 @@ def build_state(cfg: Config, layout: FeatureLayout, dist: D.Dist) -> TrainState:
 # ------------------------------------------------------------------------------------------------ checkpoints
 
 def checkpoint_path(out_dir: str, step: int) -> str:
-    return os.path.join(out_dir, f"checkpoint-{step:09d}.pt")
+    """The checkpoint of ``step`` (a plain path for local run directories, the URL otherwise)."""
+    return storage.display(storage.join(out_dir, f"checkpoint-{step:09d}.pt"))
 
 
 def checkpoint_sidecar(path: str) -> str:
@@ -156,51 +155,41 @@ def checkpoint_sidecar(path: str) -> str:
 
 def list_checkpoints(out_dir: str) -> list[tuple[int, str]]:
     """(step, checkpoint path) of every step with a checkpoint file or sidecar in ``out_dir``, newest first."""
-    steps = set()
-    if os.path.isdir(out_dir):
-        for name in os.listdir(out_dir):
-            m = CHECKPOINT_RE.fullmatch(name)
-            if m:
-                steps.add(int(m.group(1)))
+    steps = {int(m.group(1)) for m in map(CHECKPOINT_RE.fullmatch, storage.listdir(out_dir)) if m}
     return [(st, checkpoint_path(out_dir, st)) for st in sorted(steps, reverse=True)]
 
 
-
 def save_checkpoint(ckpt: dict, out_dir: str) -> str:
-    """Write ``checkpoint-<step>.pt`` (atomic), then its sidecar; keep it and the newest older one, drop the rest.
-
-    The checksum is of the bytes on disk, read back after the fsync (a sequential read of a file that is in the
-    page cache: well under a second for a paper-sized table and its Adam moments, every ``checkpoint_every`` steps).
-    Steps above this one (left by an attempt whose newest checkpoint was corrupt) are dropped too."""
+    """Write ``checkpoint-<step>.pt`` (atomic on local files), then its sidecar; keep it and the newest older one,
+    drop the rest. The checksum is of the bytes stored, read back. Steps above this one (left by an attempt whose
+    newest checkpoint was corrupt) are dropped too."""
     step = int(ckpt["step"])
     path = checkpoint_path(out_dir, step)
-    atomic_save(ckpt, path)
-    size, digest = file_digest(path)
-    atomic_write_json(checkpoint_sidecar(path), {"step": step, "bytes": size, "sha256": digest})
+    storage.save_torch(ckpt, path)
+    size, digest = storage.file_digest(path)
+    storage.write_json(checkpoint_sidecar(path), {"step": step, "bytes": size, "sha256": digest})
     older = [st for st, _ in list_checkpoints(out_dir) if st < step]  # newest first
     keep = {step, *older[:KEEP_CHECKPOINTS - 1]}
     for st, p in list_checkpoints(out_dir):
         if st not in keep:
             for f in (p, checkpoint_sidecar(p)):
-                if os.path.exists(f):
-                    os.remove(f)
+                storage.delete(f)
     return path
 
 
 def checkpoint_problem(path: str) -> str | None:
     """Why the checkpoint at ``path`` cannot be trusted (missing, no sidecar, size or checksum mismatch), or None."""
     side = checkpoint_sidecar(path)
-    if not os.path.exists(path):
+    if not storage.isfile(path):
         return "the checkpoint file is missing"
-    if not os.path.exists(side):
-        return f"no {os.path.basename(side)} with its checksum (its write was interrupted)"
+    if not storage.isfile(side):
+        return f"no {storage.basename(side)} with its checksum (its write was interrupted)"
     try:
-        with open(side) as f:
-            meta = json.load(f)
+        meta = storage.read_json(side)
         want_size, want_digest = int(meta["bytes"]), str(meta["sha256"])
     except (OSError, ValueError, KeyError, TypeError) as e:
-        return f"{os.path.basename(side)} is unreadable ({e})"
-    size, digest = file_digest(path)
+        return f"{storage.basename(side)} is unreadable ({e})"
+    size, digest = storage.file_digest(path)
     if size != want_size:
         return f"{size} bytes where {want_size} were written (truncated or overwritten)"
     if digest != want_digest:
@@ -217,112 +206,88 @@ def load_checkpoint(out_dir: str) -> dict | None:
         ckpt = None
         if problem is None:
             try:
-                ckpt = torch.load(path, map_location="cpu", weights_only=True)
+                ckpt = storage.load_torch(path)
                 if int(ckpt["step"]) != step:
                     problem = f"holds step {ckpt['step']}, not {step}"
             except Exception as e:  # noqa: BLE001  (whatever torch raises on a bad archive)
                 problem = f"unreadable ({type(e).__name__}: {e})"
         if problem is None:
             if problems:
-                log.warning("resuming from the previous checkpoint %s (step %d): %s", path, step, "; ".join(problems))
+                log.warning("resuming from the previous checkpoint %s (step %d): %s", storage.display(path), step,
+                            "; ".join(problems))
             return ckpt
-        problems.append(f"{os.path.basename(path)}: {problem}")
+        problems.append(f"{storage.basename(path)}: {problem}")
     if problems:
-        raise TrainError(f"no valid checkpoint in {out_dir} ({'; '.join(problems)}): start the run over with "
-                         f"jobs/train.py --overwrite (deletes this run directory) or use another run dir")
+        raise TrainError(f"no valid checkpoint in {storage.display(out_dir)} ({'; '.join(problems)}): start the run "
+                         f"over with jobs/train.py --overwrite or use another run dir")
     return None
 
 
 # ------------------------------------------------------------------------------------------------ run directory
 
-def run_inputs(manifest: dict, cfg: Config) -> dict:
-    """What a run's results depend on: the dataset build, its feature layout, the model and train config sections.
-    The run directory's marker records them; resume and reuse require the same ``inputs_fingerprint``."""
-    return {"dataset": dataset_fingerprint(manifest), "layout": manifest["layout"], "model": to_dict(cfg.model),
-            "train": to_dict(cfg.train)}
+def run_inputs(manifest: dict, cfg: Config, ctr_digest: str | None = None) -> dict:
+    """What a run's results depend on: the dataset build, its feature layout, the model and train config sections,
+    and for the methods that score with it the reference CTR network's export (sha256). The run directory's marker
+    records them; resume and reuse require the same fingerprint."""
+    inputs = {"dataset": dataset_fingerprint(manifest), "layout": manifest["layout"], "model": to_dict(cfg.model),
+              "train": to_dict(cfg.train)}
+    if ctr_digest is not None:
+        inputs["train"] = {**inputs["train"], "ctr_model": None}  # the path is not the identity; its content is
+        inputs["ctr_model_sha256"] = ctr_digest
+    return inputs
 
 
 def _differences(old: dict, new: dict) -> list[str]:
+    """What differs between two runs' inputs, in words (the refusal message)."""
     out = []
     if old.get("dataset") != new["dataset"]:
         out.append(f"the dataset (fingerprint {old.get('dataset')} -> {new['dataset']}: another or a rebuilt dataset)")
     if old.get("layout") != new["layout"]:
         out.append("the dataset's feature layout")
+    if old.get("ctr_model_sha256") != new.get("ctr_model_sha256"):
+        out.append("the reference CTR network's export (sha256)")
     for section in ("model", "train"):
         a, b = old.get(section) or {}, new[section]
         keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
         if keys:
             out.append("the config: " + ", ".join(f"{section}.{k} {a.get(k)!r} -> {b.get(k)!r}" for k in keys))
-    return out or ["inputs recorded in another form"]
-
-
-def _other_inputs_error(out_dir: str, rec: dict, inputs: dict, what: str) -> TrainError:
-    return TrainOutputRefused(f"{out_dir} holds {what} ({rec.get('run_id')}) of other inputs; what differs: "
-                              f"{'; '.join(_differences(rec.get('inputs') or {}, inputs))}. Resuming or reusing it "
-                              f"would mix them: use another run dir, or jobs/train.py --overwrite to delete this run "
-                              f"and start over")
+    return out
 
 
 def _has_artifacts(out_dir: str) -> bool:
-    return bool(list_checkpoints(out_dir)) or any(os.path.exists(os.path.join(out_dir, f)) for f in (EXPORT, SUMMARY))
-
-
-def claim_run_dir(out_dir: str, inputs: dict, overwrite: bool = False) -> dict:
-    """Make ``out_dir`` this run's directory (rank 0, holding its lock); returns the marker.
-
-    ``overwrite`` first deletes the directory if it is a training run this project created (``remove_owned``; a
-    foreign directory raises ``OutputError`` either way). A directory of other inputs is refused with what differs,
-    unless nothing of its run is there yet (no checkpoint, export or summary): then it is re-claimed."""
-    if overwrite:
-        remove_owned(out_dir, RUN_KIND)
-    rec = claim_dir(out_dir, RUN_KIND, inputs)
-    if rec.get("inputs_fingerprint") == fingerprint(inputs):
-        return rec
-    if not _has_artifacts(out_dir):
-        return write_marker(out_dir, marker_record(RUN_KIND, inputs))
-    raise _other_inputs_error(out_dir, rec, inputs, "a training run")
-
-
-def finished_summary(out_dir: str, cfg: Config, manifest: dict) -> dict | None:
-    """The summary of a finished run in ``out_dir`` (export and summary present) of the same inputs (dataset, layout,
-    model and train config), else None; ``TrainError`` when the finished run had other inputs."""
-    export, summary = os.path.join(out_dir, EXPORT), os.path.join(out_dir, SUMMARY)
-    if not (os.path.exists(export) and os.path.exists(summary)):
-        return None
-    rec = read_marker(out_dir) or {}
-    inputs = run_inputs(manifest, cfg)
-    if rec.get("inputs_fingerprint") != fingerprint(inputs):
-        raise _other_inputs_error(out_dir, rec, inputs, "a finished training run")
-    with open(summary) as f:
-        return {**json.load(f), "skipped": True}
+    names = set(storage.listdir(out_dir))
+    return bool(list_checkpoints(out_dir)) or bool(names & {EXPORT, SUMMARY})
 
 
 def _remove_partial_writes(out_dir: str) -> None:
-    """Temporary files of writes a killed run left behind (``checkpoint-*.pt.tmp-<pid>``, ``*.json.tmp-*``): never
-    read, removed under the lock so they do not pile up."""
-    for name in os.listdir(out_dir):
-        if re.search(r"\.tmp-[0-9a-z-]+$", name) and os.path.isfile(os.path.join(out_dir, name)):
-            log.warning("removing %s, the partial write of an interrupted run", os.path.join(out_dir, name))
-            os.remove(os.path.join(out_dir, name))
+    """Temporary files of writes a killed run left behind (``*.tmp-<pid>-<id>``): never read, removed under the lock
+    so they do not pile up (only files: this project's own atomic-write names inside its own run directory)."""
+    for name in storage.listdir(out_dir):
+        if re.search(r"\.tmp-[0-9a-z-]+$", name) and storage.isfile(storage.join(out_dir, name)):
+            log.warning("removing %s, the partial write of an interrupted run", name)
+            storage.delete(storage.join(out_dir, name))
 
 
-def _prepare(cfg: Config, dataset: str, out_dir: str, lock: OutputLock, overwrite: bool) -> dict:
-    """Rank 0's verdict: the manifest, the run's marker, and either the finished summary or the checkpoint to resume
-    (None: start from scratch). Raises whatever stops the run before it starts."""
+def _prepare(cfg: Config, dataset: str, out: Output) -> dict:
+    """Rank 0's verdict, holding the run directory's lock: the manifest, the run's marker, and either the finished
+    summary or the checkpoint to resume (None: start from scratch). Raises whatever stops the run before it starts."""
     manifest = read_manifest(dataset)
-    lock.acquire()
-    marker = claim_run_dir(out_dir, run_inputs(manifest, cfg), overwrite)
-    _remove_partial_writes(out_dir)
-    done = finished_summary(out_dir, cfg, manifest)
-    if done is not None:
-        return {"manifest": manifest, "marker": marker, "finished": done}
+    digest = None
     if get_method(cfg.train.method).needs_ctr_probs:
-        ctr_model_path(cfg, check=True)
+        digest = storage.file_digest(ctr_model_path(cfg, check=True))[1]
+    out.inputs = run_inputs(manifest, cfg, digest)
+    out.__enter__()
+    if out.reusable:
+        log.info("%s already holds a finished run of the same inputs: skipping", storage.display(out.out))
+        return {"manifest": manifest, "finished": {**storage.read_json(storage.join(out.out, SUMMARY)),
+                                                   "skipped": True}}
+    marker = out.claim(lambda: _has_artifacts(out.out))
+    _remove_partial_writes(out.out)
     try:
-        split = V.find_split(os.path.join(dataset, TRAIN), manifest, cfg.train.validation_share)
+        split = V.find_split(storage.join(dataset, TRAIN), manifest, cfg.train.validation_share)
     except V.ValidationError as e:
         raise TrainError(str(e)) from e
-    return {"manifest": manifest, "marker": marker, "checkpoint": load_checkpoint(out_dir), "validation": split}
+    return {"manifest": manifest, "marker": marker, "checkpoint": load_checkpoint(out.out), "validation": split}
 
 
 def _rank0_verdict(dist: D.Dist, decide, name: str):
@@ -337,7 +302,7 @@ def _rank0_verdict(dist: D.Dist, decide, name: str):
     verdict = D.broadcast_object(verdict, name)
     if "error" in verdict:
         kind, msg = verdict["error"]
-        cls = {c.__name__: c for c in (TrainError, TrainOutputRefused, OutputError)}.get(kind)
+        cls = {c.__name__: c for c in (TrainError, TrainOutputRefused, OutputError, ArtifactError)}.get(kind)
         raise (cls(msg) if cls else TrainError(f"{kind}: {msg}")) from error
     return verdict
 
@@ -345,9 +310,9 @@ def _rank0_verdict(dist: D.Dist, decide, name: str):
 # ------------------------------------------------------------------------------------------------ loop
 
 def ctr_model_path(cfg: Config, check: bool = False) -> str:
-    path = cfg.train.ctr_model or os.path.join(cfg.paths.runs, "ctr", EXPORT)
-    if check and not os.path.exists(path):
-        raise TrainError(f"method {cfg.train.method!r} needs the reference CTR network at {path}: "
+    path = storage.resolve(cfg.train.ctr_model or storage.join(cfg.paths.runs, "ctr", EXPORT))
+    if check and not storage.isfile(path):
+        raise TrainError(f"method {cfg.train.method!r} needs the reference CTR network at {storage.display(path)}: "
                          f"train it first (train.method=ctr) or set train.ctr_model")
     return path
 
@@ -446,19 +411,21 @@ def train(cfg: Config, dataset: str, out_dir: str, dist: D.Dist | None = None, s
     with a validation split its cut, evaluations and best AUC and step, and whether it stopped early) on every rank.
     """
     dist = dist or D.init(cfg.train.threads)
-    lock = OutputLock(out_dir, job=f"train {cfg.train.method}") if dist.is_main else None
+    dataset, out_dir = storage.resolve(dataset), storage.resolve(out_dir)
+    out = Output(out_dir, RUN_KIND, job=f"train {cfg.train.method}", overwrite=overwrite,
+                 refused=TrainOutputRefused, describe=_differences) if dist.is_main else None
     try:
-        verdict = _rank0_verdict(dist, lambda: _prepare(cfg, dataset, out_dir, lock, overwrite), "train_verdict")
+        verdict = _rank0_verdict(dist, lambda: _prepare(cfg, dataset, out), "train_verdict")
         if "finished" in verdict:
-            log.info("%s already holds a finished run of the same inputs: skipping", out_dir)
             return verdict["finished"]
-        return _train(cfg, dataset, out_dir, dist, stop_at_step, verdict)
+        return _train(cfg, dataset, out_dir, dist, stop_at_step, verdict, out)
     finally:
-        if lock is not None:
-            lock.release()
+        if out is not None:
+            out.__exit__(None, None, None)
 
 
-def _train(cfg: Config, dataset: str, out_dir: str, dist: D.Dist, stop_at_step: int | None, verdict: dict) -> dict:
+def _train(cfg: Config, dataset: str, out_dir: str, dist: D.Dist, stop_at_step: int | None, verdict: dict,
+           out: Output | None) -> dict:
     t = cfg.train
     manifest, marker = verdict["manifest"], verdict["marker"]
     layout = layout_from_manifest(manifest)
@@ -490,19 +457,21 @@ def _train(cfg: Config, dataset: str, out_dir: str, dist: D.Dist, stop_at_step: 
     if not dist.is_main:
         state.best = None  # only rank 0 keeps (and checkpoints) the best weights
     ctr_net = load_ctr_net(cfg, dist.device) if method.needs_ctr_probs else None
-    stream = train_stream(os.path.join(dataset, TRAIN), manifest, t.sampling_rate, dist.rank, dist.size,
+    stream = train_stream(storage.join(dataset, TRAIN), manifest, t.sampling_rate, dist.rank, dist.size,
                           t.batch_size, t.shuffle_buffer, t.seed, t.reader_workers,
-                          cut=split["cut_sample_id"] if split is not None else None)
+                          cut=split["cut_sample_id"] if split is not None else None,
+                          pin=(dataset, manifest["run_id"]))
     if dist.is_main:
         log.info("training %s on %d rows (rate %s) x %d epochs: %d steps/epoch of %d x %d workers, from step %d%s",
                  t.method, rows, t.sampling_rate, t.epochs, per_epoch, t.batch_size, dist.size, state.step,
                  "" if split is None else f"; validation: the {split['rows']} rows from sample_id "
                  f"{split['cut_sample_id']} on, {split['metric']} every {t.eval_every} steps, patience {t.patience}")
-    identity = {"run_id": marker["run_id"], "dataset_fingerprint": dataset_fingerprint(manifest)}
+    identity = {"run_id": marker["run_id"], "dataset_fingerprint": dataset_fingerprint(manifest),
+                "dataset_run_id": manifest["run_id"]}
     validator = None
     if state.tracker is not None:
         width = int(manifest["layout"]["num_slots"])
-        path = os.path.join(dataset, TRAIN)
+        path = storage.join(dataset, TRAIN)
         cut = split["cut_sample_id"]
         validator = lambda model: V.evaluate(model, t.method, path, cut, width, dist.device)  # noqa: E731
     writer = _EventLog(out_dir, state.step) if dist.is_main else None
@@ -526,10 +495,11 @@ def _train(cfg: Config, dataset: str, out_dir: str, dist: D.Dist, stop_at_step: 
             D.broadcast_parameters(state.model)
         check_finite_parameters(state, dist, "export")
         if dist.is_main:
-            export_model(state.model, t.method, cfg, layout, os.path.join(out_dir, EXPORT), identity)
+            check_pinned(dataset, manifest["run_id"], "training")
+            export_model(state.model, t.method, cfg, layout, storage.join(out_dir, EXPORT), identity)
             export_portable(state.model, t.method, cfg, layout, out_dir, identity)  # model.ts.pt + model.portable.json
-            atomic_write_json(os.path.join(out_dir, SUMMARY), summary)
-            write_success(out_dir)  # last: export and summary are both there
+            storage.write_json(storage.join(out_dir, SUMMARY), summary)
+            out.commit_in_place({"dataset_run_id": manifest["run_id"]})  # last: _SUCCESS and the commit record
     return summary
 
 
@@ -551,12 +521,13 @@ class _EventLog:
     attempt wrote past its checkpoint, so every step's scalars appear once."""
 
     def __init__(self, out_dir: str, step: int):
-        self.path, self.step, self.writer = os.path.join(out_dir, TENSORBOARD), step, None
+        self.url, self.step, self.writer, self._dir = storage.join(out_dir, TENSORBOARD), step, None, None
 
     def scalars(self, step: int, prefix: str, values: dict) -> None:
         if self.writer is None:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(log_dir=self.path, purge_step=self.step or None)
+            self._dir = storage.local_dir(self.url)  # the directory itself, or a local one uploaded at close
+            self.writer = SummaryWriter(log_dir=self._dir.__enter__(), purge_step=self.step or None)
         for k, v in values.items():
             if v is not None and math.isfinite(v):
                 self.writer.add_scalar(f"{prefix}/{k}", v, step)
@@ -564,6 +535,8 @@ class _EventLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+            self._dir.__exit__(None, None, None)
+            self.writer = None
 
 
 def _scalars(writer: _EventLog | None, step: int, prefix: str, values: dict) -> None:
@@ -690,8 +663,7 @@ def launch(jobs: list[tuple[Config, str, str]], workers: int, spark=None, overwr
     ``workers`` processes in Spark tasks of the given session. ``overwrite`` deletes each (owned) run directory
     before its training. Returns rank 0's summaries.
     """
-    local = lambda p: p if "://" in p else os.path.abspath(p)  # noqa: E731  (executors run elsewhere)
-    payload = [(to_dict(c), local(d), local(o)) for c, d, o in jobs]
+    payload = [(to_dict(c), storage.resolve(d), storage.resolve(o)) for c, d, o in jobs]  # one spelling everywhere
     if workers == 1 or D.under_horovodrun():
         return _worker(payload, overwrite)
     import horovod.spark
@@ -700,6 +672,8 @@ def launch(jobs: list[tuple[Config, str, str]], workers: int, spark=None, overwr
     if spark.sparkContext.defaultParallelism < workers:
         raise TrainError(f"train.workers={workers} but Spark has {spark.sparkContext.defaultParallelism} task "
                          f"slots; use --master local[{workers}] or more executors")
+    for where in dict.fromkeys(p for _, d, o in payload for p in (d, storage.parent(o))):
+        storage.check_shared(spark, where)  # a local path on a cluster must be one every executor sees
     env, executable = _worker_env(spark.sparkContext)
     results = horovod.spark.run(_worker, args=(payload, overwrite), num_proc=workers, use_gloo=True, verbose=1,
                                 env=env, executable=executable)

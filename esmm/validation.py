@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -38,6 +37,7 @@ import numpy as np
 import torch
 
 import schemas as S
+from esmm import storage
 from esmm.batch import Batch
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ def target_for(method: str) -> Target:
 
 def _dataset(path: str):
     import pyarrow.dataset as pads
-    return pads.dataset(path, format="parquet", partitioning="hive")
+    return pads.dataset(storage.arrow_uri(path), format="parquet", partitioning="hive")
 
 
 def find_split(train_path: str, manifest: dict, share: float) -> dict | None:
@@ -93,7 +93,7 @@ def find_split(train_path: str, manifest: dict, share: float) -> dict | None:
     if share <= 0:
         return None
     from esmm.outputs import dataset_fingerprint
-    key = (os.path.abspath(train_path) if "://" not in train_path else train_path, dataset_fingerprint(manifest),
+    key = (storage.resolve(train_path), dataset_fingerprint(manifest),
            float(share))
     if key not in _cache:
         _cache[key] = _find_split(train_path, manifest, share)

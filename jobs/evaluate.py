@@ -6,7 +6,6 @@
 Writes <out>/predictions (Parquet: sample_id, click, conversion, p_ctr, p_cvr, p_ctcvr, method, run_id) and
 <out>/metrics.json; prints CTR / CVR / CTCVR AUC (and entire-space CVR AUC when the generator's ground truth exists).
 """
-import os
 import sys
 
 from esmm import cli
@@ -20,11 +19,12 @@ def main(argv=None) -> dict:
     p.add_argument("--truth", default=None, help="generator ground truth (default: <paths.raw>/ground_truth)")
     p.add_argument("--out", default=None, help="output directory (default: <paths.runs>/evaluation)")
     args, cfg = cli.parse(p, argv)
+    from esmm import storage
     from esmm.evaluate import evaluate_runs
     from esmm.spark import get_spark
     spark = get_spark(cfg.spark, "esmm-evaluate")
-    out = args.out or os.path.join(cfg.paths.runs, "evaluation")
-    truth = args.truth or os.path.join(cfg.paths.raw, "ground_truth")
+    out = storage.resolve(args.out or storage.join(cfg.paths.runs, "evaluation"))
+    truth = args.truth or storage.join(cfg.paths.raw, "ground_truth")
     res = evaluate_runs(spark, args.dataset or cfg.paths.dataset, args.runs, args.ctr, out, truth, cfg.evaluate.threads,
                         cfg.evaluate)
     print(f"{'run':24s} {'task':18s} {'AUC':>8s} {'GAUC':>8s} {'logloss':>8s} {'calib':>7s} {'n':>9s}")

@@ -12,7 +12,6 @@ training impressions). A scaling study is this job over several rates, e.g. (ben
         --set "experiment.methods=[base, division, esmm_ns, esmm]" --set experiment.repeats=3 \
         --set "experiment.figure_methods=[]"
 """
-import os
 import sys
 
 from esmm import cli
@@ -27,13 +26,14 @@ def main(argv=None) -> dict:
     p.add_argument("--overwrite", action="store_true",
                    help="start over: remove the experiment directory (only one this project created) first")
     args, cfg = cli.parse(p, argv)
+    from esmm import storage
     from esmm.experiment import run_experiment
     from esmm.spark import get_spark
     spark = get_spark(cfg.spark, "esmm-experiment")
-    truth = args.truth or os.path.join(cfg.paths.raw, "ground_truth")
-    exp = args.exp or os.path.join(cfg.paths.runs, "experiment")
+    truth = args.truth or storage.join(cfg.paths.raw, "ground_truth")
+    exp = storage.resolve(args.exp or storage.join(cfg.paths.runs, "experiment"))
     report = run_experiment(spark, cfg, args.dataset or cfg.paths.dataset, exp,
-                            truth if os.path.exists(truth) else None, args.table_rate, args.overwrite)
+                            truth if storage.exists(truth) else None, args.table_rate, args.overwrite)
     print(report["text"])
     print("\nreports: " + ", ".join(report["paths"].values()))
     from esmm.tracking import log_experiment

@@ -6,7 +6,6 @@
 With --skip-generate the raw log under paths.raw is used as is (e.g. the real Ali-CCP files). Every stage is
 idempotent and resumable: a re-run reuses finished outputs.
 """
-import os
 import sys
 import time
 
@@ -18,6 +17,7 @@ def main(argv=None) -> dict:
     p.add_argument("--skip-generate", action="store_true", help="use the raw log already under paths.raw")
     args, cfg = cli.parse(p, argv)
     from esmm.etl import run_etl, summary_text as etl_summary
+    from esmm import storage
     from esmm.experiment import run_experiment
     from esmm.generator import GROUND_TRUTH_DIR, generate, summary_text
     from esmm.spark import get_spark
@@ -31,11 +31,11 @@ def main(argv=None) -> dict:
     print(etl_summary(run_etl(spark, cfg)))
     stage(f"train {len(cfg.experiment.methods)} methods + reference CTR x {cfg.experiment.repeats} repeats "
           f"with {cfg.train.workers} Horovod workers, evaluate on the test split")
-    truth = os.path.join(cfg.paths.raw, GROUND_TRUTH_DIR)
-    exp = os.path.join(cfg.paths.runs, "experiment")
-    report = run_experiment(spark, cfg, cfg.paths.dataset, exp, truth if os.path.exists(truth) else None)
+    truth = storage.join(cfg.paths.raw, GROUND_TRUTH_DIR)
+    exp = storage.join(cfg.paths.runs, "experiment")
+    report = run_experiment(spark, cfg, cfg.paths.dataset, exp, truth if storage.exists(truth) else None)
     stage("done")
-    print(open(report["paths"]["md"]).read())
+    print(storage.read_text(report["paths"]["md"]))
     print("reports: " + ", ".join(report["paths"].values()))
     from esmm.tracking import log_experiment
     log_experiment(cfg, report, exp)

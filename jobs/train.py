@@ -8,7 +8,6 @@ Output: <paths.runs>/<method>/ (checkpoint-<step>.pt/.json, model.pt, train_summ
 A run directory of the same dataset and config resumes (or, when finished, is reused); one of other inputs is
 refused with what differs: choose another --out, or pass --overwrite to delete that run and start over.
 """
-import os
 import sys
 
 from esmm import cli
@@ -21,10 +20,10 @@ def main(argv=None) -> list:
     p.add_argument("--overwrite", action="store_true",
                    help="delete the run directory first (only a training run this project created) and start over")
     args, cfg = cli.parse(p, argv)
-    from esmm import distributed
+    from esmm import distributed, storage
     from esmm.train import launch
     dataset = args.dataset or cfg.paths.dataset
-    out = args.out or os.path.join(cfg.paths.runs, cfg.train.method)
+    out = args.out or storage.join(cfg.paths.runs, cfg.train.method)
     spark = None
     if cfg.train.workers > 1 and not distributed.under_horovodrun():
         from esmm.spark import get_spark

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import recommit
 
 from esmm import cli
 from esmm.outputs import SUCCESS
@@ -110,7 +111,8 @@ def _fake_dataset(tmp_path: Path) -> str:
     """Enough of a dataset for the training job to get to its output directory (the manifest's layout)."""
     ds = tmp_path / "dataset"
     ds.mkdir()
-    (ds / "manifest.json").write_text(json.dumps({"layout": {}}))
+    (ds / "manifest.json").write_text(json.dumps({"layout": {}, "run_id": "dataset-fake"}))
+    recommit(ds, "dataset-fake")
     return str(ds)
 
 
@@ -132,11 +134,10 @@ def test_foreign_output_is_refused_with_4(tmp_path):
 
 
 def test_locked_output_is_refused_with_4(tmp_path):
-    import socket
+    from esmm.outputs import Lock
     run = tmp_path / "run"
-    holder = {"host": socket.gethostname(), "pid": os.getpid(), "job": "train esmm (the first one)"}
-    Path(f"{run}.lock").write_text(json.dumps(holder))                  # held by this (live) process
-    r = job("train", "--dataset", _fake_dataset(tmp_path), "--out", str(run))
+    with Lock(str(run), "train esmm (the first one)"):                 # held by this (live) process
+        r = job("train", "--dataset", _fake_dataset(tmp_path), "--out", str(run))
     assert r.returncode == 4, r.stderr[-3000:]
     assert "is being written by another job (train esmm (the first one)" in error_line(r, "train")
     assert not run.exists()
@@ -185,5 +186,7 @@ def test_every_finished_output_carries_success(spark, tiny_dataset, tmp_path, mo
         raise RuntimeError("killed while scoring")
     monkeypatch.setattr(E, "score_to_parquet", interrupted)            # a re-run replacing it, stopped half-way
     with pytest.raises(RuntimeError, match="killed while scoring"):
-        evaluate_runs(spark, ds, runs[1:], runs[0], out)
-    assert not os.path.exists(os.path.join(out, SUCCESS))              # no longer marked finished
+        evaluate_runs(spark, ds, runs[1:], runs[0], out, overwrite=True)
+    from esmm.outputs import is_committed
+    assert is_committed(out) and os.path.isfile(os.path.join(out, SUCCESS))   # the previous one, still whole
+    assert [p for p in os.listdir(tmp_path) if p.startswith("evaluation.")] == []   # its staging removed

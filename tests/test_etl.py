@@ -330,26 +330,34 @@ def test_dirty_bytes_both_parsers_agree(spark, tmp_path):
 
 def test_output_ownership_lock_and_stale_staging(spark, etl_out, tmp_path):
     import os
+    import shutil
 
-    from esmm.outputs import MARKER, OutputError, OutputLock
+    from esmm.outputs import MARKER, STAGING, Lock, OutputError
     cfg, raw, out, m = etl_out
     marker = json.loads((out / MARKER).read_text())
     assert marker["kind"] == "dataset" and marker["run_id"] == m["run_id"]
-    # a foreign directory is refused, --overwrite or not, and left as it was
-    foreign = tmp_path / "foreign"
-    foreign.mkdir()
-    (foreign / "keep.parquet").write_bytes(b"x")
-    for overwrite in (False, True):
-        with pytest.raises(OutputError, match="foreign exists and was not created by esmm-spark"):
-            run_etl(spark, cfg, str(raw), str(foreign), overwrite=overwrite)
-    assert (foreign / "keep.parquet").read_bytes() == b"x"
+    # a foreign directory, or one that merely holds a manifest.json, is refused, --overwrite or not, and left as it was
+    for name, files in (("foreign", {"keep.parquet": b"x"}), ("manifest-only", {"manifest.json": b"{}"})):
+        foreign = tmp_path / name
+        foreign.mkdir()
+        for f, data in files.items():
+            (foreign / f).write_bytes(data)
+        for overwrite in (False, True):
+            with pytest.raises(OutputError, match=f"{name} exists and was not created by esmm-spark"):
+                run_etl(spark, cfg, str(raw), str(foreign), overwrite=overwrite)
+        assert {p.name: p.read_bytes() for p in foreign.iterdir()} == files
     # a second writer while one holds the output fails fast, naming the holder
-    with OutputLock(str(out), "etl"):
+    with Lock(str(out), "etl"):
         with pytest.raises(OutputError, match=rf"being written by another job \(etl, pid {os.getpid()}"):
             run_etl(spark, cfg, str(raw), str(out))
-    # staging left by a killed run (its lock holder gone) is removed by the next run, which keeps the output
+    # staging left by a killed run is removed by the next run, which keeps the output; a user's backup copy named
+    # like staging (our marker inside, no staging record of ours) survives it
     stale = out.parent / "dataset.tmp-0badc0de"
     (stale / "train").mkdir(parents=True)
     (stale / "train" / "part-0.parquet").write_bytes(b"half written")
+    (stale / STAGING).write_text(json.dumps({"of": "dataset", "token": "0badc0de"}))
+    backup = out.parent / "dataset.old-20261201"
+    shutil.copytree(out, backup)
     again = run_etl(spark, cfg, str(raw), str(out))
     assert again["run_id"] == m["run_id"] and not stale.exists() and not (out.parent / "dataset.lock").exists()
+    assert backup.exists() and (backup / MARKER).exists()

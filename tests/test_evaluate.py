@@ -287,6 +287,8 @@ def test_dataset_without_user_keys_evaluates_without_gauc(spark, trained, tmp_pa
             if f.endswith(".parquet"):
                 path = os.path.join(d, f)
                 pq.write_table(pq.read_table(path).drop([S.USER_KEY]), path)
+    from conftest import recommit
+    recommit(old)   # committed as an ETL of that time would have
     assert S.USER_KEY not in spark.read.parquet(os.path.join(old, S.TEST)).columns
     out = str(tmp_path / "pred-old")
     with caplog.at_level("WARNING"):

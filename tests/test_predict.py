@@ -15,7 +15,7 @@ from esmm.batch import Batch
 from esmm.config import load_config
 from esmm.etl import QuarantineGateError
 from esmm.methods import predict as predict_batch
-from esmm.outputs import MARKER, SUCCESS, OutputError
+from esmm.outputs import COMMIT, MARKER, STAGING, SUCCESS, OutputError
 from esmm.predict import PREDICTIONS, SUMMARY, PredictError, PredictOutputRefused, predict
 from esmm.artifacts import EXPORT, load_export
 from esmm.train import train
@@ -59,14 +59,14 @@ def test_dataset_split_scores_equal_the_package_and_rerun_is_idempotent(spark, t
     for col in (S.P_CTR, S.P_CVR):  # float32 in both; the Spark path scores other batch boundaries
         np.testing.assert_allclose(got[col], want[col].numpy(), rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(got[S.P_CTCVR], got[S.P_CTR] * got[S.P_CVR], rtol=1e-6)
-    assert sorted(os.listdir(out)) == sorted([MARKER, SUCCESS, PREDICTIONS, SUMMARY])
+    assert sorted(os.listdir(out)) == sorted([MARKER, SUCCESS, COMMIT, STAGING, PREDICTIONS, SUMMARY])
     assert json.load(open(os.path.join(out, SUMMARY)))["model"]["method"] == "esmm"
 
     # the same model and inputs: kept as is; other inputs: refused, then replaced with overwrite
     stamp = os.stat(os.path.join(out, SUCCESS)).st_mtime_ns
     assert predict(spark, cfg, str(runs / "esmm"), out, dataset=ds, split="test") == summary
     assert os.stat(os.path.join(out, SUCCESS)).st_mtime_ns == stamp
-    with pytest.raises(PredictOutputRefused, match="another model or other inputs"):
+    with pytest.raises(PredictOutputRefused, match="built from other inputs"):
         predict(spark, cfg, str(runs / "esmm"), out, dataset=ds, split="train")
     predict(spark, cfg, str(runs / "esmm"), out, dataset=ds, split="train", rate=0.5, overwrite=True)
     manifest = json.load(open(os.path.join(ds, S.MANIFEST)))

@@ -13,6 +13,7 @@ import schemas as S
 from esmm.config import load_config
 from esmm.data import _chunks, shuffled_batches, steps_per_epoch, subset_rows, tier_for_rate
 from esmm.artifacts import EXPORT, SUMMARY, load_export, read_manifest
+from esmm import storage
 from esmm.train import launch, list_checkpoints, train
 from esmm.validation import find_split, train_rows
 
@@ -96,7 +97,7 @@ def test_resume_after_interruption_equals_uninterrupted(tiny_dataset, conf, tmp_
     part = train(cfg, ds, str(tmp_path / "cut"), stop_at_step=7)       # "crash" after step 7: last checkpoint is 4
     assert part["steps"] == 7 and not (tmp_path / "cut" / EXPORT).exists()
     (step, path), = list_checkpoints(str(tmp_path / "cut"))
-    assert step == 4 and torch.load(path, weights_only=True)["step"] == 4
+    assert step == 4 and torch.load(storage.local_path(path), weights_only=True)["step"] == 4
     resumed = train(cfg, ds, str(tmp_path / "cut"))
     assert resumed["steps"] == full["steps"] and resumed["steps_this_run"] == full["steps"] - 4
     pf, _ = _params(tmp_path / "full" / EXPORT)

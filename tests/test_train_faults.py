@@ -24,7 +24,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from esmm.config import ConfigError, load_config  # noqa: E402
-from esmm.outputs import MARKER, OutputError, OutputLock, read_marker  # noqa: E402
+from conftest import recommit  # noqa: E402
+from esmm.outputs import MARKER, Lock, OutputError, read_marker  # noqa: E402
 from esmm.artifacts import EXPORT, SUMMARY, layout_from_manifest, load_export, read_manifest  # noqa: E402
 from esmm.train import TrainError, build_state, check_finite_parameters, list_checkpoints, train  # noqa: E402
 
@@ -60,6 +61,7 @@ def nan_dataset(tiny_dataset, tmp_path_factory):
     w = t.column(i).combine_chunks()
     nan = pa.ListArray.from_arrays(w.offsets, pa.array(np.full(len(w.values), np.nan, np.float32)))
     pq.write_table(t.set_column(i, t.schema.field(i), nan.cast(t.schema.field(i).type)), f)
+    recommit(ds)
     return ds
 
 
@@ -71,6 +73,7 @@ def empty_shard_dataset(tiny_dataset, tmp_path_factory):
     ds = _copy(tiny_dataset[1], tmp_path_factory.mktemp("empty") / "dataset")
     f = _tier0_file(ds)
     pq.write_table(pq.read_table(f).slice(0, 0), f)
+    recommit(ds)
     return ds
 
 
@@ -82,6 +85,7 @@ def rebuilt_dataset(tiny_dataset, tmp_path_factory):
     manifest = json.loads(m.read_text())
     manifest["run_id"] = "dataset-rebuilt"
     m.write_text(json.dumps(manifest))
+    recommit(ds, "dataset-rebuilt")
     return ds
 
 
@@ -245,7 +249,7 @@ def test_changed_inputs_are_refused_and_overwrite_starts_over(tiny_dataset, rebu
 
     again = train(_cfg(), ds, run)                                    # same inputs: reused, not retrained
     assert again["skipped"] and again["run_id"] == first["run_id"]
-    with pytest.raises(TrainError, match=r"what differs: the config: train\.lr 0\.001 -> 0\.01\..*--overwrite"):
+    with pytest.raises(TrainError, match=r"what differs: the config: train\.lr 0\.001 -> 0\.01\b.*--overwrite"):
         train(_cfg("train.lr=0.01"), ds, run)
     with pytest.raises(TrainError, match=r"what differs: the dataset \(fingerprint"):
         train(_cfg(), rebuilt_dataset, run)
@@ -276,7 +280,7 @@ def test_run_dir_with_nothing_of_its_run_yet_is_reclaimed(tiny_dataset, rebuilt_
 
 def test_second_training_into_a_locked_run_dir_fails_fast(tiny_dataset, tmp_path):
     run = str(tmp_path / "run")
-    with OutputLock(run, job="train esmm (the first one)"):
+    with Lock(run, job="train esmm (the first one)"):
         t0 = time.time()
         with pytest.raises(OutputError, match=r"being written by another job \(train esmm \(the first one\)"):
             train(_cfg(), tiny_dataset[1], run)
