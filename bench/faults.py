@@ -22,6 +22,11 @@ Scenarios:
 - ``train_truncated_checkpoint``: truncate the last checkpoint of a stopped run; the re-run falls back to the
   previous one and ends with the parameters of an uninterrupted run.
 - ``train_nan``: a NaN enters training; every rank stops with the same error, nothing is exported.
+- ``commit_kill``: the ETL replacing a dataset is killed at each step of its commit; a committed dataset is findable
+  right after the kill, and the re-run finishes the swap (identical dataset, nothing lost, nothing left over).
+- ``user_files``: a user's ``<out>.old-20261201`` copies beside every output and a directory that merely holds a
+  ``manifest.json`` survive generate, ETL, training and the experiment, with and without ``--overwrite``.
+- ``lock_takeover``: the holder of an output's lock is killed -9 while 4 processes wait; exactly one takes it.
 
 The training scenarios size their runs with ``train_plan`` (about ``TRAIN_STEPS`` steps, ``TRAIN_CHECKPOINTS``
 checkpoints, method esmm, one torch thread per worker): seconds per run at the default size.
@@ -535,6 +540,8 @@ def inject_nan(dataset: str) -> tuple[str, int]:
         for g in groups:
             wr.write_table(g)
     os.replace(path + ".nan", path)
+    from esmm.outputs import recommit
+    recommit(dataset)  # the dataset as an ETL that wrote these rows would have committed it
     return path, t.num_rows
 
 
@@ -575,8 +582,135 @@ def train_nan(ctx: Ctx, steps: int = TRAIN_STEPS) -> dict:
             "errors": errors, "nan_step": bad, "exits": exits}
 
 
+# ------------------------------------------------------------------------------------------------ output lifecycle
+
+COMMIT_STEPS = ("staged", "old-moved", "new-moved")
+
+
+def commit_kill(ctx: Ctx, steps: tuple = COMMIT_STEPS) -> dict:
+    """kill the ETL replacing a committed dataset (``--overwrite``) at each step of its commit (``ESMM_FAULT_COMMIT``:
+    the staging committed; the old version moved aside; the new one moved into place): right after the kill a
+    committed dataset must be findable, and a plain re-run must finish the swap, lose nothing and leave nothing."""
+    from esmm.outputs import FAULT_ENV, find_committed, is_committed
+    ref = ensure_reference_dataset(ctx)
+    t0, steps, bad = time.time(), {}, []
+    out = ctx.path("dataset-commit")
+    shutil.rmtree(out, ignore_errors=True)
+    for f in glob.glob(f"{out}.*"):
+        shutil.rmtree(f, ignore_errors=True)
+    shutil.copytree(ref, out)
+    for step in steps:
+        os.environ[FAULT_ENV] = step
+        try:
+            rc, _, log = run(ctx, "etl", ctx.args() + ["--raw", ctx.raw, "--out", out, "--overwrite"], f"commit-{step}")
+        finally:
+            os.environ.pop(FAULT_ENV, None)
+        findable = find_committed(out) is not None
+        rc2, _, _ = run(ctx, "etl", ctx.args() + ["--raw", ctx.raw, "--out", out], f"commit-{step}-rerun")
+        ok = (rc == 137 and findable and rc2 == 0 and is_committed(out) and not leftovers(out)
+              and rows_lost(_manifest(out)) == 0 and dataset_digest(out) == dataset_digest(ref))
+        steps[step] = ok
+        if not ok:
+            bad.append(f"{step}: exit {rc}, findable {findable}, re-run exit {rc2}, left {leftovers(out)}")
+    return {"scenario": "commit_kill", "ok": all(steps.values()), "rows_lost": 0 if all(steps.values()) else None,
+            "recover_s": time.time() - t0,
+            "outcome": f"killed at {len(steps)} commit steps: committed version findable and re-run completes at "
+                       f"{sum(steps.values())}/{len(steps)}" + (f" ({'; '.join(bad)})" if bad else "")}
+
+
+def user_files(ctx: Ctx, only: tuple = ("generate", "etl", "train", "experiment")) -> dict:
+    """A user's ``<out>.old-20261201`` copy beside the raw log, the dataset, a run and an experiment, and a directory
+    that merely holds a ``manifest.json``: every job, with and without ``--overwrite``, leaves them as they were."""
+    ref = ensure_reference_dataset(ctx)
+    t0 = time.time()
+    base = ctx.path("user-files")
+    shutil.rmtree(base, ignore_errors=True)
+    os.makedirs(base)
+    outs = {j: os.path.join(base, j) for j in ("raw", "dataset", "run", "exp")}
+    shutil.copytree(ctx.raw, outs["raw"])     # the generator finds it up to date (same generate config)
+    backups = {}
+    for j, out in outs.items():
+        b = f"{out}.old-20261201"
+        if j in ("raw", "dataset"):            # copies of this project's outputs, its markers inside
+            shutil.copytree(outs["raw"] if j == "raw" else ref, b)
+        else:
+            os.makedirs(b)
+            with open(os.path.join(b, "notes.txt"), "w") as f:
+                f.write("mine")
+        backups[b] = tree_digest(b)
+    manifest_only = os.path.join(base, "manifest-only")
+    os.makedirs(manifest_only)
+    with open(os.path.join(manifest_only, "manifest.json"), "w") as f:
+        f.write("{}")
+    backups[manifest_only] = tree_digest(manifest_only)
+    exp_sets = ["experiment.methods=[esmm]", "experiment.figure_rates=[1.0]"]
+    jobs = [("generate", ["--out", outs["raw"]]), ("etl", ["--raw", outs["raw"], "--out", outs["dataset"]]),
+            ("train", ["--dataset", outs["dataset"], "--out", outs["run"], "--set", "train.method=esmm"]),
+            ("experiment", ["--dataset", outs["dataset"], "--exp", outs["exp"], *[a for s in exp_sets
+                                                                                  for a in ("--set", s)]])]
+    codes, refused = [], 0
+    jobs = [(job, extra) for job, extra in jobs if job in only]
+    for over in ([], ["--overwrite"]):
+        for job, extra in jobs:
+            rc, _, _ = run(ctx, job, ctx.args() + extra + over, f"user-{job}{'-over' if over else ''}")
+            codes.append(rc)
+        rc, _, log = run(ctx, "etl", ctx.args() + ["--raw", outs["raw"], "--out", manifest_only] + over,
+                         f"user-manifest-only{'-over' if over else ''}")
+        refused += rc == 4 and "was not created by esmm-spark" in log
+    intact = {b: tree_digest(b) == d for b, d in backups.items()}
+    ok = all(intact.values()) and refused == 2 and all(c == 0 for c in codes)
+    return {"scenario": "user_files", "ok": ok, "rows_lost": 0, "recover_s": time.time() - t0,
+            "outcome": f"{sum(intact.values())}/{len(intact)} user directories unchanged after {len(codes)} jobs "
+                       f"(exit codes {codes}); the manifest-only directory refused {refused}/2 times"}
+
+
+def tree_digest(path: str) -> str:
+    """Names and bytes of every file under ``path``."""
+    h = hashlib.sha256()
+    for root, dirs, files in sorted(os.walk(path)):
+        dirs.sort()
+        for name in sorted(files):
+            p = os.path.join(root, name)
+            h.update(os.path.relpath(p, path).encode())
+            with open(p, "rb") as f:
+                h.update(f.read())
+    return h.hexdigest()
+
+
+def lock_takeover(ctx: Ctx, racers: int = 4) -> dict:
+    """kill -9 the holder of an output's lock while ``racers`` processes wait to take it: exactly one must get it
+    (flock: the kernel frees a dead holder's lock; no stale-lock guessing, no race between takers)."""
+    out = ctx.path("lock-race")
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    hold = ("import sys, time\nfrom esmm.outputs import Lock\nLock(sys.argv[1], 'holder').acquire()\n"
+            "print('locked', flush=True); time.sleep(120)\n")
+    race = ("import sys, time\nfrom esmm.outputs import Lock, OutputError\n"
+            "while time.time() < float(sys.argv[2]): pass\n"
+            "try:\n    Lock(sys.argv[1], 'racer').acquire(); print('won', flush=True); time.sleep(5)\n"
+            "except OutputError:\n    print('lost', flush=True)\n")
+    t0 = time.time()
+    holder = subprocess.Popen([PY, "-c", hold, out], stdout=subprocess.PIPE, text=True, env=env)
+    procs = []
+    try:
+        holder.stdout.readline()
+        start_at = time.time() + 3
+        procs = [subprocess.Popen([PY, "-c", race, out, str(start_at)], stdout=subprocess.PIPE, text=True, env=env)
+                 for _ in range(racers)]
+        time.sleep(1.5)
+        holder.kill()
+        holder.wait()
+        results = [p.stdout.readline().strip() for p in procs]
+    finally:
+        for p in [holder] + procs:
+            if p.poll() is None:
+                p.kill()
+    won = results.count("won")
+    return {"scenario": "lock_takeover", "ok": won == 1, "rows_lost": 0, "recover_s": time.time() - t0,
+            "outcome": f"holder killed -9 with {racers} racers waiting: {won} took the lock"}
+
+
 SCENARIOS = ("etl_kill", "concurrent_etl", "foreign_dir", "experiment_kill", "train_kill_worker",
-             "train_truncated_checkpoint", "train_nan")
+             "train_truncated_checkpoint", "train_nan", "commit_kill", "user_files", "lock_takeover")
 
 
 def main(argv=None) -> int:

@@ -85,7 +85,8 @@ def exit_code(error: BaseException) -> int:
     """The exit code of a job that raised ``error`` (module docstring)."""
     from esmm.config import ConfigError
     from esmm.outputs import OutputError, OutputRefused
-    if isinstance(error, ConfigError):
+    from esmm.storage import NotSharedError
+    if isinstance(error, (ConfigError, NotSharedError)):
         return EXIT_USAGE
     if isinstance(error, (OutputError, OutputRefused)):
         return EXIT_OUTPUT_REFUSED

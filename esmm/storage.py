@@ -46,6 +46,10 @@ class StorageError(OSError):
     """A path cannot be resolved or reached; the message names it."""
 
 
+class NotSharedError(StorageError):
+    """A local path given to a job on a cluster is not visible to every executor (a configuration error: exit 2)."""
+
+
 # ------------------------------------------------------------------------------------------------ URLs
 
 def resolve(path) -> str:
@@ -564,6 +568,6 @@ def check_shared(spark, url: str) -> None:
         delete(probe)
     blind = sorted(h for h, ok in seen if not ok)
     if blind:
-        raise StorageError(f"{display(url)} is a local path that the executors on {', '.join(blind)} cannot see: on "
+        raise NotSharedError(f"{display(url)} is a local path that the executors on {', '.join(blind)} cannot see: on "
                            f"a cluster every configured path must be shared storage (an NFS mount on every host, or "
                            f"an hdfs://, s3a://, gs:// or abfs:// URL)")

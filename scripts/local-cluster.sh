@@ -16,6 +16,9 @@
 #   ESMM_CLUSTER_WEBUI_PORT    master web UI port, also the JSON status endpoint (default: a free port)
 #   ESMM_CLUSTER_TIMEOUT       seconds to wait for the workers to register (default 90)
 #   SPARK_DAEMON_MEMORY        heap of the master and worker JVMs (default 512m)
+#   ESMM_CLUSTER_PRIVATE       a directory each worker sees as its own empty tmpfs (a mount namespace per worker,
+#                              `unshare -m`, root only): the workers' scratch (SPARK_LOCAL_DIRS) lives there, so two
+#                              workers cannot see each other's local files, as on separate hosts
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 VENV="$ROOT/.venv"
@@ -140,10 +143,21 @@ start() {
     sleep 0.5
   done
 
-  local i
+  local i private="${ESMM_CLUSTER_PRIVATE:-}" wrap=()
+  if [ -n "$private" ]; then
+    command -v unshare >/dev/null || die "ESMM_CLUSTER_PRIVATE needs unshare (util-linux)"
+    mkdir -p "$private"
+    private="$(cd "$private" && pwd -P)"
+    # its own mount namespace and an empty tmpfs over $private: the worker, its executors and their Python and
+    # Horovod processes see only their own files there
+    unshare -m --propagation private true 2>/dev/null || die "ESMM_CLUSTER_PRIVATE: unshare -m is not permitted here (needs root)"
+    wrap=(unshare -m --propagation private sh -c 'mount -t tmpfs -o size=2g esmm-scratch "$0" && mkdir -p "$0/local" && exec "$@"' "$private")
+  fi
   for i in $(seq "$WORKERS"); do
     mkdir -p "$RUN/work/worker-$i" "$RUN/local/worker-$i"
-    ( cd "$RUN" && SPARK_LOCAL_DIRS="$RUN/local/worker-$i" exec $SETSID "$SPARK_HOME/bin/spark-class" org.apache.spark.deploy.worker.Worker \
+    local scratch="$RUN/local/worker-$i"
+    [ -n "$private" ] && scratch="$private/local"
+    ( cd "$RUN" && SPARK_LOCAL_DIRS="$scratch" exec $SETSID "${wrap[@]}" "$SPARK_HOME/bin/spark-class" org.apache.spark.deploy.worker.Worker \
         --host "$HOST" --cores 1 --memory "$WORKER_MEMORY" --webui-port "$(free_port)" \
         --work-dir "$RUN/work/worker-$i" "$url" >"$RUN/logs/worker-$i.log" 2>&1 </dev/null ) &
     echo $! >"$RUN/pids/worker-$i.pid"

@@ -52,17 +52,6 @@ def tiny_dataset(spark, cfg, tmp_path_factory):
 
 
 def recommit(path, run_id=None) -> None:
-    """Commit an output a test changed by hand (a dataset copy with rewritten files, a new run id in its manifest),
-    as the ETL would have committed it: the commit record lists the files as they are now."""
-    import json
-
+    """Commit an output a test changed by hand (a dataset copy with rewritten files, a new run id in its manifest)."""
     from esmm import outputs as O
-    p = Path(path)
-    rec = json.loads((p / O.COMMIT).read_text()) if (p / O.COMMIT).exists() else {"token": "00000000"}
-    if not (p / O.MARKER).exists():
-        (p / O.MARKER).write_text(json.dumps(O.marker_record("dataset")))
-    if run_id is not None:
-        rec["run_id"] = run_id
-    (p / "_SUCCESS").write_text("")
-    rec["files"] = O.walk_files(str(p))
-    (p / O.COMMIT).write_text(json.dumps(rec))
+    O.recommit(str(path), run_id)

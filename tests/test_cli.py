@@ -76,7 +76,7 @@ def test_run_prints_one_line_and_a_traceback_only_for_failures_or_debug(capsys, 
     assert err.startswith("Traceback") and err.endswith("esmm-x: error: KeyError: 'slots'\n")
     assert cli.run(_fake_job(TrainError("diverged")), [], name="esmm-x") == 1
     err = capsys.readouterr().err
-    assert err.startswith("Traceback") and err.endswith("esmm.train.TrainError: diverged\nesmm-x: error: diverged\n")
+    assert err.startswith("Traceback") and err.endswith("esmm.rundir.TrainError: diverged\nesmm-x: error: diverged\n")
     assert cli.run(_fake_job(OutputError("locked")), ["--log-level", "debug"], name="esmm-x") == 4
     err = capsys.readouterr().err
     assert err.startswith("Traceback") and err.endswith("esmm-x: error: locked\n")
@@ -112,6 +112,8 @@ def _fake_dataset(tmp_path: Path) -> str:
     ds = tmp_path / "dataset"
     ds.mkdir()
     (ds / "manifest.json").write_text(json.dumps({"layout": {}, "run_id": "dataset-fake"}))
+    from esmm import outputs as O
+    (ds / O.MARKER).write_text(json.dumps(O.marker_record("dataset")))
     recommit(ds, "dataset-fake")
     return str(ds)
 

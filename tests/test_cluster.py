@@ -25,17 +25,29 @@ def _master_state(webui: str) -> dict:
         return json.load(r)
 
 
+def _can_unshare() -> bool:
+    try:
+        return subprocess.run(["unshare", "-m", "--propagation", "private", "true"], capture_output=True,
+                              timeout=10).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
 @pytest.fixture
 def cluster(tmp_path):
     """A started local standalone cluster; always stopped afterwards (also when the start or the test fails)."""
     run = tmp_path / "cluster"
+    private = tmp_path / "private"
     env = dict(os.environ, ESMM_CLUSTER_DIR=str(run))
+    if _can_unshare():   # each worker in its own mount namespace with a private scratch tmpfs, as on separate hosts
+        env["ESMM_CLUSTER_PRIVATE"] = str(private)
     try:
         start = subprocess.run(["bash", SCRIPT, "start"], env=env, capture_output=True, text=True, timeout=300)
         assert start.returncode == 0, f"local-cluster.sh start failed:\n{start.stdout}\n{start.stderr}"
         url = start.stdout.strip().splitlines()[-1]
         assert url.startswith("spark://127.0.0.1:") and (run / "master-url").read_text().strip() == url
-        yield {"url": url, "webui": (run / "webui-url").read_text().strip(), "dir": run}
+        yield {"url": url, "webui": (run / "webui-url").read_text().strip(), "dir": run,
+               "private": private if "ESMM_CLUSTER_PRIVATE" in env else None}
     finally:
         stop = subprocess.run(["bash", SCRIPT, "stop"], env=env, capture_output=True, text=True, timeout=300)
         assert stop.returncode == 0, f"local-cluster.sh stop failed:\n{stop.stdout}\n{stop.stderr}"
@@ -82,6 +94,18 @@ def test_pipeline_on_standalone_cluster(cluster, tmp_path):
     assert "training esmm on" not in run.stdout + run.stderr
     # no output escaped into the executors' work dirs
     assert not any(os.path.exists(os.path.join(ex, "data")) for ex in executors)
+
+    # a local path the executors cannot see (each worker's private scratch) is refused before training, exit 2
+    if cluster["private"] is None:
+        pytest.skip("unshare -m is not permitted here: the workers share one filesystem view, no private scratch")
+    assert not list(cluster["private"].iterdir())                       # the workers' scratch never reached the driver
+    cmd = [os.path.join(ROOT, "spark-submit.sh"), "--master", cluster["url"], os.path.join(ROOT, "jobs", "train.py"),
+           "--conf", os.path.join(ROOT, "conf", "test.yaml"), "--dataset", str(job_dir / "data" / "dataset"),
+           "--out", str(cluster["private"] / "run"), "--set", "train.workers=2", "--set", "train.method=esmm"]
+    run = subprocess.run(cmd, cwd=job_dir, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert "is a local path that the executors on" in run.stderr and "cannot see" in run.stderr
+    assert not list(cluster["private"].iterdir())                       # the probe is gone, nothing was trained
 
 
 class _FakeContext:

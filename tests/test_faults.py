@@ -43,3 +43,18 @@ def test_experiment_killed_mid_unit_reruns_to_the_same_table(ctx, spark):
     cfg = load_config(ctx.conf, ctx.sets + sets)
     r = F.experiment_kill(ctx, sets, reference=lambda ds, exp, truth: run_experiment(spark, cfg, ds, exp, truth))
     assert r["ok"], r
+
+
+def test_a_kill_at_each_commit_step_is_recovered_by_a_plain_rerun(ctx):
+    r = F.commit_kill(ctx, steps=("old-moved",))   # every step: tests/test_outputs.py; all three: bench/faults.py
+    assert r["ok"], r
+
+
+def test_a_users_backups_and_a_manifest_only_directory_survive_every_job(ctx):
+    r = F.user_files(ctx, only=("etl", "train"))  # generate and the experiment too: bench/faults.py
+    assert r["ok"], r
+
+
+def test_a_dead_holders_lock_goes_to_exactly_one_racer(ctx):
+    r = F.lock_takeover(ctx)
+    assert r["ok"], r

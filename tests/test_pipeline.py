@@ -6,10 +6,16 @@ from jobs import pipeline
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_pipeline_main_job(spark, tmp_path, capsys):
-    sets = [f"paths.raw={tmp_path}/raw", f"paths.dataset={tmp_path}/ds", f"paths.runs={tmp_path}/runs",
+def test_pipeline_main_job(spark, tmp_path, capsys, monkeypatch):
+    """Every configured path a file:// URL, run from a working directory outside the checkout: every output lands at
+    its URL (the training runs inside Spark tasks included), nothing under the working directory."""
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    url = f"file://{tmp_path}"
+    sets = [f"paths.raw={url}/raw", f"paths.dataset={url}/ds", f"paths.runs={url}/runs",
             "train.workers=2", "experiment.methods=[base, division, esmm]", "experiment.figure_rates=[1.0]",
-            f"tracking.mlflow_uri={tmp_path}/mlruns"]
+            f"tracking.mlflow_uri={url}/mlruns"]
     argv = ["--conf", os.path.join(ROOT, "conf", "test.yaml")]
     for s in sets:
         argv += ["--set", s]
@@ -37,3 +43,15 @@ def test_pipeline_main_job(spark, tmp_path, capsys):
     ece = [r for r in unit["metrics"] if r["task"] == "cvr_entire"]
     assert {r["run_id"] for r in ece} == {"base", "division", "esmm"}
     assert all(0 <= r["ece"] < 1 and 0 < r["mean_true"] < 1 and r["ece_bins"] >= 1 for r in ece)
+
+    # every output committed at its URL; a prediction with URL paths lands at its URL too; nothing under the cwd
+    from esmm.outputs import is_committed
+    from jobs import predict
+    exp = os.path.join(tmp_path, "runs", "experiment")
+    for d in ("raw", "ds", "runs/experiment", "runs/experiment/runs/r0-rate1.0/esmm"):
+        assert is_committed(f"{url}/{d}"), d
+    assert os.path.isfile(os.path.join(exp, "runs", "r0-rate1.0", "esmm", "model.pt"))
+    predict.main(["--conf", os.path.join(ROOT, "conf", "test.yaml"), "--set", f"paths.dataset={url}/ds",
+                  "--model", f"{url}/runs/experiment/runs/r0-rate1.0/esmm", "--out", f"{url}/pred"])
+    assert is_committed(f"{url}/pred") and os.path.isdir(os.path.join(tmp_path, "pred", "predictions"))
+    assert os.listdir(cwd) == []
