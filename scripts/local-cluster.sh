@@ -18,7 +18,9 @@
 #   SPARK_DAEMON_MEMORY        heap of the master and worker JVMs (default 512m)
 #   ESMM_CLUSTER_PRIVATE       a directory each worker sees as its own empty tmpfs (a mount namespace per worker,
 #                              `unshare -m`, root only): the workers' scratch (SPARK_LOCAL_DIRS) lives there, so two
-#                              workers cannot see each other's local files, as on separate hosts
+#                              workers cannot see each other's local files, as on separate hosts. Submit with
+#                              SPARK_SUBMIT_OPTS=-Dspark.shuffle.readHostLocalDisk=false: executors of one host
+#                              read each other's shuffle files from disk, which private scratch forbids
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 VENV="$ROOT/.venv"

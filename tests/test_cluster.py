@@ -25,6 +25,14 @@ def _master_state(webui: str) -> dict:
         return json.load(r)
 
 
+def _submit_env(cluster) -> dict:
+    """Two executors of one machine read each other's shuffle files from disk (host-local reads); with private
+    scratch they cannot, as on two hosts, so the application turns host-local reads off (scripts/local-cluster.sh)."""
+    if cluster["private"] is None:
+        return dict(os.environ)
+    return dict(os.environ, SPARK_SUBMIT_OPTS="-Dspark.shuffle.readHostLocalDisk=false")
+
+
 def _can_unshare() -> bool:
     try:
         return subprocess.run(["unshare", "-m", "--propagation", "private", "true"], capture_output=True,
@@ -64,7 +72,7 @@ def test_pipeline_on_standalone_cluster(cluster, tmp_path):
            "--conf", os.path.join(ROOT, "conf", "test.yaml"), "--set", "train.workers=2",
            "--set", "experiment.methods=[esmm]", "--set", "experiment.figure_rates=[1.0]"]
     t0 = time.time()
-    run = subprocess.run(cmd, cwd=job_dir, capture_output=True, text=True, timeout=1500)
+    run = subprocess.run(cmd, cwd=job_dir, capture_output=True, text=True, timeout=1500, env=_submit_env(cluster))
     seconds = time.time() - t0
     assert run.returncode == 0, f"spark-submit failed after {seconds:.0f}s:\n{run.stdout[-5000:]}\n{run.stderr[-5000:]}"
     assert "rows read 6,000 = written 6,000 + quarantined 0" in run.stdout
@@ -102,9 +110,10 @@ def test_pipeline_on_standalone_cluster(cluster, tmp_path):
     cmd = [os.path.join(ROOT, "spark-submit.sh"), "--master", cluster["url"], os.path.join(ROOT, "jobs", "train.py"),
            "--conf", os.path.join(ROOT, "conf", "test.yaml"), "--dataset", str(job_dir / "data" / "dataset"),
            "--out", str(cluster["private"] / "run"), "--set", "train.workers=2", "--set", "train.method=esmm"]
-    run = subprocess.run(cmd, cwd=job_dir, capture_output=True, text=True, timeout=600)
+    run = subprocess.run(cmd, cwd=job_dir, capture_output=True, text=True, timeout=600, env=_submit_env(cluster))
     assert run.returncode == 2, run.stderr[-3000:]
-    assert "is a local path that the executors on" in run.stderr and "cannot see" in run.stderr
+    said = run.stdout + run.stderr                                      # spark-submit passes the driver's stderr on
+    assert "is a local path that the executors on" in said and "cannot see" in said
     assert not list(cluster["private"].iterdir())                       # the probe is gone, nothing was trained
 
 

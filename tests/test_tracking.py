@@ -29,7 +29,7 @@ def test_a_run_in_a_file_store_and_a_rerun_continues_it(tmp_path):
     run = client.get_run(rid)
     assert run.data.metrics == {"esmm.cvr_auc": 70.5}
     assert run.data.params["train.lr"] == "0.001" and run.data.params["features.buckets.101"] == "200000"
-    assert run.data.tags["esmm.output"] == str(out)
+    assert run.data.tags["esmm.output"] == f"file://{out}"          # the canonical URL
     assert [a.path for a in client.list_artifacts(rid)] == ["table2.md"]
     assert json.load(open(out / RUN_FILE))["run_id"] == rid
     # a re-run (a resumed experiment) logs into the same run

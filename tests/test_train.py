@@ -161,3 +161,25 @@ def test_horovod_spark_run_two_workers(spark, tiny_dataset, conf, tmp_path):
     out = launch([(cfg, ds, str(tmp_path / "spark_run"))], 2, spark)
     assert len(out) == 1 and out[0]["world_size"] == 2 and out[0]["steps"] > 0
     assert (tmp_path / "spark_run" / EXPORT).exists()
+
+
+def test_a_dataset_replaced_during_training_stops_the_next_pass(tiny_dataset, tmp_path):
+    """Readers pin what they read: every pass over the train split first checks the dataset's committed run id, so an
+    `etl --overwrite` between two passes stops training instead of mixing two datasets."""
+    import shutil
+
+    from conftest import recommit
+    from esmm.artifacts import ArtifactError, read_manifest
+    from esmm.data import _passes
+    ds = str(tmp_path / "ds")
+    shutil.copytree(tiny_dataset[1], ds)
+    m = read_manifest(ds)
+    first_tier = int(m["splits"]["train"]["subsets"][str(m["sampling_rates"][0])]["rows"])
+    chunks = _passes(storage.join(ds, "train"), 0, 0, 1, seed=1, workers=1, pin=(ds, m["run_id"]))
+    seen = 0
+    while seen < first_tier:                       # the whole first pass reads
+        seen += len(next(chunks)["sample_id"])
+    assert seen == first_tier
+    recommit(ds, "dataset-rebuilt")                # what an ETL --overwrite commits meanwhile
+    with pytest.raises(ArtifactError, match=r"changed while training read it .*-> dataset-rebuilt"):
+        next(chunks)
