@@ -16,6 +16,7 @@ import torch
 
 from esmm import storage
 from esmm.features import FeatureLayout
+from esmm.outputs import find_committed
 from schemas.dataset import MANIFEST
 
 write_json = storage.write_json  # the one JSON writer (esmm.storage), under its name here
@@ -34,7 +35,6 @@ class ArtifactError(RuntimeError):
 def read_manifest(dataset: str, spark=None) -> dict:
     """The ETL manifest of the committed dataset ``dataset`` (any path or URL ``esmm.storage`` reaches). Its
     ``run_id`` is the dataset's committed run id, which readers pin (``esmm.outputs.check_pinned``)."""
-    from esmm.outputs import find_committed
     where = find_committed(dataset)
     if where is None:
         path = storage.join(dataset, MANIFEST)

@@ -566,6 +566,7 @@ def run_etl(spark: SparkSession, cfg: Config, raw_dir: str | None = None, out: s
     raw_dir = storage.resolve(raw_dir or cfg.paths.raw)
     out = storage.resolve(out or cfg.paths.dataset)
     t0 = time.time()
+    storage.check_shared(spark, storage.parent(out))  # executors write the dataset: a local path must be shared
     inputs = find_inputs(spark, raw_dir)
     fingerprint = inputs.fingerprint(spark)
     chash = _config_hash(cfg)

@@ -344,6 +344,7 @@ def evaluate_runs(spark: SparkSession, dataset: str, run_dirs: list[str], ctr_di
     from esmm.outputs import Output, read_commit
 
     ids = unique_run_ids(run_dirs + ([ctr_dir] if ctr_dir else []))
+    storage.check_shared(spark, storage.parent(out))  # executors write the predictions
 
     def spec(d: str) -> ScoredRun:
         path = storage.join(d, EXPORT)

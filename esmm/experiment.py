@@ -209,6 +209,7 @@ def run_experiment(spark: SparkSession, cfg: Config, dataset: str, exp_dir: str,
     from esmm.outputs import Output
     dataset, exp_dir = storage.resolve(dataset), storage.resolve(exp_dir)
     truth_path = storage.resolve(truth_path) if truth_path else None
+    storage.check_shared(spark, storage.parent(exp_dir))  # executors train and write predictions under it
     with Output(exp_dir, "experiment", {}, "experiment", overwrite, ExperimentOutputRefused) as o:
         o.claim()
         if o.committed is not None:

@@ -681,6 +681,7 @@ def generate(spark, cfg, out: str | None = None, overwrite: bool = False) -> dic
     g = cfg.generate
     out = storage.resolve(out or cfg.paths.raw)
     resolved = to_dict(g)
+    storage.check_shared(spark, storage.parent(out))  # executors write the files: a local path must be shared
     with Output(out, "raw", {"generate": resolved}, "generate", overwrite, GeneratorOutputRefused) as o:
         if o.reusable:
             log.info("%s already holds generated data of the same generate config: nothing to do",

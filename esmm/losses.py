@@ -62,7 +62,7 @@ def esmm_loss(ctr_logit: torch.Tensor, cvr_logit: torch.Tensor, click: torch.Ten
 
 
 class CounterfactualLoss(NamedTuple):
-    """ESCM2: total = ctr + cf_weight * cf + ctcvr_weight * ctcvr (+ imputation for DR), each a scalar tensor."""
+    """ESCM2: total = ctr + cf_weight * (cf + imputation) + ctcvr_weight * ctcvr (imputation 0 for IPS)."""
     total: torch.Tensor
     ctr: torch.Tensor
     ctcvr: torch.Tensor
@@ -91,12 +91,14 @@ def escm2_loss(ctr_logit: torch.Tensor, cvr_logit: torch.Tensor, click: torch.Te
 
     - IPS (``imputation`` None): cf = mean_B(o_i * e_i / p_i), p_i = max(pCTR_i, min_ctr) detached (the inverse
       propensity score estimator of the entire-space mean of e_i, e = ``cvr_errors``).
-    - DR (``imputation``: (B,) the imputation tower's estimate of e_i, >= 0): cf = mean_B(ê_i + o_i (e_i - ê_i) / p_i)
-      with ê detached, and the imputation loss mean_B(o_i (e_i - ê_i)^2 / p_i) with e detached: the CVR tower learns
-      from the doubly robust risk with the imputed errors held fixed, the imputation tower from the propensity-weighted
-      squared error with the CVR tower's errors held fixed (the joint-learning split of doubly robust estimators).
+    - DR (``imputation``: (B,) the imputation tower's estimate of e_i, >= 0), as the authors' released code
+      (PaddleRec ``models/multitask/escm2``, ``counterfact_dr``) trains it: the doubly robust risk
+      cf = mean_B(ê_i + o_i (e_i - ê_i) / p_i) and the imputation loss imp = mean_B(o_i (e_i - ê_i)^2 / p_i), both
+      differentiated through e and ê (nothing detached but the propensity), both weighted by ``cf_weight``. The CVR
+      tower's gradient on a clicked row is cf_weight * w_i * (1 + 2 (e_i - ê_i)) * de_i/dz_i: IPS's scaled by how far
+      the imputation is from the error, so DR trains the CVR tower differently from IPS whenever ê_i != e_i.
 
-    total = ctr + cf_weight * cf + ctcvr_weight * ctcvr (+ imputation loss for DR).
+    total = ctr + cf_weight * (cf + imp) + ctcvr_weight * ctcvr (imp = 0 for IPS).
     """
     esmm = esmm_loss(ctr_logit, cvr_logit, click, conversion, weight)
     ctr_part = esmm.ctr
@@ -106,10 +108,10 @@ def escm2_loss(ctr_logit: torch.Tensor, cvr_logit: torch.Tensor, click: torch.Te
         cf = weighted_mean(w * e, weight)
         imp = torch.zeros_like(cf)
     else:
-        e_hat = imputation
-        cf = weighted_mean(e_hat.detach() + w * (e - e_hat.detach()), weight)
-        imp = weighted_mean(w * (e.detach() - e_hat) ** 2, weight)
-    total = ctr_part + cf_weight * cf + ctcvr_weight * esmm.ctcvr + imp
+        resid = e - imputation
+        cf = weighted_mean(imputation + w * resid, weight)
+        imp = weighted_mean(w * resid ** 2, weight)
+    total = ctr_part + cf_weight * (cf + imp) + ctcvr_weight * esmm.ctcvr
     return CounterfactualLoss(total=total, ctr=ctr_part, ctcvr=esmm.ctcvr, cf=cf, imputation=imp)
 
 

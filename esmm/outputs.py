@@ -72,6 +72,10 @@ class OutputError(RuntimeError):
     """An output cannot be written, replaced or reused (foreign, another kind, locked, changed under us); exit 4."""
 
 
+class InputChanged(RuntimeError):
+    """A committed input (the dataset) was replaced while a job read it; a re-run reads the new one (exit 1)."""
+
+
 # ------------------------------------------------------------------------------------------------ identity
 
 def fingerprint(obj) -> str:
@@ -172,16 +176,6 @@ def find_committed(out: str) -> str | None:
         if kind_ == "tmp" and _staging_record(url, out, token) and is_committed(url):
             return url
     return None
-
-
-def require_committed(out: str, what: str, hint: str) -> dict:
-    """The commit record of the input ``out`` (a reader's check); an error naming it and ``hint`` otherwise."""
-    where = find_committed(out)
-    if where is None:
-        from esmm.artifacts import ArtifactError
-        state = "does not exist" if not storage.exists(out) else "is not committed (being written, or interrupted)"
-        raise ArtifactError(f"{what} {storage.display(out)} {state}: {hint}")
-    return read_commit(where)
 
 
 def write_success(out: str) -> None:
@@ -581,18 +575,10 @@ class Output:
         return done
 
 
-@contextlib.contextmanager
-def pinned(dataset: str, run_id: str, what: str):
-    """Fail with a clear error if the committed dataset ``dataset`` stops being run ``run_id`` during the block."""
-    yield
-    check_pinned(dataset, run_id, what)
-
-
 def check_pinned(dataset: str, run_id: str, what: str) -> None:
     """Readers pin what they read: the dataset must still be the committed run ``run_id``."""
-    from esmm.artifacts import ArtifactError
     rec = read_commit(dataset, verify=False)
     now = (rec or {}).get("run_id")
     if now != run_id:
-        raise ArtifactError(f"the dataset {storage.display(dataset)} changed while {what} read it (run {run_id} -> "
+        raise InputChanged(f"the dataset {storage.display(dataset)} changed while {what} read it (run {run_id} -> "
                             f"{now or 'nothing committed'}): an ETL re-run replaced it; start {what} again")

@@ -140,6 +140,7 @@ def predict(spark: SparkSession, cfg: Config, model: str, out: str, *, ctr: str 
         raise PredictError("give exactly one input: an ETL'd dataset or a raw Ali-CCP log directory")
     t0 = time.time()
     out = storage.resolve(out)
+    storage.check_shared(spark, storage.parent(out))  # executors write the predictions
     dataset = storage.resolve(dataset) if dataset is not None else None
     raw = storage.resolve(raw) if raw is not None else None
     net = Model.load(model)

@@ -192,17 +192,9 @@ class _ArrowFS:
     def write_bytes(self, url: str, data: bytes) -> None:
         p = self.path(url)
         if self.local:  # atomic: a temporary file beside it, fsync, rename
-            os.makedirs(os.path.dirname(p) or "/", exist_ok=True)
-            tmp = f"{p}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-            try:
+            with _atomic_local(p) as tmp:
                 with open(tmp, "wb") as f:
                     f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, p)
-            finally:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
             return
         with self.fs.open_output_stream(p) as f:  # object stores: the object appears whole when the stream closes
             f.write(data)
@@ -460,21 +452,29 @@ def load_torch(url: str, map_location="cpu"):
 
 
 @contextlib.contextmanager
+def _atomic_local(path: str):
+    """A temporary path beside the local file ``path``; when the block ends it is fsynced and renamed onto ``path``
+    (readers never see a partial file); removed on an error."""
+    os.makedirs(os.path.dirname(path) or "/", exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+@contextlib.contextmanager
 def local_file(url: str):
     """A local path to write a file that a library can only write to a path (TorchScript, CSV writers); it is moved
     (local) or uploaded (remote) to ``url`` when the block ends without an error."""
     lp = local_path(url)
     if lp is not None:
-        os.makedirs(os.path.dirname(lp) or "/", exist_ok=True)
-        tmp = f"{lp}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        try:
+        with _atomic_local(lp) as tmp:
             yield tmp
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, lp)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
         return
     with tempfile.TemporaryDirectory(prefix="esmm-upload-") as d:
         tmp = os.path.join(d, basename(url))
@@ -554,8 +554,9 @@ def check_shared(spark, url: str) -> None:
     """On a cluster master, a local (``file://``) path must be one every executor sees (an NFS mount): the driver
     writes a probe file under ``url`` and Spark tasks on every executor look for it. Refuses with a clear message
     otherwise, instead of letting each executor write to its own scratch disk. Other schemes are shared by nature."""
-    if not is_local(url) or spark.sparkContext.master.startswith("local"):
+    if not is_local(url) or spark is None or spark.sparkContext.master.startswith("local"):
         return
+    makedirs(url)
     probe = join(url, f".esmm-probe-{uuid.uuid4().hex[:12]}")
     write_bytes(probe, b"probe")
     path = local_path(probe)

@@ -66,7 +66,7 @@ from esmm.data import steps_per_epoch, subset_rows, train_stream
 from esmm.features import FeatureLayout
 from esmm.methods import REFERENCE_CTR, build_model, get_method, loss_for, predict
 from esmm.model import sparse_parameters
-from esmm.outputs import Output, OutputError, check_pinned, dataset_fingerprint
+from esmm.outputs import InputChanged, Output, OutputError, check_pinned, dataset_fingerprint
 from esmm.rundir import (RUN_KIND, TrainError, TrainOutputRefused, _differences, ctr_model_path,  # noqa: F401
                          prepare, run_inputs)
 from esmm.portable import export_portable
@@ -226,7 +226,7 @@ def _rank0_verdict(dist: D.Dist, decide, name: str):
     verdict = D.broadcast_object(verdict, name)
     if "error" in verdict:
         kind, msg = verdict["error"]
-        cls = {c.__name__: c for c in (TrainError, TrainOutputRefused, OutputError, ArtifactError)}.get(kind)
+        cls = {c.__name__: c for c in (TrainError, TrainOutputRefused, OutputError, ArtifactError, InputChanged)}.get(kind)
         raise (cls(msg) if cls else TrainError(f"{kind}: {msg}")) from error
     return verdict
 

@@ -42,25 +42,48 @@ def test_escm2_propensity_floor_bounds_the_weight():
     assert out.cf.item() == pytest.approx(10 * math.log(2.0), rel=1e-12)
 
 
-def test_escm2_dr_by_hand_and_gradient_split():
-    ctr, cvr, imp = _t(CTR, True), _t(CVR, True), _t([0.2, 0.4, 0.1], True)
-    out = escm2_loss(ctr, cvr, _t(CLICK), _t(CONV), cf_weight=0.5, ctcvr_weight=0.5, min_ctr=0.01, imputation=imp)
+def test_escm2_dr_by_hand():
+    imp = _t([0.2, 0.4, 0.1])
+    out = escm2_loss(_t(CTR), _t(CVR), _t(CLICK), _t(CONV), cf_weight=0.5, ctcvr_weight=0.5, min_ctr=0.01,
+                     imputation=imp)
     e_hat = [0.2, 0.4, 0.1]
     cf = sum(e_hat[i] + W[i] * (E[i] - e_hat[i]) for i in range(3)) / 3
     imputation = sum(W[i] * (E[i] - e_hat[i]) ** 2 for i in range(3)) / 3
     assert out.cf.item() == pytest.approx(cf, abs=1e-12) and cf == pytest.approx(0.4220757, abs=1e-6)
     assert out.imputation.item() == pytest.approx(imputation, abs=1e-12)
-    assert out.total.item() == pytest.approx(CTR_LOSS + 0.5 * cf + 0.5 * CTCVR_LOSS + imputation, abs=1e-12)
-    # the imputation tower learns only from the imputation loss: d/dê_i = -2 w_i (e_i - ê_i) / 3
-    out.cf.backward(retain_graph=True)
-    assert imp.grad is None or torch.all(imp.grad == 0)
-    assert ctr.grad is None or torch.all(ctr.grad == 0)      # the propensity is a constant
-    assert cvr.grad[2] == 0 and cvr.grad[0] != 0              # the risk reaches the CVR tower through clicked rows
-    cvr.grad = None
-    out.imputation.backward()
-    want = [-2 * W[i] * (E[i] - e_hat[i]) / 3 for i in range(3)]
-    assert imp.grad.tolist() == pytest.approx(want, abs=1e-12)
-    assert cvr.grad is None or torch.all(cvr.grad == 0)      # ... and does not move the CVR tower
+    # the imputation loss carries the counterfactual weight (PaddleRec: inside the weighted cf term), not 1
+    assert out.total.item() == pytest.approx(CTR_LOSS + 0.5 * (cf + imputation) + 0.5 * CTCVR_LOSS, abs=1e-12)
+
+
+def test_escm2_dr_gives_the_cvr_tower_its_own_gradient_not_ips():
+    """d total / d z_i (CVR logit) by hand, with ctcvr_weight 0 so that only the counterfactual terms reach the CVR
+    tower: IPS gives c w_i (p_i - r_i) / B on a clicked row, DR c w_i (1 + 2 (e_i - ê_i)) (p_i - r_i) / B, and the
+    imputation tower gets c (1 - w_i - 2 w_i (e_i - ê_i)) / B (B = 3, c = cf_weight = 0.5, p = pCVR)."""
+    e_hat = [0.2, 0.4, 0.1]
+    p_cvr, r = [0.75, 0.5, 0.25], CONV
+    grads = {}
+    for name, imp in (("ips", None), ("dr", _t(e_hat, True))):
+        cvr = _t(CVR, True)
+        escm2_loss(_t(CTR), cvr, _t(CLICK), _t(CONV), cf_weight=0.5, ctcvr_weight=0.0, min_ctr=0.01,
+                   imputation=imp).total.backward()
+        grads[name] = (cvr.grad.tolist(), None if imp is None else imp.grad.tolist())
+    ips = [0.5 * W[i] * (p_cvr[i] - r[i]) / 3 for i in range(3)]
+    dr = [0.5 * W[i] * (1 + 2 * (E[i] - e_hat[i])) * (p_cvr[i] - r[i]) / 3 for i in range(3)]
+    assert grads["ips"][0] == pytest.approx(ips, abs=1e-12)
+    assert grads["dr"][0] == pytest.approx(dr, abs=1e-12)
+    assert grads["dr"][0][2] == 0.0                                  # no click: no counterfactual gradient
+    assert max(abs(a - b) for a, b in zip(grads["dr"][0], grads["ips"][0])) > 0.05   # DR is not IPS
+    imp_grad = [0.5 * (1 - W[i] - 2 * W[i] * (E[i] - e_hat[i])) / 3 for i in range(3)]
+    assert grads["dr"][1] == pytest.approx(imp_grad, abs=1e-12)
+
+
+def test_escm2_propensity_is_a_constant_in_both_variants():
+    for imp in (None, _t([0.2, 0.4, 0.1], True)):
+        ctr = _t(CTR, True)
+        out = escm2_loss(ctr, _t(CVR, True), _t(CLICK), _t(CONV), cf_weight=0.5, ctcvr_weight=0.0, min_ctr=0.01,
+                         imputation=imp)
+        (out.cf + out.imputation).backward()
+        assert ctr.grad is None or torch.all(ctr.grad == 0)
 
 
 def test_aitm_by_hand():

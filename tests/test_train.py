@@ -169,8 +169,9 @@ def test_a_dataset_replaced_during_training_stops_the_next_pass(tiny_dataset, tm
     import shutil
 
     from conftest import recommit
-    from esmm.artifacts import ArtifactError, read_manifest
+    from esmm.artifacts import read_manifest
     from esmm.data import _passes
+    from esmm.outputs import InputChanged
     ds = str(tmp_path / "ds")
     shutil.copytree(tiny_dataset[1], ds)
     m = read_manifest(ds)
@@ -181,5 +182,5 @@ def test_a_dataset_replaced_during_training_stops_the_next_pass(tiny_dataset, tm
         seen += len(next(chunks)["sample_id"])
     assert seen == first_tier
     recommit(ds, "dataset-rebuilt")                # what an ETL --overwrite commits meanwhile
-    with pytest.raises(ArtifactError, match=r"changed while training read it .*-> dataset-rebuilt"):
+    with pytest.raises(InputChanged, match=r"changed while training read it .*-> dataset-rebuilt"):
         next(chunks)
