@@ -28,7 +28,8 @@ from torch import nn
 
 from esmm.batch import Batch
 from esmm.losses import aitm_loss, bce_logits, escm2_loss, esmm_loss
-from esmm.model import AITM_NET, ESMM_IMPUTED, ESMM_NS, ESMM_SHARED, MMOE, SINGLE, build_network
+from esmm.model import (AITM_NET, ESMM_IMPUTED, ESMM_NS, ESMM_SHARED, HEAD_KIND_PRODUCT, HEAD_KIND_SINGLE,
+                        HEAD_KIND_STEPS, MMOE, PCTR_FLOOR, SINGLE, build_network, head)
 from schemas.dataset import P_CTCVR, P_CTR, P_CVR
 
 # What a single-logit network is trained to predict (``Method.task``); two-tower heads have TASK_MULTI.
@@ -117,16 +118,23 @@ class Method:
     def build(self, layout, model_cfg) -> nn.Module:
         return build_network(self.network, layout, model_cfg)
 
+    @property
+    def head_kind(self) -> int:
+        return {HEAD_SINGLE: HEAD_KIND_SINGLE, HEAD_PRODUCT: HEAD_KIND_PRODUCT, HEAD_STEPS: HEAD_KIND_STEPS}[self.head]
+
+    @property
+    def head_slot(self) -> int:
+        """A single-logit network's position in (p_ctr, p_cvr, p_ctcvr); -1 for two-output heads."""
+        return {TASK_CTR: 0, TASK_CVR: 1, TASK_CTCVR: 2}.get(self.task, -1)
+
     def outputs(self, out) -> dict[str, torch.Tensor]:
-        """The network's own probabilities from its forward output, keyed by prediction column."""
+        """The network's own probabilities from its forward output (``esmm.model.head``), keyed by prediction
+        column: all three for a two-output head, the one it predicts for a single logit."""
+        keys = (P_CTR, P_CVR, P_CTCVR)
         if self.head == HEAD_SINGLE:
-            return {_PREDICTION_KEY[self.task]: torch.sigmoid(out)}
-        p_ctr = torch.sigmoid(out[0])
-        if self.head == HEAD_PRODUCT:
-            p_cvr = torch.sigmoid(out[1])
-            return {P_CTR: p_ctr, P_CVR: p_cvr, P_CTCVR: p_ctr * p_cvr}
-        p_ctcvr = torch.sigmoid(out[1])
-        return {P_CTR: p_ctr, P_CVR: ratio_cvr(p_ctcvr, p_ctr)[0], P_CTCVR: p_ctcvr}
+            slot = self.head_slot
+            return {keys[slot]: head(out, None, HEAD_KIND_SINGLE, slot)[slot]}
+        return dict(zip(keys, head(out[0], out[1], self.head_kind, -1)))
 
 
 # ------------------------------------------------------------------------------------------ row selection
@@ -280,7 +288,7 @@ def ratio_cvr(p_ctcvr: torch.Tensor, p_ctr: torch.Tensor) -> tuple[torch.Tensor,
     The ratio of two separately trained networks (DIVISION) is not bounded (the paper's point); pCTR = 0 gives 1
     when pCTCVR > 0 and 0 when pCTCVR = 0.
     """
-    ratio = p_ctcvr / p_ctr.clamp(min=torch.finfo(p_ctr.dtype).tiny)
+    ratio = p_ctcvr / p_ctr.clamp(min=PCTR_FLOOR)
     return ratio.clamp(0.0, 1.0), int((ratio > 1).sum())
 
 
@@ -292,6 +300,8 @@ def scores(method: str | Method, own: dict, ref_ctr: Optional[torch.Tensor]) -> 
     reference CTR network's pCTR (None unless ``uses_reference_ctr``). p_ctcvr = p_ctr * p_cvr; a quantity the
     method does not predict (the reference network's pCVR) is NaN; ``clipped`` counts ratios > 1."""
     m = get_method(method)
+    if m.head != HEAD_SINGLE:  # the network gives all three through the head (AITM's ratio included)
+        return own[P_CTR], own[P_CVR], own[P_CTCVR], 0
     p_ctr = ref_ctr if m.ctr_from == REFERENCE else own[P_CTR]
     if p_ctr is None:
         raise ValueError(f"method {m.name!r} needs the reference CTR network's pCTR")

@@ -8,7 +8,7 @@ Shape legend: B = batch, L = slots per impression, F = fields, D = embedding dim
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
@@ -80,11 +80,43 @@ class Logits(NamedTuple):
     cvr: torch.Tensor
 
 
-def probs(logits: Logits) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(p_ctr, p_cvr, p_ctcvr), each (B,); p_ctcvr = p_ctr * p_cvr (paper Eq. 1), so it stays in [0, 1]."""
-    p_ctr = torch.sigmoid(logits.ctr)
-    p_cvr = torch.sigmoid(logits.cvr)
+# How a network's logits become probabilities (``head``'s ``kind``; ``esmm.methods.Method.head`` names them).
+HEAD_KIND_SINGLE, HEAD_KIND_PRODUCT, HEAD_KIND_STEPS = 0, 1, 2
+PCTR_FLOOR = 1.1754943508222875e-38   # float32's smallest normal: pCTR's floor under a ratio pCTCVR / pCTR
+# (``head`` spells these as literals: TorchScript does not read module globals)
+
+
+def head(first: torch.Tensor, second: Optional[torch.Tensor], kind: int,
+         slot: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The one head: (p_ctr, p_cvr, p_ctcvr), each (B,), from a network's logits. Training's validation, scoring,
+    prediction and the portable (TorchScript) export all call it, so every path gives the same numbers.
+
+    - single (one logit ``first``): its sigmoid at position ``slot`` (0 pCTR, 1 pCVR, 2 pCTCVR), NaN elsewhere;
+    - product (ESMM and the methods on its towers): ``first``, ``second`` = CTR, CVR logits; p_ctcvr = p_ctr * p_cvr
+      (paper Eq. 1), so it stays in [0, 1];
+    - steps (AITM): ``first``, ``second`` = CTR, CTCVR logits; p_cvr = clip(pCTCVR / max(p_ctr, PCTR_FLOOR), 0, 1)
+      and p_ctcvr = p_ctr * p_cvr.
+    """
+    if kind == 0:  # HEAD_KIND_SINGLE (TorchScript compiles literals, not module globals)
+        p = torch.sigmoid(first)
+        nan = torch.full_like(p, float("nan"))
+        if slot == 0:
+            return p, nan, nan
+        if slot == 1:
+            return nan, p, nan
+        return nan, nan, p
+    assert second is not None, "a two-output head needs its second logit"
+    p_ctr = torch.sigmoid(first)
+    if kind == 1:  # HEAD_KIND_PRODUCT
+        p_cvr = torch.sigmoid(second)
+    else:
+        p_cvr = torch.clamp(torch.sigmoid(second) / torch.clamp(p_ctr, min=1.1754943508222875e-38), 0.0, 1.0)
     return p_ctr, p_cvr, p_ctr * p_cvr
+
+
+def probs(logits: Logits) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(p_ctr, p_cvr, p_ctcvr) of ESMM's logits (``head``, product)."""
+    return head(logits.ctr, logits.cvr, HEAD_KIND_PRODUCT, -1)
 
 
 class ESMM(nn.Module):

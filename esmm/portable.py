@@ -30,9 +30,9 @@ import torch
 from torch import nn
 
 from esmm.features import P1, P2, P3, P4, P5, SPARK_SEED, FeatureLayout, spark_hash_long
-from esmm.methods import (HEAD_PRODUCT, HEAD_SINGLE, OWN, RATIO, TASK_CTCVR, TASK_CTR, TASK_CVR, build_model,
+from esmm.methods import (HEAD_SINGLE, OWN, RATIO, TASK_CTR, TASK_CVR, build_model,
                           get_method)
-from esmm.model import FieldEmbedding
+from esmm.model import FieldEmbedding, head
 from esmm import storage
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,6 @@ EMBEDDED = "portable.json"   # name of the contract inside the TorchScript archi
 PORTABLE_FORMAT = 1
 OUTPUTS = ("p_ctr", "p_cvr", "p_ctcvr")
 Probs = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-_OUTPUT_OF_TASK = {TASK_CTR: 0, TASK_CVR: 1, TASK_CTCVR: 2}
 
 
 # ------------------------------------------------------------------------------------------------ the modules
@@ -64,31 +63,23 @@ class _Checked(nn.Module):
         return feat_ids.to(torch.long), feat_wts.to(torch.float32)
 
 
-class MultiScorer(_Checked):
-    """ESMM's head (ESMM, ESMM-NS, MMoE, ESCM2): (p_ctr, p_cvr, p_ctcvr = p_ctr * p_cvr) from the network's first two
-    outputs, its CTR and CVR logits."""
+class PairScorer(_Checked):
+    """A two-output network (ESMM's product of towers: ESMM, ESMM-NS, MMoE, ESCM2; AITM's two steps): its first two
+    outputs through the one head (``esmm.model.head``, ``kind`` product or steps)."""
+
+    def __init__(self, net: nn.Module, num_slots: int, kind: int):
+        super().__init__(net, num_slots)
+        self.kind = kind
 
     def forward(self, feat_ids: torch.Tensor, feat_wts: torch.Tensor) -> Probs:
         ids, wts = self._inputs(feat_ids, feat_wts)
         out = self.net(ids, wts)
-        p_ctr, p_cvr = torch.sigmoid(out[0]), torch.sigmoid(out[1])
-        return p_ctr, p_cvr, p_ctr * p_cvr
-
-
-class StepScorer(_Checked):
-    """Two steps (AITM): the network's CTR and CTCVR logits; p_cvr = clip(p_ctcvr / p_ctr, 0, 1) and
-    p_ctcvr = p_ctr * p_cvr, as the evaluation scores it."""
-
-    def forward(self, feat_ids: torch.Tensor, feat_wts: torch.Tensor) -> Probs:
-        ids, wts = self._inputs(feat_ids, feat_wts)
-        out = self.net(ids, wts)
-        p_ctr, p_ctcvr = torch.sigmoid(out[0]), torch.sigmoid(out[1])
-        p_cvr = torch.clamp(p_ctcvr / torch.clamp(p_ctr, min=1.1754943508222875e-38), 0.0, 1.0)
-        return p_ctr, p_cvr, p_ctr * p_cvr
+        return head(out[0], out[1], self.kind, -1)
 
 
 class SingleScorer(_Checked):
-    """A single-task network: sigmoid(logit) at position ``output`` of (p_ctr, p_cvr, p_ctcvr), NaN elsewhere."""
+    """A single-task network: sigmoid(logit) at position ``output`` of (p_ctr, p_cvr, p_ctcvr), NaN elsewhere
+    (``esmm.model.head``, kind single)."""
 
     def __init__(self, net: nn.Module, num_slots: int, output: int):
         super().__init__(net, num_slots)
@@ -96,23 +87,15 @@ class SingleScorer(_Checked):
 
     def forward(self, feat_ids: torch.Tensor, feat_wts: torch.Tensor) -> Probs:
         ids, wts = self._inputs(feat_ids, feat_wts)
-        p = torch.sigmoid(self.net(ids, wts))
-        nan = torch.full_like(p, float("nan"))
-        if self.output == 0:
-            return p, nan, nan
-        if self.output == 1:
-            return nan, p, nan
-        return nan, nan, p
+        return head(self.net(ids, wts), None, 0, self.output)  # 0: HEAD_KIND_SINGLE
 
 
 def scorer(net: nn.Module, method: str, layout: FeatureLayout) -> nn.Module:
     """The eager (not yet scripted) scorer of a trained network of ``method``."""
     m = get_method(method)
     if m.head == HEAD_SINGLE:
-        return SingleScorer(net, layout.num_slots, _OUTPUT_OF_TASK[m.task]).eval()
-    if m.head == HEAD_PRODUCT:
-        return MultiScorer(net, layout.num_slots).eval()
-    return StepScorer(net, layout.num_slots).eval()
+        return SingleScorer(net, layout.num_slots, m.head_slot).eval()
+    return PairScorer(net, layout.num_slots, m.head_kind).eval()
 
 
 def cpu_copy(model: nn.Module, method: str, cfg, layout: FeatureLayout) -> nn.Module:

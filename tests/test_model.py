@@ -208,3 +208,25 @@ def test_batch_select_cat_and_to():
     assert Batch.cat([s, _random_batch(2)]).sample_id is None
     moved = b.to("cpu")
     assert moved.ids.device.type == "cpu" and torch.equal(moved.ids, b.ids)
+
+
+def test_the_one_head_by_hand_eager_and_scripted():
+    """esmm.model.head, the only place logits become (p_ctr, p_cvr, p_ctcvr): ESMM's product, AITM's clipped ratio,
+    a single logit in its slot with NaN elsewhere; TorchScript gives the same numbers."""
+    import math
+
+    from esmm.model import HEAD_KIND_PRODUCT, HEAD_KIND_SINGLE, HEAD_KIND_STEPS, head
+    lg = lambda p: math.log(p / (1 - p))  # noqa: E731
+    a = torch.tensor([lg(0.5), lg(0.2), lg(0.8)])
+    b = torch.tensor([lg(0.25), lg(0.3), lg(0.4)])
+    scripted = torch.jit.script(head)
+    for fn in (head, scripted):
+        p_ctr, p_cvr, p_ctcvr = fn(a, b, HEAD_KIND_PRODUCT, -1)
+        assert torch.allclose(p_ctcvr, torch.tensor([0.125, 0.06, 0.32]), atol=1e-6)
+        p_ctr, p_cvr, p_ctcvr = fn(a, b, HEAD_KIND_STEPS, -1)    # pCTCVR .25/.5, .3/.2 (clipped), .4/.8
+        assert torch.allclose(p_cvr, torch.tensor([0.5, 1.0, 0.5]), atol=1e-6)
+        assert torch.allclose(p_ctcvr, torch.tensor([0.25, 0.2, 0.4]), atol=1e-6)
+        for slot in (0, 1, 2):
+            out = fn(a, None, HEAD_KIND_SINGLE, slot)
+            assert torch.allclose(out[slot], torch.sigmoid(a))
+            assert all(torch.isnan(out[k]).all() for k in range(3) if k != slot)
