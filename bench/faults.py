@@ -593,7 +593,7 @@ def commit_kill(ctx: Ctx, steps: tuple = COMMIT_STEPS) -> dict:
     committed dataset must be findable, and a plain re-run must finish the swap, lose nothing and leave nothing."""
     from esmm.outputs import FAULT_ENV, find_committed, is_committed
     ref = ensure_reference_dataset(ctx)
-    t0, steps, bad = time.time(), {}, []
+    t0, done, bad = time.time(), {}, []
     out = ctx.path("dataset-commit")
     shutil.rmtree(out, ignore_errors=True)
     for f in glob.glob(f"{out}.*"):
@@ -609,13 +609,14 @@ def commit_kill(ctx: Ctx, steps: tuple = COMMIT_STEPS) -> dict:
         rc2, _, _ = run(ctx, "etl", ctx.args() + ["--raw", ctx.raw, "--out", out], f"commit-{step}-rerun")
         ok = (rc == 137 and findable and rc2 == 0 and is_committed(out) and not leftovers(out)
               and rows_lost(_manifest(out)) == 0 and dataset_digest(out) == dataset_digest(ref))
-        steps[step] = ok
+        done[step] = ok
         if not ok:
             bad.append(f"{step}: exit {rc}, findable {findable}, re-run exit {rc2}, left {leftovers(out)}")
-    return {"scenario": "commit_kill", "ok": all(steps.values()), "rows_lost": 0 if all(steps.values()) else None,
+    ok = len(done) == len(steps) > 0 and all(done.values())
+    return {"scenario": "commit_kill", "ok": ok, "rows_lost": 0 if ok else None,
             "recover_s": time.time() - t0,
-            "outcome": f"killed at {len(steps)} commit steps: committed version findable and re-run completes at "
-                       f"{sum(steps.values())}/{len(steps)}" + (f" ({'; '.join(bad)})" if bad else "")}
+            "outcome": f"killed at {len(done)} commit steps ({', '.join(done)}): committed version findable and "
+                       f"re-run completes at {sum(done.values())}/{len(done)}" + (f" ({'; '.join(bad)})" if bad else "")}
 
 
 def user_files(ctx: Ctx, only: tuple = ("generate", "etl", "train", "experiment")) -> dict:
@@ -643,7 +644,7 @@ def user_files(ctx: Ctx, only: tuple = ("generate", "etl", "train", "experiment"
     with open(os.path.join(manifest_only, "manifest.json"), "w") as f:
         f.write("{}")
     backups[manifest_only] = tree_digest(manifest_only)
-    exp_sets = ["experiment.methods=[esmm]", "experiment.figure_rates=[1.0]"]
+    exp_sets = ["experiment.methods=[esmm]", "experiment.figure_methods=[]", "experiment.figure_rates=[1.0]"]
     jobs = [("generate", ["--out", outs["raw"]]), ("etl", ["--raw", outs["raw"], "--out", outs["dataset"]]),
             ("train", ["--dataset", outs["dataset"], "--out", outs["run"], "--set", "train.method=esmm"]),
             ("experiment", ["--dataset", outs["dataset"], "--exp", outs["exp"], *[a for s in exp_sets

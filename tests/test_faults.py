@@ -47,7 +47,7 @@ def test_experiment_killed_mid_unit_reruns_to_the_same_table(ctx, spark):
 
 def test_a_kill_at_each_commit_step_is_recovered_by_a_plain_rerun(ctx):
     r = F.commit_kill(ctx, steps=("old-moved",))   # every step: tests/test_outputs.py; all three: bench/faults.py
-    assert r["ok"], r
+    assert r["ok"] and "killed at 1 commit steps (old-moved)" in r["outcome"], r
 
 
 def test_a_users_backups_and_a_manifest_only_directory_survive_every_job(ctx):
