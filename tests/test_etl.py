@@ -361,3 +361,27 @@ def test_output_ownership_lock_and_stale_staging(spark, etl_out, tmp_path):
     again = run_etl(spark, cfg, str(raw), str(out))
     assert again["run_id"] == m["run_id"] and not stale.exists() and not (out.parent / "dataset.lock").exists()
     assert backup.exists() and (backup / MARKER).exists()
+
+
+def test_a_users_backup_and_a_manifest_only_dir_survive_an_overwriting_etl(spark, etl_out, tmp_path):
+    """--overwrite replaces the ETL's own output through its staging and never touches a user's `<out>.old-<date>`
+    copy beside it (our marker inside, no staging record of ours), nor a directory that only holds a manifest."""
+    import shutil
+
+    from esmm.outputs import OutputError, is_committed
+    cfg, raw, _, _ = etl_out
+    out = tmp_path / "ds"
+    first = run_etl(spark, cfg, str(raw), str(out))
+    backup = tmp_path / "ds.old-20261201"
+    shutil.copytree(out, backup)
+    before = sorted((p.relative_to(backup), p.stat().st_size) for p in backup.rglob("*"))
+    again = run_etl(spark, cfg, str(raw), str(out), overwrite=True)
+    assert again["run_id"] != first["run_id"] and is_committed(str(out))
+    assert sorted((p.relative_to(backup), p.stat().st_size) for p in backup.rglob("*")) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "ds.old-20261201"]
+    only = tmp_path / "only-manifest"
+    only.mkdir()
+    (only / "manifest.json").write_text("{}")
+    with pytest.raises(OutputError, match="not created by esmm-spark"):
+        run_etl(spark, cfg, str(raw), str(only), overwrite=True)
+    assert [p.name for p in only.iterdir()] == ["manifest.json"]
