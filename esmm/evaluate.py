@@ -359,8 +359,8 @@ def evaluate_runs(spark: SparkSession, dataset: str, run_dirs: list[str], ctr_di
     inputs = {"exports": {r.run_id: _digest(r.export) for r in runs + ([ref] if ref else [])},
               "dataset_run_id": manifest["run_id"], "evaluate": to_dict(evaluate) if evaluate is not None else None,
               "truth": (read_commit(storage.parent(truth), verify=False) or {}).get("run_id", truth) if truth else None}
-    with Output(out, "evaluation", inputs, "evaluate", overwrite=True) as o:
-        if o.reusable and not overwrite:
+    with Output(out, "evaluation", inputs, "evaluate", overwrite=overwrite) as o:
+        if o.reusable:  # other inputs are not refused: an evaluation is derived data, replaced by the new one
             log.info("%s holds the evaluation of the same exports and dataset: reusing it", storage.display(out))
             return storage.read_json(storage.join(out, "metrics.json"))
         tmp = o.stage()

@@ -181,8 +181,12 @@ def test_every_finished_output_carries_success(spark, tiny_dataset, tmp_path, mo
     assert os.path.isfile(os.path.join(exp, SUCCESS))
 
     out = str(tmp_path / "evaluation")
-    evaluate_runs(spark, ds, runs[1:], runs[0], out)
+    first = evaluate_runs(spark, ds, runs[1:], runs[0], out)
     assert os.path.isfile(os.path.join(out, "metrics.json")) and os.path.isfile(os.path.join(out, SUCCESS))
+    stamp = os.stat(os.path.join(out, "metrics.json")).st_mtime_ns
+    again = evaluate_runs(spark, ds, runs[1:], runs[0], out)             # same exports and dataset: reused
+    assert again["predictions"] == first["predictions"] and len(again["metrics"]) == len(first["metrics"])
+    assert os.stat(os.path.join(out, "metrics.json")).st_mtime_ns == stamp
 
     def interrupted(*a, **k):
         raise RuntimeError("killed while scoring")
