@@ -153,13 +153,13 @@ def read_commit(out: str, verify: bool = True) -> dict | None:
         rec = _read_record(storage.join(out, COMMIT), "commit")
     except OutputError:
         return None
-    if rec is None or not verify:
-        return rec
+    return rec if rec is None or not verify or _complete(out, rec) else None
+
+
+def _complete(out: str, rec: dict) -> bool:
+    """Every file the commit record lists is under ``out`` with its size."""
     have = walk_files(out)
-    for rel, size in (rec.get("files") or {}).items():
-        if have.get(rel) != size:
-            return None
-    return rec
+    return all(have.get(rel) == size for rel, size in (rec.get("files") or {}).items())
 
 
 def is_committed(out: str) -> bool:
@@ -411,8 +411,9 @@ class Output:
         if self.marker.get("kind") != self.kind:
             raise OutputError(f"{d} holds a {self.marker.get('kind')!r} output, not a {self.kind!r} one: refusing to "
                               f"replace it")
-        self.committed = read_commit(self.out)
-        self._seen = (read_commit(self.out, verify=False) or {}).get("run_id")
+        rec = read_commit(self.out, verify=False)   # one read: the run id seen, and committed if complete
+        self._seen = (rec or {}).get("run_id")
+        self.committed = rec if rec is not None and _complete(self.out, rec) else None
 
     @property
     def same_inputs(self) -> bool:

@@ -182,6 +182,12 @@ class _ArrowFS:
         sel = self.pafs.FileSelector(self.path(url), allow_not_found=True)
         return sorted(posixpath.basename(fi.path.rstrip("/")) for fi in self.fs.get_file_info(sel))
 
+    def walk(self, url: str) -> dict:
+        base = self.path(url).rstrip("/")
+        sel = self.pafs.FileSelector(base, recursive=True)
+        return {fi.path[len(base) + 1:]: (int(fi.size or 0), fi.mtime.timestamp() if fi.mtime else 0.0)
+                for fi in self.fs.get_file_info(sel) if fi.type == self.pafs.FileType.File}
+
     def makedirs(self, url: str) -> None:
         self.fs.create_dir(self.path(url), recursive=True)
 
@@ -262,6 +268,14 @@ class _HadoopFS:
         if not self.fs.exists(self.p(url)):
             return []
         return sorted(str(st.getPath().getName()) for st in self.fs.listStatus(self.p(url)))
+
+    def walk(self, url: str) -> dict:
+        top = self.fs.makeQualified(self.p(url)).toUri().getPath().rstrip("/")
+        files, it = {}, self.fs.listFiles(self.p(url), True)
+        while it.hasNext():
+            st = it.next()
+            files[st.getPath().toUri().getPath()[len(top) + 1:]] = (int(st.getLen()), st.getModificationTime() / 1000.0)
+        return files
 
     def makedirs(self, url: str) -> None:
         self.fs.mkdirs(self.p(url))
@@ -398,18 +412,7 @@ def walk(url: str) -> dict:
         return {}
     if not top.is_dir:
         return {"": (top.size, top.mtime)}
-    out, stack = {}, [""]
-    while stack:
-        rel = stack.pop()
-        base = join(url, rel) if rel else resolve(url)
-        for name in listdir(base):
-            child = f"{rel}/{name}" if rel else name
-            i = info(join(url, child))
-            if i.is_dir:
-                stack.append(child)
-            else:
-                out[child] = (int(i.size), float(i.mtime))
-    return out
+    return _fs(url).walk(url)  # one recursive listing, not a call per file
 
 
 def concat_parts(parts_dir: str, dest: str) -> None:
