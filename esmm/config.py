@@ -183,6 +183,11 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
+    lr_schedule: str = "linear"      # "linear": lr, then falls linearly over the run's last lr_decay_share of steps to
+                                     # lr x lr_final; "constant": the paper's plain Adam (its level drifts with the
+                                     # last steps' noise)
+    lr_decay_share: float = 0.2      # the linear schedule's cool-down: this share of the run's steps, at its end
+    lr_final: float = 0.0            # the linear schedule's last lr as a share of lr
     aman_rate: float = 0.1           # AMAN: share of un-clicked rows kept as negatives
     oversampling_k: int = 3          # OVERSAMPLING: converted rows repeated k times
     unbias_min_ctr: float = 0.01     # UNBIAS: pCTR clipped below at this before 1/pCTR
@@ -201,7 +206,9 @@ class TrainConfig:
     validation_share: float = 0.05   # the latest share of the train split (by sample_id) held out for validation;
                                      # 0 = no validation, no early stopping (every train row is trained on)
     eval_every: int = 1000           # steps between validation evaluations (also at the end of every epoch)
-    patience: int = 5                # stop after this many evaluations without a better validation AUC
+    patience: int = 5                # stop after this many evaluations without a better validation score
+    best_by: str = "logloss"         # the evaluation the export holds: "logloss" (lowest validation log-loss: ranking
+                                     # and level) or "auc" (highest validation AUC, blind to the level)
 
     def validate(self, key: str) -> None:
         names = _method_names()
@@ -223,10 +230,17 @@ class TrainConfig:
         for name in ("escm2_cf_weight", "escm2_ctcvr_weight", "aitm_alpha"):
             v = getattr(self, name)
             _check(math.isfinite(v) and v >= 0, f"{key}.{name}", f"must be a finite number >= 0, got {v}")
+        _check(self.lr_schedule in LR_SCHEDULES, f"{key}.lr_schedule",
+               f"must be one of {list(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        _check(0 <= self.lr_final <= 1, f"{key}.lr_final", f"must be in [0, 1], got {self.lr_final}")
+        _check(0 < self.lr_decay_share <= 1, f"{key}.lr_decay_share", f"must be in (0, 1], got {self.lr_decay_share}")
+        _check(self.best_by in BEST_BY, f"{key}.best_by", f"must be one of {list(BEST_BY)}, got {self.best_by!r}")
         _check(0 < self.escm2_min_ctr <= 1, f"{key}.escm2_min_ctr", f"must be in (0, 1], got {self.escm2_min_ctr}")
 
 
 EXPORT_MODES = ("auto", "path", "broadcast")
+LR_SCHEDULES = ("linear", "constant")
+BEST_BY = ("logloss", "auc")
 
 
 @dataclass(frozen=True)

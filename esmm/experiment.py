@@ -14,8 +14,8 @@ against every competitor (``esmm.report``).
 
 Selection of AMAN's rate and OVERSAMPLING's factor (``experiment.select_on``):
 
-- ``validation`` (default): the variant whose trainings reached the best validation AUC (``esmm.validation``: the CVR
-  AUC on the clicked impressions of the held-out latest part of the train split), mean over the repeats at each
+- ``validation`` (default): the variant whose exported models have the best validation AUC (``esmm.validation``: the
+  CVR AUC on the clicked impressions of the held-out latest part of the train split), mean over the repeats at each
   sampling rate. The test split plays no part in the choice, so the reported test AUCs are honest estimates.
 - ``test``: the paper's protocol: the variant with the best mean test CVR AUC is reported (the paper has no
   validation split and chose on test, which flatters the chosen variant slightly).
@@ -151,7 +151,8 @@ def run_unit(spark: SparkSession, cfg: Config, dataset: str, exp_dir: str, repea
               "seconds": {"train": round(t1 - t0, 1), "score": round(t2 - t1, 1),
                           "metrics": round(time.time() - t2, 1)},
               "train": [{k: v for k, v in s.items() if k != "history"} for s in summaries],
-              # each run's best validation AUC (None without a validation split): what select_on=validation uses
+              # the validation AUC of each run's exported evaluation (None without a validation split): what
+              # select_on=validation compares
               "validation": {s.name: (summ.get("validation") or {}).get("best_auc")
                              for s, summ in zip(specs, summaries)}}
     write_json(out_path, result)

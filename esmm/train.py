@@ -5,7 +5,10 @@ touched by a batch get their moments and values updated; dense Adam would decay 
 is over 10x slower on the table, see STACK.md); the towers go to ``Adam``. Both use the paper's betas/eps.
 With ``train.scale_lr`` the learning rate is multiplied by the number of workers (the linear scaling rule: each step
 averages gradients over workers x batch_size samples); off by default, so runs at different world sizes take the same
-per-step update size.
+per-step update size. ``train.lr_schedule: linear`` (the default) keeps ``lr`` and then, over the last
+``lr_decay_share`` of the run's steps, lowers both optimizers' rate linearly to ``lr x lr_final`` at the last step (a
+cool-down; a function of the step, so resume is exact); ``constant`` is the paper's plain Adam. At a constant rate the last steps' noise sets the output's mean level (pCVR/truth from 0.5 to 1.3
+between seeds of one method, bench/RESULTS.md "Calibrated exports"); the decay lets it settle before the export.
 
 Run directory (``out_dir``), written by rank 0 only:
 
@@ -27,15 +30,17 @@ Run directory (``out_dir``), written by rank 0 only:
 
 Validation and early stopping (``esmm.validation``; ``train.validation_share`` > 0): rank 0 finds the cut of the
 train split's latest rows once (recorded in the summary), every rank trains on the rows before it, and every
-``train.eval_every`` steps and at the end of every epoch rank 0 scores the validation rows; the decision (AUC, stop)
-is broadcast so every rank stops at the same step. Rank 0 keeps a copy of the best weights by validation AUC; the
-export (``model.pt`` and the portable one) holds them, broadcast to every rank first. The tracker (best AUC and step,
-evaluations since) and the best weights are part of every checkpoint, so a resumed run takes the same decisions.
+``train.eval_every`` steps and at the end of every epoch rank 0 scores the validation rows (AUC, log-loss,
+calibration); the scores are broadcast so every rank takes the same decision and stops at the same step. Rank 0 keeps
+a copy of the best weights (``train.best_by``: lowest log-loss by default, or highest AUC); the export (``model.pt``
+and the portable one) holds them, broadcast to every rank first, and the summary records the exported step
+(``exported_step``) and its validation scores (``validation.best``). The tracker (best evaluation, evaluations since)
+and the best weights are part of every checkpoint, so a resumed run takes the same decisions.
 With ``validation_share`` 0 none of this runs and training is as without the feature.
 
 TensorBoard: rank 0 writes event files to ``<out_dir>/tensorboard`` (``train/loss`` and the loss parts,
-``train/samples_per_s``, ``train/lr`` every ``log_every`` steps; ``validation/auc`` and ``validation/best_auc`` per
-evaluation), so ``tensorboard --logdir <runs>`` shows every run side by side. A resumed run purges the events past
+``train/samples_per_s``, ``train/lr`` every ``log_every`` steps; ``validation/auc``, ``validation/logloss``,
+``validation/calibration``, ``validation/best_auc`` and ``validation/best_logloss`` per evaluation), so ``tensorboard --logdir <runs>`` shows every run side by side. A resumed run purges the events past
 its checkpoint's step; the writer is closed on every exit path.
 
 Faults stop every rank with the same ``TrainError`` instead of leaving some waiting in a collective: rank 0's verdict
@@ -87,8 +92,9 @@ class TrainState:
     opt_dense: torch.optim.Optimizer
     step: int = 0
     history: list = field(default_factory=list)
-    tracker: V.Tracker | None = None     # validation: best AUC so far (None: no validation split)
+    tracker: V.Tracker | None = None     # validation: best evaluation so far (None: no validation split)
     best: dict | None = None             # rank 0: a copy of the weights of the best evaluation
+    base_lr: float = 0.0                 # train.lr (x workers with scale_lr); the schedule scales it per step
 
     def checkpoint(self, cfg: Config) -> dict:
         ckpt = {"model": self.model.state_dict(), "opt_sparse": self.opt_sparse.state_dict(),
@@ -129,7 +135,26 @@ def build_state(cfg: Config, layout: FeatureLayout, dist: D.Dist) -> TrainState:
     # wrap before loading any state: Horovod's wrapper is a new optimizer object over the same param groups
     opt_s = D.distributed_optimizer(opt_s, sparse, "sparse")
     opt_d = D.distributed_optimizer(opt_d, dense, "dense")
-    return TrainState(model, opt_s, opt_d)
+    return TrainState(model, opt_s, opt_d, base_lr=lr)
+
+
+def lr_at(t, base_lr: float, step: int, total: int) -> float:
+    """The learning rate of the step after ``step`` steps of ``total``: ``base_lr`` throughout with
+    ``lr_schedule: constant``; with ``linear``, ``base_lr`` until the last ``lr_decay_share`` of the steps, then a
+    straight line down to ``base_lr x lr_final`` at step ``total`` (a function of the step alone, so a resumed run
+    takes the same rates)."""
+    if t.lr_schedule == "constant" or total <= 0:
+        return base_lr
+    start = total * (1.0 - t.lr_decay_share)
+    if step <= start:
+        return base_lr
+    return base_lr * (1.0 - (1.0 - t.lr_final) * min((step - start) / (total - start), 1.0))
+
+
+def set_lr(state: TrainState, lr: float) -> None:
+    for opt in (state.opt_sparse, state.opt_dense):
+        for g in opt.param_groups:
+            g["lr"] = lr
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
@@ -360,7 +385,7 @@ def _train(cfg: Config, dataset: str, out_dir: str, dist: D.Dist, stop_at_step: 
         split["metric"] = V.target_for(t.method).name
         split["metric_defined"] = V.metric_defined(split, t.method)
         if split["metric_defined"]:
-            state.tracker = V.Tracker(t.patience)
+            state.tracker = V.Tracker(t.patience, t.best_by)
         elif dist.is_main:
             log.warning("the validation rows of %s have one class only (%d rows, %d clicks, %d conversions): its "
                         "AUC is undefined, so %s trains to the end without early stopping or best-model selection",
@@ -406,7 +431,9 @@ def _train(cfg: Config, dataset: str, out_dir: str, dist: D.Dist, stop_at_step: 
     if split is not None:
         summary["validation"] = _validation_summary(split, state, t)
     if state.step == total or summary.get("stopped_early"):
-        if state.tracker is not None and state.tracker.best_step is not None and state.tracker.best_step != state.step:
+        best_step = state.tracker.best_step if state.tracker is not None else None
+        summary["exported_step"] = best_step if best_step is not None else state.step
+        if best_step is not None and best_step != state.step:
             if dist.is_main:  # the export holds the best evaluation's weights, on every rank before the checks
                 state.model.load_state_dict(state.best)
             D.broadcast_parameters(state.model)
@@ -421,14 +448,15 @@ def _train(cfg: Config, dataset: str, out_dir: str, dist: D.Dist, stop_at_step: 
 
 
 def _validation_summary(split: dict, state: TrainState, t) -> dict:
-    """What the summary records of the validation split and of the selection made on it."""
+    """What the summary records of the validation split and of the selection made on it: every evaluation's AUC,
+    log-loss and calibration, and the best one (``best``: the evaluation the export holds)."""
     out = {k: split[k] for k in ("share", "cut_sample_id", "rows", "clicks", "conversions", "metric",
                                  "metric_defined")}
-    out.update({"eval_every": t.eval_every, "patience": t.patience, "best_auc": None, "best_step": None,
-                "evals": []})
+    out.update({"eval_every": t.eval_every, "patience": t.patience, "best_by": t.best_by, "best": None,
+                "best_auc": None, "best_step": None, "evals": []})
     if state.tracker is not None:
-        out.update({"best_auc": state.tracker.best_auc, "best_step": state.tracker.best_step,
-                    "evals": list(state.tracker.evals)})
+        out.update({"best": state.tracker.best, "best_auc": state.tracker.best_auc,
+                    "best_step": state.tracker.best_step, "evals": list(state.tracker.evals)})
     return out
 
 
@@ -462,28 +490,35 @@ def _scalars(writer: _EventLog | None, step: int, prefix: str, values: dict) -> 
 
 
 def _evaluate(state: TrainState, dist: D.Dist, validator, writer) -> bool:
-    """Collective: rank 0 scores the validation rows, every rank records the same AUC; returns whether to stop.
-    Rank 0 copies the weights when they are the best so far."""
-    auc, error = None, None
+    """Collective: rank 0 scores the validation rows, every rank records the same scores; returns whether to stop.
+    Rank 0 copies the weights when they are the best so far (``train.best_by``)."""
+    scores, error = None, None
     if dist.is_main:
         try:
-            auc = validator(state.model)
+            scores = validator(state.model)
         except Exception as e:  # noqa: BLE001  (raised on every rank below, none is left waiting)
             error = f"{type(e).__name__}: {e}"
-    auc, error = D.broadcast_object((auc, error), "validation_auc")
+    scores, error = D.broadcast_object((scores, error), "validation_scores")
     if error:
         raise TrainError(f"the validation at step {state.step} failed on rank 0 ({error}); nothing was written from "
                          f"this state")
-    improved = state.tracker.update(state.step, auc)
+    improved = state.tracker.update(state.step, scores)
     if dist.is_main:
         if improved:
             state.keep_best()
         tr = state.tracker
-        log.info("validation at step %d: AUC %.5f (best %s at step %s; %d/%d evaluations without improvement)",
-                 state.step, auc, f"{tr.best_auc:.5f}" if tr.best_auc is not None else "none", tr.best_step,
+        best = tr.best or {}
+        log.info("validation at step %d: AUC %.5f, log-loss %.5f, calibration %.3f (best by %s: step %s, AUC %s, "
+                 "log-loss %s; %d/%d evaluations without improvement)", state.step, scores["auc"], scores["logloss"],
+                 scores["calibration"], tr.best_by, tr.best_step, _fmt(best.get("auc")), _fmt(best.get("logloss")),
                  tr.bad_evals, tr.patience)
-        _scalars(writer, state.step, "validation", {"auc": auc, "best_auc": tr.best_auc})
+        _scalars(writer, state.step, "validation", {**{k: scores[k] for k in ("auc", "logloss", "calibration")},
+                                                    "best_auc": tr.best_auc, "best_logloss": best.get("logloss")})
     return state.tracker.stop
+
+
+def _fmt(x) -> str:
+    return "none" if x is None else f"{x:.5f}"
 
 
 def _loop(state: TrainState, method, stream, cfg: Config, dist: D.Dist, total: int, out_dir: str, ctr_net,
@@ -497,6 +532,7 @@ def _loop(state: TrainState, method, stream, cfg: Config, dist: D.Dist, total: i
     state.model.train()
     while state.step < total:
         raw = next(stream).to(dist.device)
+        set_lr(state, lr_at(t, state.base_lr, state.step, total))
         gen.manual_seed(t.seed * 1_000_003 + dist.rank * 7919 + state.step)  # per-step seed: resumable exactly
         parts = train_step(state, method, raw, cfg, gen, ctr_net)
         state.step += 1
@@ -518,9 +554,9 @@ def _loop(state: TrainState, method, stream, cfg: Config, dist: D.Dist, total: i
             break
         if stopped_early:
             if dist.is_main:
-                log.info("early stop at step %d of %d: %d evaluations without a better validation AUC (best %.5f "
-                         "at step %d)", state.step, total, state.tracker.bad_evals, state.tracker.best_auc or math.nan,
-                         state.tracker.best_step or 0)
+                log.info("early stop at step %d of %d: %d evaluations without a better validation %s (best at "
+                         "step %s)", state.step, total, state.tracker.bad_evals, state.tracker.best_by,
+                         state.tracker.best_step)
             break
         if state.step % t.checkpoint_every == 0 or state.step == total:
             check_finite_parameters(state, dist, "checkpoint")

@@ -13,7 +13,7 @@ period held out for model selection, not training data: shrinking it with Figure
 noisier exactly where the training data is scarce, while the training subsets stay the nested tiers of the rows
 before the cut.
 
-The metric (one number per evaluation, ``target_for``): the AUC of the CVR on the clicked validation impressions for
+The target (``target_for``): the AUC of the CVR on the clicked validation impressions for
 every method that predicts CVR by itself (BASE, AMAN, OVERSAMPLING, UNBIAS, ESMM-NS, ESMM): Table 2's first column,
 and the criterion the paper chose AMAN's rate and OVERSAMPLING's k by, here on validation rows. DIVISION's network
 predicts pCTCVR only (its pCVR needs another run's pCTR), so it is validated on its own CTCVR AUC over all validation
@@ -21,10 +21,16 @@ impressions; the reference CTR network on its CTR AUC. Model selection compares 
 comparison is like with like. The AUC is exact (average ranks for ties), computed on rank 0 with numpy; for CVR methods
 only the clicked validation rows are read and scored (pushed down to the Parquet scan).
 
-Early stopping (``Tracker``): an evaluation improves when its AUC is strictly above the best so far; after
-``train.patience`` evaluations in a row without improvement training stops, and the export holds the best weights.
-When the validation target has one class only (e.g. no conversion among the clicked validation rows) the AUC is
-undefined: training runs to the end, nothing is selected, and the summary says so.
+Every evaluation records the target's AUC, log-loss and calibration (mean prediction / observed rate).
+
+Which evaluation the export holds (``Tracker``, ``train.best_by``): by default the one with the lowest log-loss. The
+AUC ranks and is blind to the output's level; picking the highest-AUC snapshot of a run whose level drifts (Adam's
+last steps move the output bias) exported models whose mean pCVR was anywhere from 0.5 to 1.3 times the truth between
+seeds. Log-loss is a proper scoring rule: it rewards ranking and level together. ``best_by: auc`` keeps the earlier
+rule. An evaluation improves when its score is strictly better than the best so far; after ``train.patience``
+evaluations in a row without improvement training stops, and the export holds the best weights. When the validation
+target has one class only (e.g. no conversion among the clicked validation rows) the AUC is undefined: training runs
+to the end, nothing is selected, and the summary says so.
 """
 from __future__ import annotations
 
@@ -185,22 +191,39 @@ def _label(batch: Batch, label: str) -> np.ndarray:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, method: str, train_path: str, cut: int, width: int,
-             device: torch.device | str = "cpu") -> float:
-    """The validation AUC of ``model`` (``target_for(method)``); leaves the model in the mode it found it in."""
+             device: torch.device | str = "cpu") -> dict:
+    """The validation scores of ``model`` on ``target_for(method)``: ``{"auc", "logloss", "calibration"}`` (see
+    ``scores``); leaves the model in the mode it found it in."""
     from esmm.methods import predict
     tg = target_for(method)
     was_training = model.training
     model.eval()
-    scores, labels = [], []
+    preds, labels = [], []
     try:
         for b in batches(train_path, cut, tg.rows, width):
-            scores.append(predict(method, model, b.to(device))[tg.prediction].double().cpu().numpy())
+            preds.append(predict(method, model, b.to(device))[tg.prediction].double().cpu().numpy())
             labels.append(_label(b, tg.label))
     finally:
         model.train(was_training)
-    if not scores:
-        return math.nan
-    return exact_auc(np.concatenate(scores), np.concatenate(labels))
+    if not preds:
+        return {"auc": math.nan, "logloss": math.nan, "calibration": math.nan}
+    return scores(np.concatenate(preds), np.concatenate(labels))
+
+
+LOGLOSS_CLIP = 1e-7          # as esmm.metrics: probabilities clipped to [1e-7, 1 - 1e-7]
+
+
+def scores(p: np.ndarray, labels: np.ndarray) -> dict:
+    """Exact AUC, log-loss (mean cross-entropy, probabilities clipped to [1e-7, 1 - 1e-7], as ``esmm.metrics``) and
+    calibration (mean prediction / observed positive rate: 1 is the right level, NaN without positives)."""
+    p = np.asarray(p, dtype=np.float64)
+    y = np.asarray(labels, dtype=bool)
+    if not len(p) or not np.isfinite(p).all():
+        return {"auc": math.nan, "logloss": math.nan, "calibration": math.nan}
+    q = np.clip(p, LOGLOSS_CLIP, 1 - LOGLOSS_CLIP)
+    logloss = float(-np.mean(np.where(y, np.log(q), np.log1p(-q))))
+    rate = float(y.mean())
+    return {"auc": exact_auc(p, y), "logloss": logloss, "calibration": float(p.mean()) / rate if rate > 0 else math.nan}
 
 
 def exact_auc(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -223,31 +246,48 @@ def exact_auc(scores: np.ndarray, labels: np.ndarray) -> float:
 
 @dataclass
 class Tracker:
-    """Best validation AUC so far, at which step, and evaluations since; part of every checkpoint (exact resume)."""
+    """The best evaluation so far by ``best_by`` ("logloss": lowest validation log-loss; "auc": highest validation
+    AUC), its step, and evaluations since; part of every checkpoint (exact resume). An evaluation improves when its
+    score is finite and strictly better than the best so far."""
     patience: int
-    best_auc: float | None = None
-    best_step: int | None = None
+    best_by: str = "logloss"
+    best: dict | None = None            # the best evaluation: {"step", "auc", "logloss", "calibration"}
     bad_evals: int = 0
     evals: list = field(default_factory=list)
 
-    def update(self, step: int, auc: float) -> bool:
-        """Record one evaluation; True when it is the best so far (strictly above the previous best)."""
-        improved = math.isfinite(auc) and (self.best_auc is None or auc > self.best_auc)
+    def update(self, step: int, scores: dict) -> bool:
+        """Record one evaluation (``scores`` as ``evaluate`` returns them); True when it is the best so far."""
+        rec = {"step": int(step), **{k: _finite_or_none(scores.get(k)) for k in ("auc", "logloss", "calibration")}}
+        v, b = rec[self.best_by], (self.best or {}).get(self.best_by)
+        improved = rec["auc"] is not None and v is not None and (
+            b is None or (v < b if self.best_by == "logloss" else v > b))
         if improved:
-            self.best_auc, self.best_step, self.bad_evals = float(auc), int(step), 0
+            self.best, self.bad_evals = rec, 0
         else:
             self.bad_evals += 1
-        self.evals.append({"step": int(step), "auc": None if math.isnan(auc) else float(auc)})
+        self.evals.append(rec)
         return improved
+
+    @property
+    def best_step(self) -> int | None:
+        return None if self.best is None else self.best["step"]
+
+    @property
+    def best_auc(self) -> float | None:
+        """The validation AUC of the best evaluation (by ``best_by``: with "logloss" not always the highest AUC)."""
+        return None if self.best is None else self.best["auc"]
 
     @property
     def stop(self) -> bool:
         return self.bad_evals >= self.patience
 
     def state(self) -> dict:
-        return {"best_auc": self.best_auc, "best_step": self.best_step, "bad_evals": self.bad_evals,
-                "evals": list(self.evals)}
+        return {"best_by": self.best_by, "best": self.best, "bad_evals": self.bad_evals, "evals": list(self.evals)}
 
     def load(self, state: dict) -> None:
-        self.best_auc, self.best_step = state["best_auc"], state["best_step"]
+        self.best_by, self.best = state["best_by"], state["best"]
         self.bad_evals, self.evals = int(state["bad_evals"]), list(state["evals"])
+
+
+def _finite_or_none(x) -> float | None:
+    return float(x) if x is not None and math.isfinite(x) else None

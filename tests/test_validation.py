@@ -16,8 +16,8 @@ import schemas as S
 from esmm.config import ConfigError, load_config
 from esmm.data import _chunks, steps_per_epoch, subset_rows, tier_for_rate, train_stream
 from esmm.artifacts import EXPORT, SUMMARY, load_export, read_manifest
-from esmm.train import TENSORBOARD, list_checkpoints, train
-from esmm.validation import Tracker, exact_auc, find_split, train_rows
+from esmm.train import TENSORBOARD, list_checkpoints, lr_at, train
+from esmm.validation import Tracker, exact_auc, find_split, scores, train_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf" / "test.yaml"
@@ -81,7 +81,9 @@ def test_validation_rows_never_reach_a_training_batch(tiny_dataset, rate):
 def test_config_checks():
     for bad, msg in ((["train.validation_share=1"], "validation_share"), (["train.validation_share=-0.1"], "share"),
                      (["train.patience=0"], "patience"), (["train.eval_every=0"], "eval_every"),
-                     (["experiment.select_on=train"], "select_on"),
+                     (["experiment.select_on=train"], "select_on"), (["train.best_by=loss"], "best_by"),
+                     (["train.lr_schedule=cosine"], "lr_schedule"), (["train.lr_final=1.5"], "lr_final"),
+                     (["train.lr_decay_share=0"], "lr_decay_share"),
                      (["train.validation_share=0"], "experiment.select_on: validation needs a validation split")):
         with pytest.raises(ConfigError, match=msg):
             load_config(CONF, bad)
@@ -103,16 +105,51 @@ def test_exact_auc_with_ties_equals_sklearn():
     assert math.isnan(exact_auc(np.array([np.nan, 0.2]), np.array([True, False])))
 
 
+def _ev(auc, logloss):
+    return {"auc": auc, "logloss": logloss, "calibration": 1.0}
+
+
 def test_tracker_counts_evaluations_without_improvement():
-    tr = Tracker(patience=2)
-    assert tr.update(1, 0.6) and not tr.stop
-    assert not tr.update(2, 0.6)                                        # equal is not better
-    assert tr.update(3, 0.7) and tr.bad_evals == 0
-    assert not tr.update(4, math.nan) and not tr.update(5, 0.65) and tr.stop
+    tr = Tracker(patience=2, best_by="auc")
+    assert tr.update(1, _ev(0.6, 0.5)) and not tr.stop
+    assert not tr.update(2, _ev(0.6, 0.4))                              # equal is not better
+    assert tr.update(3, _ev(0.7, 0.45)) and tr.bad_evals == 0
+    assert not tr.update(4, _ev(math.nan, 0.1)) and not tr.update(5, _ev(0.65, 0.3)) and tr.stop
     assert (tr.best_auc, tr.best_step) == (0.7, 3)
     again = Tracker(patience=2)
     again.load(json.loads(json.dumps(tr.state())))
-    assert again.state() == tr.state() and again.stop
+    assert again.state() == tr.state() and again.stop and again.best_by == "auc"
+
+
+def test_tracker_by_logloss_keeps_the_lowest_loss_not_the_highest_auc():
+    tr = Tracker(patience=3)
+    assert tr.best_by == "logloss"
+    assert tr.update(1, _ev(0.60, 0.50))
+    assert not tr.update(2, _ev(0.70, 0.55))                            # better ranking, worse level: not kept
+    assert tr.update(3, _ev(0.65, 0.40))
+    assert not tr.update(4, _ev(math.nan, 0.10))                        # one class: no AUC, never selected
+    assert (tr.best_step, tr.best_auc, tr.best["logloss"], tr.bad_evals) == (3, 0.65, 0.40, 1)
+    assert tr.evals[3] == {"step": 4, "auc": None, "logloss": 0.1, "calibration": 1.0}
+
+
+def test_validation_scores_by_hand():
+    p, y = np.array([0.2, 0.8, 0.4, 0.4]), np.array([False, True, True, False])
+    s = scores(p, y)
+    assert s["auc"] == pytest.approx(0.875)                              # pairs: (0.8>0.2, 0.8>0.4, 0.4=0.4, 0.4>0.2)/4
+    assert s["logloss"] == pytest.approx(-(math.log(0.8) + math.log(0.8) + math.log(0.4) + math.log(0.6)) / 4)
+    assert s["calibration"] == pytest.approx(0.45 / 0.5)                # mean prediction / observed rate
+    assert math.isnan(scores(p, np.zeros(4, bool))["calibration"]) and math.isnan(scores(p, np.zeros(4, bool))["auc"])
+    assert scores(np.array([0.0, 1.0]), np.array([True, False]))["logloss"] == pytest.approx(-math.log(1e-7))
+
+
+def test_the_linear_schedule_by_hand():
+    t = _cfg().train
+    assert (t.lr_schedule, t.lr_decay_share, t.lr_final) == ("linear", 0.2, 0.0)
+    assert [lr_at(t, 0.01, s, 10) for s in (0, 5, 8, 9, 10)] == pytest.approx([0.01, 0.01, 0.01, 0.005, 0.0])
+    whole = _cfg(**{"train.lr_decay_share": 1.0, "train.lr_final": 0.5}).train
+    assert [lr_at(whole, 0.01, s, 4) for s in (0, 1, 2, 4, 9)] == pytest.approx([0.01, 0.00875, 0.0075, 0.005, 0.005])
+    const = _cfg(**{"train.lr_schedule": "constant"}).train
+    assert {lr_at(const, 0.01, s, 4) for s in range(5)} == {0.01}
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -142,11 +179,12 @@ def test_early_stop_at_the_expected_step_when_nothing_improves(tiny_dataset, tmp
 
 
 def _early_stopping_cfg(**more):
-    """BASE evaluated every 2 steps (and at the end of each epoch) with patience 2: on the tiny dataset its validation
-    CVR AUC peaks within the first epoch and then drops, so the run stops early, with the best model some steps back
-    (the stream and the evaluations are deterministic: the same steps every time)."""
+    """BASE evaluated every 2 steps (and at the end of each epoch) with patience 2, at a constant lr, the export chosen
+    by AUC: on the tiny dataset its validation CVR AUC peaks within the first epoch and then drops, so the run stops
+    early, with the best model some steps back (the stream and the evaluations are deterministic: the same steps every
+    time)."""
     return _cfg(**{"train.method": "base", "train.lr": 0.01, "train.eval_every": 2, "train.patience": 2,
-                   "train.epochs": 3, **more})
+                   "train.epochs": 3, "train.best_by": "auc", "train.lr_schedule": "constant", **more})
 
 
 def test_early_stop_exports_the_best_evaluation_weights(tiny_dataset, tmp_path):
@@ -170,6 +208,22 @@ def test_early_stop_exports_the_best_evaluation_weights(tiny_dataset, tmp_path):
     assert not all(torch.equal(exported[k], before[k]) for k in exported)  # a step apart the weights differ
 
 
+def test_the_default_export_holds_the_lowest_validation_logloss(tiny_dataset, tmp_path):
+    _, ds = tiny_dataset
+    cfg = _cfg(**{"train.method": "base", "train.lr": 0.01, "train.eval_every": 2, "train.patience": 100,
+                  "train.epochs": 2})
+    s = train(cfg, ds, str(tmp_path / "run"))
+    v = s["validation"]
+    scored = [e for e in v["evals"] if e["auc"] is not None]
+    assert v["best_by"] == "logloss" and len(scored) > 3
+    assert v["best"] == min(scored, key=lambda e: e["logloss"]) and s["exported_step"] == v["best_step"]
+    assert v["best_auc"] == v["best"]["auc"] and all(e["calibration"] > 0 for e in scored)
+    model, _ = load_export(str(tmp_path / "run" / EXPORT))             # the export scores what the summary says
+    from esmm.validation import evaluate
+    again = evaluate(model, "base", f"{ds}/train", v["cut_sample_id"], int(read_manifest(ds)["layout"]["num_slots"]))
+    assert again == pytest.approx({k: v["best"][k] for k in ("auc", "logloss", "calibration")})
+
+
 def test_resume_with_validation_equals_uninterrupted(tiny_dataset, tmp_path):
     """Cut at the step the run stops early, just before its decision: the newest checkpoint is one evaluation past
     the best one, so the resumed run stops at the same step with the same export only with the checkpoint's tracker
@@ -181,7 +235,7 @@ def test_resume_with_validation_equals_uninterrupted(tiny_dataset, tmp_path):
     part = train(cfg, ds, str(tmp_path / "cut"), stop_at_step=stop)     # "crash" after the step, before the decision
     assert part["steps"] == stop and not part["stopped_early"] and not (tmp_path / "cut" / EXPORT).exists()
     ckpt = torch.load(list_checkpoints(str(tmp_path / "cut"))[0][1], weights_only=True)
-    assert ckpt["step"] == stop - 1 and ckpt["validation"]["best_step"] == best < stop - 1
+    assert ckpt["step"] == stop - 1 and ckpt["validation"]["best"]["step"] == best < stop - 1
     assert ckpt["validation"]["bad_evals"] == 1 and "best_model" in ckpt   # patience 2: one more bad one stops it
     resumed = train(cfg, ds, str(tmp_path / "cut"))
     assert resumed["steps"] == stop and resumed["stopped_early"] and resumed["steps_this_run"] == 1
@@ -199,16 +253,18 @@ def test_tensorboard_events_hold_every_scalar_at_its_steps(tiny_dataset, tmp_pat
     ea.Reload()
     tags = set(ea.Tags()["scalars"])
     assert {"train/loss", "train/ctr", "train/ctcvr", "train/samples_per_s", "train/lr", "validation/auc",
-            "validation/best_auc"} <= tags
+            "validation/logloss", "validation/calibration", "validation/best_auc", "validation/best_logloss"} <= tags
     total = s["steps"]
     logged = [x for x in range(1, total + 1) if x % 3 == 0 or x == total]
     assert [e.step for e in ea.Scalars("train/loss")] == logged
     assert [round(e.value, 4) for e in ea.Scalars("train/loss")] == [round(h["loss"], 4) for h in s["history"]]
-    assert all(e.value == pytest.approx(0.001) for e in ea.Scalars("train/lr"))
+    lr = [lr_at(cfg.train, 0.001, e.step - 1, total) for e in ea.Scalars("train/lr")]   # the logged step's rate
+    assert [e.value for e in ea.Scalars("train/lr")] == pytest.approx(lr) and lr[0] > lr[-1]
     evals = s["validation"]["evals"]
     assert [x["step"] for x in evals] == [x for x in range(1, total + 1) if x % 4 == 0 or x == total]
     assert [e.step for e in ea.Scalars("validation/auc")] == [x["step"] for x in evals]
     assert [e.value for e in ea.Scalars("validation/auc")] == pytest.approx([x["auc"] for x in evals])
+    assert [e.value for e in ea.Scalars("validation/logloss")] == pytest.approx([x["logloss"] for x in evals])
 
 
 def _horovodrun(np_, args):
