@@ -70,21 +70,28 @@ def main():
              for b in args.biases.split(",") for a in args.affinities.split(",")]
     print(f"\n{args.impressions:,} impressions per cell (conf/demo.yaml), {args.repeats} repeat(s), "
           f"{time.time() - t0:.0f}s in all")
-    print("ESMM - BASE, AUC points [95% CI]; * = significant (paired DeLong, p < 0.05"
+    print("ESMM - BASE, AUC points [95% CI over seeds and test rows] (detectable difference, 80% power); "
+          "* = ESMM higher or lower by that CI and the paired DeLong test (p < 0.05"
           + (", every repeat)" if args.repeats > 1 else ")"))
-    head = f"{'lambda':>6s} {'w_S':>5s} | " + " | ".join(f"{t:^24s}" for t in TASKS) + " | oracle CVR / all"
+    head = f"{'lambda':>6s} {'w_S':>5s} | " + " | ".join(f"{t:^31s}" for t in TASKS) + " | oracle CVR / all"
     print(head + "\n" + "-" * len(head))
     for c in cells:
         parts = []
         for t in TASKS:
             d = c["diffs"].get(t)
             if d is None:
-                parts.append(f"{'-':^24s}")
+                parts.append(f"{'-':^31s}")
                 continue
-            star = "*" if d["significant"] == d["repeats"] else " "
-            parts.append(f"{d['diff']:+6.2f} [{d['ci_low']:+6.2f},{d['ci_high']:+6.2f}]{star}")
+            star = "*" if d["verdict"] != "unresolved" else " "
+            parts.append(f"{d['diff']:+6.2f} [{d['ci_total_low']:+6.2f},{d['ci_total_high']:+6.2f}]{star} "
+                         f"({d['mde']:.2f})")
         print(f"{c['bias']:6.1f} {c['affinity']:5.2f} | " + " | ".join(parts)
               + f" | {c['oracle_cvr']:.1f} / {c['oracle_cvr_entire']:.1f}")
+    print("\nWhat the numbers say (esmm.report.claims):")
+    from esmm.report import claims
+    for c in cells:
+        for line in claims([c["diffs"][t] for t in TASKS if t in c["diffs"]]):
+            print(f"- lambda {c['bias']:g}, w_S {c['affinity']:g}: {line}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(cells, f, indent=2, default=float)

@@ -599,7 +599,6 @@ def _fmt_rate(x: float) -> str:
 
 def report(R: dict) -> str:
     L = []
-    a = R["args"]
     L.append(f"ETL benchmark  {R['date']}  host {R['machine']['host']}  {R['machine']['cpus']} CPUs  "
              f"{R['machine']['mem_gb']} GB RAM  python {R['machine']['python']}  spark {R['machine']['spark']}")
     L.append(f"command: {R['command']}")

@@ -206,22 +206,57 @@ def run_experiment(spark: SparkSession, cfg: Config, dataset: str, exp_dir: str,
 
     ``exp_dir`` is an experiment directory this project owns, written by one job at a time (``<exp_dir>.lock``).
     Finished units and trainings are reused only when they were built from the same dataset build and config
-    (else :class:`ExperimentError`); ``overwrite`` removes an owned ``exp_dir`` first and starts over."""
+    (else :class:`ExperimentError`); ``overwrite`` removes an owned ``exp_dir`` first and starts over. A committed
+    experiment whose units, ground truth and report settings are all the same is reused as it is: nothing is
+    rewritten (a scheduler's second run changes nothing)."""
     from esmm.outputs import Output
     dataset, exp_dir = storage.resolve(dataset), storage.resolve(exp_dir)
     truth_path = storage.resolve(truth_path) if truth_path else None
     storage.check_shared(spark, storage.parent(exp_dir))  # executors train and write predictions under it
     with Output(exp_dir, "experiment", {}, "experiment", overwrite, ExperimentOutputRefused) as o:
         o.claim()
+        plan = _plan(cfg, dataset, table_rate)
+        fp = reports_fingerprint(cfg, dataset, exp_dir, truth_path, plan)
+        if o.committed is not None and o.committed.get("reports_fingerprint") == fp:
+            log.info("%s is committed with the same units, ground truth and report settings: reused as it is",
+                     storage.display(exp_dir))
+            return stored_report(exp_dir)
         if o.committed is not None:
             o.uncommit()  # the reports are rewritten in place: committed again once they all are
-        report = _run_experiment(spark, cfg, dataset, exp_dir, truth_path, table_rate)
-        o.commit_in_place()
+        report = _run_experiment(spark, cfg, dataset, exp_dir, truth_path, plan)
+        o.commit_in_place({"reports_fingerprint": fp})
     return report
 
 
-def _run_experiment(spark: SparkSession, cfg: Config, dataset: str, exp_dir: str, truth_path: str | None,
-                    table_rate: float | None) -> dict:
+def train_runs(spark: SparkSession | None, cfg: Config, dataset: str, exp_dir: str, names: list[str],
+               table_rate: float | None = None) -> list[dict]:
+    """Train only the runs of the experiment's plan named in ``names`` (a run name such as ``ctr``, ``esmm`` or
+    ``aman[rate=0.2]``, or a method for all its variants), in every unit, into the directories the experiment reads
+    them from; no scoring, no reports. A scheduler runs one such task per method (the reference CTR network first),
+    then the experiment itself, which finds them finished. The experiment's lock is held only while its directory is
+    claimed, so several of these run at once (each run directory has its own lock)."""
+    from esmm.outputs import Output
+    dataset, exp_dir = storage.resolve(dataset), storage.resolve(exp_dir)
+    if spark is not None:
+        storage.check_shared(spark, storage.parent(exp_dir))
+    with Output(exp_dir, "experiment", {}, "experiment", False, ExperimentOutputRefused) as o:
+        o.claim()
+    plan = _plan(cfg, dataset, table_rate)
+    specs = [s for repeat, rate, methods in plan["units"] for s in unit_specs(cfg, repeat, rate, methods)
+             if s.name in names or s.method in names]
+    known = sorted({s.name for repeat, rate, methods in plan["units"] for s in unit_specs(cfg, repeat, rate, methods)})
+    missing = [n for n in names if not any(n in (s.name, s.method) for s in specs)]
+    if missing:
+        from esmm.config import ConfigError
+        raise ConfigError(f"--train {', '.join(missing)}: not a run of this experiment (its runs: {', '.join(known)})")
+    log.info("training %d run(s) of %s: %s", len(specs), storage.display(exp_dir),
+             ", ".join(f"{s.unit}/{s.name}" for s in specs))
+    return launch([(config_for(cfg, s, exp_dir), dataset, s.run_dir(exp_dir)) for s in specs], cfg.train.workers,
+                  spark)
+
+
+def _plan(cfg: Config, dataset: str, table_rate: float | None) -> dict:
+    """The experiment's units, (repeat, rate, methods) in the order they run, and Table 2's rate."""
     rates = list(cfg.experiment.figure_rates or cfg.etl.sampling_rates)
     table_rate = table_rate if table_rate is not None else max(rates)
     if table_rate not in rates:
@@ -231,20 +266,49 @@ def _run_experiment(spark: SparkSession, cfg: Config, dataset: str, exp_dir: str
     for r in rates:
         if str(r) not in subsets:
             raise ValueError(f"sampling rate {r} is not in the dataset (ETL rates {manifest['sampling_rates']})")
+    units = [(repeat, rate, unit_methods(cfg, rate, table_rate)) for repeat in range(cfg.experiment.repeats)
+             for rate in sorted(rates)]
+    return {"rates": sorted(rates), "table_rate": table_rate, "units": units}
+
+
+def reports_fingerprint(cfg: Config, dataset: str, exp_dir: str, truth_path: str | None, plan: dict) -> str:
+    """What the reports depend on: every unit's identity, the dataset build, the ground truth and the config."""
+    from esmm.outputs import fingerprint
+    return fingerprint({"units": [unit_identity(cfg, dataset, unit_specs(cfg, r, rate, m), exp_dir)
+                                  for r, rate, m in plan["units"]],
+                        "dataset_run_id": read_manifest(dataset)["run_id"],
+                        "truth": truth_identity(truth_path) if truth_path else None,
+                        "config": to_dict(cfg), "table_rate": plan["table_rate"]})
+
+
+def stored_report(exp_dir: str) -> dict:
+    """The report of a committed experiment, read back (what ``write_reports`` returned when it wrote it)."""
+    names = (("md", "table2.md"), ("csv", "table2.csv"), ("json", "table2.json"), ("sig_csv", "significance.csv"),
+             ("png", "figure3.png"), ("fig_csv", "figure3.csv"))
+    paths = {k: storage.join(exp_dir, v) for k, v in names}
+    data = storage.read_json(paths["json"])
+    return {"table2": data["table2"], "significance": data["significance"], "text": storage.read_text(paths["md"]),
+            "paths": {k: storage.display(v) for k, v in paths.items()}, "select_on": data["select_on"],
+            "chosen": {float(k): v for k, v in data["chosen"].items()}, "reused": True}
+
+
+def _run_experiment(spark: SparkSession, cfg: Config, dataset: str, exp_dir: str, truth_path: str | None,
+                    plan: dict) -> dict:
+    rates, table_rate = plan["rates"], plan["table_rate"]
+    manifest = read_manifest(dataset)
+    subsets = manifest["splits"][S.TRAIN]["subsets"]
     units = []
-    total = cfg.experiment.repeats * len(rates)
-    for repeat in range(cfg.experiment.repeats):
-        for rate in sorted(rates):
-            methods = unit_methods(cfg, rate, table_rate)
-            log.info("experiment unit %d/%d: repeat %d, sampling rate %s (%s training impressions), methods %s",
-                     len(units) + 1, total, repeat, rate, f"{subsets[str(rate)]['rows']:,}", ", ".join(methods))
-            units.append(run_unit(spark, cfg, dataset, exp_dir, repeat, rate, truth_path, methods))
+    total = len(plan["units"])
+    for repeat, rate, methods in plan["units"]:
+        log.info("experiment unit %d/%d: repeat %d, sampling rate %s (%s training impressions), methods %s",
+                 len(units) + 1, total, repeat, rate, f"{subsets[str(rate)]['rows']:,}", ", ".join(methods))
+        units.append(run_unit(spark, cfg, dataset, exp_dir, repeat, rate, truth_path, methods))
     oracle_rows = oracle(spark, dataset, truth_path, exp_dir) if truth_path else None
     train_rows = {r: subsets[str(r)]["rows"] for r in rates}
     split = V.find_split(storage.join(dataset, S.TRAIN), manifest, cfg.train.validation_share)
     if split is not None:  # the impressions trained on: the subsets' rows before the validation cut
         train_rows = {r: V.train_rows(manifest, split, r) for r in rates}
-    return write_reports(units, cfg, exp_dir, sorted(rates), table_rate, oracle_rows, train_rows,
+    return write_reports(units, cfg, exp_dir, rates, table_rate, oracle_rows, train_rows,
                          validation_rows=split["rows"] if split is not None else None)
 
 
@@ -327,6 +391,12 @@ def write_reports(units, cfg, exp_dir, rates, table_rate, oracle_rows, train_row
             + (f". {note}" if note else "") + f"\n\n{md}\n\n{R.TABLE2_LEGEND}\n")
     if sig_md:
         text += f"\nESMM minus each competitor (AUC points, rate {table_rate}):\n\n{sig_md}\n\n{R.SIGNIFICANCE_LEGEND}\n"
+        text += (f"\nWhat the numbers say (written from the tables by esmm.report.claims; rate {table_rate}):\n\n"
+                 f"{R.claims_markdown(sig)}\n")
+        for r in rates:  # Figure 3's other rates: ESMM against BASE
+            base = [x for x in R.significance_summary(comps, r) if x["competitor"] == "BASE"] if r != table_rate else []
+            where = f"at rate {r}" + (f" ({train_rows[r]:,} training impressions)" if train_rows else "")
+            text += "".join(f"- {where}: {c}\n" for c in R.claims(base))
     storage.write_text(paths["md"], text)
     for key, table in (("csv", rows), ("sig_csv", comps)):
         f = io.StringIO(newline="")

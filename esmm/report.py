@@ -275,10 +275,54 @@ TABLE2_LEGEND = ("AUC % as mean ± std over the repeats (the value of the run wi
                  "significant in every repeat.")
 
 
+Z80 = 0.8416212335729143     # one-sided 80% normal quantile: the power the detectable difference is stated at
+
+
+def _t(q: float, df: int) -> float:
+    from scipy.stats import t
+    return float(t.ppf(q, df))
+
+
+def paired(diffs: list[float], ses: list[float], p_values: list[float]) -> dict:
+    """One paired comparison over repeats (AUC points; the same test rows in every repeat, only the seed differs):
+
+    - ``diff``: the mean per-repeat difference; ``ci_low``/``ci_high``: its 95% interval, a t-interval over the
+      repeats' differences (training randomness) with at least 2 repeats, the DeLong interval of the one run otherwise
+      (test-set sampling);
+    - ``ci_total``: a 95% interval that covers both, mean ± sqrt(h_seeds² + h_test²) with h_seeds the t-interval's
+      half-width and h_test = 1.96 sqrt(mean(se²)): the repeats average the training noise down, not the test-set
+      sampling (every repeat scores the same test rows);
+    - ``mde``: the smallest difference the study detects with 80% power at the 5% level, (t_0.975 + t_0.80) s / sqrt(n)
+      over repeats, (1.96 + 0.84) se with one repeat, and the larger of that and the test-set term;
+    - ``higher``: in how many repeats the difference is positive; ``significant``: in how many DeLong's p < 0.05;
+      ``p_value_max``: the largest per-repeat p; ``p_values``: all of them;
+    - ``verdict``: "higher" / "lower" when ``ci_total`` excludes 0 and DeLong agrees in every repeat, else
+      "unresolved"."""
+    n = len(diffs)
+    mean, sd = _mean_std(diffs)
+    se2 = sum(x * x for x in ses) / n if ses else 0.0
+    if n >= 2:
+        h = _t(0.975, n - 1) * sd / math.sqrt(n)
+        lo, hi = mean - h, mean + h
+        mde = max((_t(0.975, n - 1) + _t(0.80, n - 1)) * sd / math.sqrt(n), (Z95 + Z80) * math.sqrt(se2))
+    else:
+        lo, hi = mean - Z95 * ses[0], mean + Z95 * ses[0]
+        mde = (Z95 + Z80) * ses[0]
+    h_seeds = _t(0.975, n - 1) * sd / math.sqrt(n) if n >= 2 else 0.0
+    total = math.sqrt(h_seeds * h_seeds + Z95 * Z95 * se2)
+    sig_up = sum(p < ALPHA and d > 0 for p, d in zip(p_values, diffs))
+    sig_down = sum(p < ALPHA and d < 0 for p, d in zip(p_values, diffs))
+    verdict = ("higher" if mean - total > 0 and sig_up == n else "lower" if mean + total < 0 and sig_down == n
+               else "unresolved")
+    return {"repeats": n, "diff": mean, "sd": sd, "ci_low": lo, "ci_high": hi, "ci_total_low": mean - total,
+            "ci_total_high": mean + total, "mde": mde, "higher": sum(d > 0 for d in diffs),
+            "significant": sum(p < ALPHA for p in p_values), "p_value_max": max(p_values),
+            "p_values": list(p_values), "verdict": verdict}
+
+
 def significance_summary(comps: list[dict], rate: float) -> list[dict]:
-    """ESMM minus each competitor at ``rate``, per task: mean difference over repeats, its 95% interval (the DeLong
-    CI with one repeat, a t-interval over the repeats otherwise), the p-value (one repeat) or the largest p-value,
-    and in how many repeats the difference is significant."""
+    """The reference (ESMM) minus each competitor at ``rate``, per task: ``paired`` over the repeats' DeLong
+    comparisons (``comparisons``), plus ``esmm_higher``: in how many repeats the reference is significantly higher."""
     out = []
     keys = []
     for c in comps:
@@ -286,33 +330,59 @@ def significance_summary(comps: list[dict], rate: float) -> list[dict]:
             keys.append((c["competitor"], c["task"]))
     for comp, task in keys:
         rs = [c for c in comps if c["rate"] == rate and c["competitor"] == comp and c["task"] == task]
-        mean, sd = _mean_std([r["diff"] for r in rs])
-        if len(rs) == 1:
-            lo, hi = rs[0]["ci_low"], rs[0]["ci_high"]
-        else:
-            h = _t95(len(rs)) * sd / math.sqrt(len(rs))
-            lo, hi = mean - h, mean + h
-        out.append({"competitor": comp, "task": task, "repeats": len(rs), "diff": mean, "ci_low": lo, "ci_high": hi,
-                    "p_value_max": max(r["p_value"] for r in rs),
-                    "significant": sum(r["p_value"] < ALPHA for r in rs),
+        pr = paired([r["diff"] for r in rs], [r["se"] for r in rs], [r["p_value"] for r in rs])
+        out.append({"competitor": comp, "task": task, **pr,
                     "esmm_higher": sum(r["p_value"] < ALPHA and r["diff"] > 0 for r in rs)})
     return out
 
 
-def significance_markdown(summary: list[dict]) -> str:
-    lines = ["| ESMM minus | task | difference (AUC points) | 95% CI | p (DeLong) | significant in |",
-             "|---|---|---|---|---|---|"]
+def significance_markdown(summary: list[dict], reference: str = "ESMM") -> str:
+    lines = [f"| {reference} minus | task | difference (AUC points) | 95% CI | 95% CI, seeds and test rows | "
+             "p (DeLong) | significant in | detectable (80% power) |", "|---|---|---|---|---|---|---|---|"]
     for s in summary:
-        p = f"{s['p_value_max']:.2g}" if s['p_value_max'] > 0 else "< 1e-300"   # erfc underflows past z ~ 38
-        p = p if s["repeats"] == 1 or p.startswith("<") else f"≤ {p}"
         lines.append(f"| {s['competitor']} | {TASK_TITLES[s['task']]} | {s['diff']:+.2f} | "
-                     f"[{s['ci_low']:+.2f}, {s['ci_high']:+.2f}] | {p} | {s['significant']}/{s['repeats']} repeats |")
+                     f"[{s['ci_low']:+.2f}, {s['ci_high']:+.2f}] | [{s['ci_total_low']:+.2f}, "
+                     f"{s['ci_total_high']:+.2f}] | {_p(s)} | {s['significant']}/{s['repeats']} repeats | "
+                     f"{s['mde']:.2f} |")
     return "\n".join(lines)
 
 
-SIGNIFICANCE_LEGEND = ("Paired DeLong test on the same test rows, per repeat. With one repeat the CI and p are that "
-                       "run's; with more, the difference is the mean over repeats, the CI a t-interval over the "
-                       "repeats' differences, and p the largest per-repeat p-value.")
+def _p(s: dict) -> str:
+    p = f"{s['p_value_max']:.2g}" if s['p_value_max'] > 0 else "< 1e-300"   # erfc underflows past z ~ 38
+    return p if s["repeats"] == 1 or p.startswith("<") else f"≤ {p}"
+
+
+SIGNIFICANCE_LEGEND = ("Paired on the same test rows. With one repeat the CI and p are that run's DeLong test (test-set "
+                       "sampling only: one seed says nothing about training randomness); with more, the difference is "
+                       "the mean over repeats, the first CI a t-interval over the repeats' differences (training "
+                       "randomness only: every repeat scores the same test rows), the second adds the mean DeLong "
+                       "variance (both), and p is the largest per-repeat DeLong p-value. Detectable: the difference "
+                       "this study finds with 80% power at the 5% level.")
+
+
+def claims(summary: list[dict], reference: str = "ESMM", what: str = "") -> list[str]:
+    """One sentence per comparison, written from ``summary`` (``significance_summary`` rows) alone: the verdict
+    ("higher"/"lower" only when the interval over seeds and test rows excludes 0 and DeLong agrees in every
+    repeat; otherwise "not resolved", with the difference the study could have detected), the difference, its
+    interval and "k of n repeats". Nothing in it is typed by hand."""
+    out = []
+    for s in summary:
+        head = f"{what}{reference} vs {s['competitor']}, {TASK_TITLES[s['task']]}: {s['diff']:+.2f} AUC points " \
+               f"(95% CI [{s['ci_total_low']:+.2f}, {s['ci_total_high']:+.2f}]"
+        reps = f"higher in {s['higher']} of {s['repeats']} repeat{'s' if s['repeats'] != 1 else ''}, " \
+               f"DeLong p < 0.05 in {s['significant']} of {s['repeats']}"
+        if s["verdict"] == "higher":
+            out.append(f"{head}; {reps}): {reference} is higher.")
+        elif s["verdict"] == "lower":
+            out.append(f"{head}; {reps}): {reference} is lower.")
+        else:
+            out.append(f"{head}; {reps}): not resolved; this study detects differences of about "
+                       f"{s['mde']:.2f} points or more.")
+    return out
+
+
+def claims_markdown(summary: list[dict], reference: str = "ESMM", what: str = "") -> str:
+    return "\n".join(f"- {c}" for c in claims(summary, reference, what))
 
 
 # ------------------------------------------------------------------------------------------------ Figure 3

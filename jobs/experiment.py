@@ -2,6 +2,9 @@
 
     ./spark-submit.sh jobs/experiment.py --conf conf/demo.yaml [--exp DIR] [--table-rate 1.0]
 
+With --train RUN..., only those runs of every unit are trained (e.g. --train ctr, then --train esmm base): one
+scheduler task per method (examples/airflow/esmm_pipeline.py); the experiment without --train then scores them.
+
 Resumable: finished units (<exp>/metrics/*.json) and finished trainings are skipped on a re-run, when they were built
 from the same dataset build and config (else an error; --overwrite starts over).
 Writes <exp>/table2.{md,csv,json} (with the DeLong intervals and ESMM-vs-competitor tests), significance.csv (one
@@ -25,13 +28,26 @@ def main(argv=None) -> dict:
     p.add_argument("--table-rate", type=float, default=None, help="sampling rate of Table 2 (default: largest)")
     p.add_argument("--overwrite", action="store_true",
                    help="start over: remove the experiment directory (only one this project created) first")
+    p.add_argument("--train", nargs="+", default=None, metavar="RUN",
+                   help="only train these runs of every unit (ctr, a method, or a variant such as aman[rate=0.2]) "
+                        "and stop: a scheduler's per-method task; the experiment without --train then scores them")
     args, cfg = cli.parse(p, argv)
     from esmm import storage
-    from esmm.experiment import run_experiment
+    from esmm.experiment import run_experiment, train_runs
     from esmm.spark import get_spark
+    exp = storage.resolve(args.exp or storage.join(cfg.paths.runs, "experiment"))
+    if args.train is not None:
+        if args.overwrite:
+            p.error("--train reuses or resumes the experiment's runs; --overwrite applies to the whole experiment")
+        from esmm import distributed
+        spark = None if cfg.train.workers == 1 or distributed.under_horovodrun() else get_spark(cfg.spark,
+                                                                                               "esmm-experiment-train")
+        summaries = train_runs(spark, cfg, args.dataset or cfg.paths.dataset, exp, args.train, args.table_rate)
+        for s in summaries:
+            print(f"{s['method']}: {s['steps']} steps, exported step {s.get('exported_step')}")
+        return {"train": summaries}
     spark = get_spark(cfg.spark, "esmm-experiment")
     truth = args.truth or storage.join(cfg.paths.raw, "ground_truth")
-    exp = storage.resolve(args.exp or storage.join(cfg.paths.runs, "experiment"))
     report = run_experiment(spark, cfg, args.dataset or cfg.paths.dataset, exp,
                             truth if storage.exists(truth) else None, args.table_rate, args.overwrite)
     print(report["text"])

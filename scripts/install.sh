@@ -19,6 +19,20 @@ java -version 2>&1 | grep -qE 'version "17' || echo "install: WARNING: Spark 4.0
 command -v g++ >/dev/null || die "g++ not found (needed once to build Horovod). Install it: apt-get install g++ cmake make."
 command -v make >/dev/null || die "make not found. Install it: apt-get install make."
 
+# The scheduler's environment (examples/airflow, tests/test_airflow.py): Airflow in its own venv, as it pins its own
+# dependencies. ESMM_AIRFLOW=0 leaves it out.
+AF_VENV=${AIRFLOW_VENV:-.venv-airflow}
+if [ "${ESMM_AIRFLOW:-1}" != 0 ]; then
+  af_stamp="$AF_VENV/.installed-$(cat requirements-airflow.txt | md5sum | cut -c1-12)"
+  if [ ! -f "$af_stamp" ]; then
+    echo "install: Airflow into $AF_VENV (requirements-airflow.txt, about a minute)"
+    [ -x "$AF_VENV/bin/python" ] || "$PY" -m venv "$AF_VENV"
+    "$AF_VENV/bin/python" -m pip install -q --upgrade "pip<25" >/dev/null
+    "$AF_VENV/bin/python" -m pip install -q -r requirements-airflow.txt || die "installing Airflow failed (see above)."
+    touch "$af_stamp"
+  fi
+fi
+
 stamp="$VENV/.installed-$(cat requirements.txt scripts/install.sh | md5sum | cut -c1-12)"
 if [ -f "$stamp" ]; then exit 0; fi
 

@@ -70,6 +70,31 @@ def test_significance_summary_over_repeats_uses_a_t_interval():
     assert "| DIVISION | CVR (clicked) | +3.00 |" in R.significance_markdown(list(summary.values()))
 
 
+def test_paired_intervals_detectable_difference_and_claims_by_hand():
+    comps = R.comparisons(_two_repeats(), {1.0: {"base": "base", "division": "division", "esmm": "esmm"}})
+    summary = {s["competitor"]: s for s in R.significance_summary(comps, 1.0)}
+    base, div = summary["BASE"], summary["DIVISION"]
+    # BASE: +5 points in both repeats, DeLong se sqrt(5e-4) = 2.236 points, sd over repeats 0
+    assert base["sd"] == 0 and (base["ci_total_low"], base["ci_total_high"]) == pytest.approx(
+        (5 - 1.959964 * math.sqrt(5), 5 + 1.959964 * math.sqrt(5)), rel=1e-5)
+    assert base["mde"] == pytest.approx((1.959964 + 0.841621) * math.sqrt(5), rel=1e-5)   # the test-set term
+    assert base["verdict"] == "higher" and base["higher"] == 2
+    # DIVISION: +1 and +5 points (sd 2.828), DeLong se 2 points each: the seeds dominate
+    total = math.hypot(12.706205 * math.sqrt(8) / math.sqrt(2), 1.959964 * 2)   # seeds' and test rows' half-widths
+    assert (div["ci_total_low"], div["ci_total_high"]) == pytest.approx((3 - total, 3 + total), rel=1e-5)
+    assert div["mde"] == pytest.approx((12.706205 + 1.376382) * math.sqrt(8) / math.sqrt(2), rel=1e-5)
+    assert div["verdict"] == "unresolved" and div["p_values"][0] == pytest.approx(math.erfc(0.5 / math.sqrt(2)))
+    text = R.claims([base, div])
+    assert text[0] == ("ESMM vs BASE, CVR (clicked): +5.00 AUC points (95% CI [+0.62, +9.38]; higher in 2 of 2 "
+                       "repeats, DeLong p < 0.05 in 2 of 2): ESMM is higher.")
+    assert text[1].startswith("ESMM vs DIVISION, CVR (clicked): +3.00 AUC points (95% CI [-22.71, +28.71]; higher in "
+                              "2 of 2 repeats, DeLong p < 0.05 in 1 of 2): not resolved")
+    assert text[1].endswith("detects differences of about 28.17 points or more.")
+    one = R.paired([-1.0], [0.4], [0.012])                               # one repeat: the DeLong interval
+    assert (one["ci_low"], one["ci_high"], one["verdict"]) == pytest.approx((-1.784, -0.216, "lower"), abs=1e-3)
+    assert "| BASE | CVR (clicked) | +5.00 | [+5.00, +5.00] | [+0.62, +9.38] |" in R.significance_markdown([base])
+
+
 def test_figure3_points_and_plot(tmp_path):
     cov = {"cvr": [[4e-4, 1e-4], [1e-4, 4e-4]], "ctcvr": [[1e-4, 0.0], [0.0, 1e-4]]}
     units = [_unit(0, r, {"cvr": {"base": 0.6 + r / 10, "esmm": 0.62 + r / 10},
