@@ -14,8 +14,8 @@ the repeats (the DeLong half-width with one repeat):
 with the oracle (the true probabilities) as the ceiling; then the paired comparisons of every method against BASE and
 against ESMM (``esmm.report.significance_summary``: per-repeat differences on the same test rows, t-interval, DeLong
 p per repeat, the smallest detectable difference), the per-seed ECE difference to ESMM, and the sentences that state
-the results, written by code from those tables (``claims``). Writes ``<out>/successors.{md,json,png}`` and prints the
-table and the command. Every world's directories are the jobs' own (resumable: a re-run reuses finished outputs).
+the results, written by code from those tables (``claims``). Writes ``<out>/successors.{md,json,png}`` and
+``successors-claims.md`` (the sentences alone, for the README) and prints the table and the command. Every world's directories are the jobs' own (resumable: a re-run reuses finished outputs).
 
     .venv/bin/python bench/successors.py --conf conf/demo.yaml --repeats 3 --biases 0 1 2 --out bench/out/successors
 """
@@ -280,6 +280,9 @@ def write(args, command: str, worlds: list, results: dict, t0: float) -> str:
                                                   for m, cols in w["table"].items()},
                                         **{k: v for k, v in w.items() if k != "table"}}
                                for b, w in results.items()}}, f, indent=2, default=float)
+    with open(os.path.join(args.out, "successors-claims.md"), "w") as f:   # the README's headline: sentences only
+        f.write(f"{len(results)} world(s), {args.repeats} repeat(s) each (`{command}`):\n\n" + "\n".join(
+            f"- selection_bias {b:g}: {c}" for b, w in results.items() for c in claims(w)) + "\n")
     figure(results, tuple(args.methods), os.path.join(args.out, "successors.png"))
     return report
 

@@ -253,6 +253,12 @@ class AITM(nn.Module):
     conversion logit. The conversion step predicts click-and-convert over all impressions (pCTCVR), so
     pCVR = pCTCVR / pCTR at scoring time (clipped to [0, 1]; the behavioural calibrator in the loss keeps
     pCTCVR <= pCTR). forward(ids (B, L), wts (B, L)) -> StepLogits(ctr (B,), ctcvr (B,)).
+
+    Against the authors' code (github.com/xidongbo/AITM, ``model.py``): the attention's projections have no bias, as
+    theirs; their towers and transfer layer use dropout (0.1, 0.3, 0.3), ours none, like every other network here:
+    with dropout the ranks of a Horovod run would draw other masks than one process does, and the N-worker = 1-process
+    equivalence that tests/test_train.py checks for every method but AMAN would no longer hold. Tower widths are
+    ``model.hidden`` (theirs 128 x 64 x 32).
     """
 
     def __init__(self, layout: FeatureLayout, model_cfg):
@@ -264,9 +270,9 @@ class AITM(nn.Module):
         k = self.ctr_mlp.out_dim
         self.scale = float(k) ** -0.5
         self.transfer = nn.Sequential(nn.Linear(k, k), nn.ReLU())
-        self.h1 = nn.Linear(k, k)   # values
-        self.h2 = nn.Linear(k, k)   # queries
-        self.h3 = nn.Linear(k, k)   # keys
+        self.h1 = nn.Linear(k, k, bias=False)   # values      (no bias, as the authors' Attention layer)
+        self.h2 = nn.Linear(k, k, bias=False)   # queries
+        self.h3 = nn.Linear(k, k, bias=False)   # keys
         self.ctr_out = nn.Linear(k, 1)
         self.ctcvr_out = nn.Linear(k, 1)
 
