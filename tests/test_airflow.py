@@ -26,7 +26,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AIRFLOW = os.path.join(ROOT, ".venv-airflow", "bin", "airflow")
 DAGS = os.path.join(ROOT, "examples", "airflow")
-SETS = ["experiment.figure_rates=[1.0]", "train.epochs=40", "train.checkpoint_every=10", "train.log_every=100"]
+SETS = ["experiment.figure_rates=[1.0]", "train.epochs=40", "train.patience=100", "train.checkpoint_every=10",
+        "train.log_every=100"]
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not os.path.exists(AIRFLOW), reason="no .venv-airflow: run `make install`")]

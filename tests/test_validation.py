@@ -328,6 +328,18 @@ def test_select_on_validation_and_on_test(spark, tiny_dataset, tmp_path):
         n: val[n] for n in ("aman[rate=0.1]", "aman[rate=1.0]")}
     assert [r["variant"] for r in table["table2"]][:2] == [by_validation("aman"), by_validation("oversampling")]
 
+    # a second run of the same experiment reuses it as it is: same report, no file rewritten
+    files = {p: p.stat().st_mtime_ns for p in Path(exp).rglob("*") if p.is_file() and not p.name.endswith(".lock")}
+    again = run_experiment(spark, load_config(CONF, sets), ds, exp, None)
+    assert again.get("reused") and again["text"] == out["text"] and again["chosen"] == out["chosen"]
+    assert {p: p.stat().st_mtime_ns for p in Path(exp).rglob("*") if p.is_file()
+            and not p.name.endswith(".lock")} == files
+    from esmm.config import ConfigError
+    from esmm.experiment import train_runs
+    with pytest.raises(ConfigError, match=r"--train escm2_ips: not a run of this experiment \(its runs: aman"):
+        train_runs(None, load_config(CONF, sets), ds, exp, ["escm2_ips"])
+    assert train_runs(None, load_config(CONF, sets), ds, exp, ["esmm"])[0]["method"] == "esmm"   # finished: reused
+
     cfg_test = load_config(CONF, sets + ["experiment.select_on=test"])
     os.makedirs(tmp_path / "on_test")
     rep = write_reports([unit], cfg_test, str(tmp_path / "on_test"), [1.0], 1.0, None)
