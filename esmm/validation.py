@@ -2,9 +2,11 @@
 
 The split: the train split's ``sample_id`` increases in time, so the latest ``train.validation_share`` of its rows
 (by ``sample_id``, over every sampling tier) are the validation part and the rest is trained on. The cut is found
-from the data at read time, not at ETL: ``find_split`` keeps the k = round(share x rows) largest ids in one streaming
-pass over the ``sample_id`` column (memory O(k)), the cut is the smallest of them, and a second pass, pruned to the
-row groups whose statistics reach the cut, counts the validation rows per tier. Validation = ``sample_id >= cut``;
+from the data at read time, not at ETL: ``find_split`` finds the k-th largest id, k = round(share x rows), with a
+histogram of the ``sample_id`` column over its range (from the Parquet statistics), and a second pass, pruned to the
+row groups that reach the histogram's bucket of the cut, places the cut exactly among that bucket's ids and counts the
+validation rows per tier. Memory is fixed (HIST_BUCKETS counts plus one bucket's ids), whatever the rows: at 1B rows
+a list of the validation part's ids would be 400 MB on rank 0. Validation = ``sample_id >= cut``;
 training reads every tier of its rate with those rows dropped (``esmm.data``). The same cut holds at every sampling
 rate, so no subset ever trains on a validation row.
 
@@ -48,6 +50,8 @@ from esmm.batch import Batch
 
 log = logging.getLogger(__name__)
 SCAN_ROWS = 1 << 20          # sample_id values per batch of the cut's scan
+HIST_BUCKETS = 1 << 16       # the cut's histogram: memory fixed, whatever the rows
+EXACT_ROWS = 1 << 20         # at most this many ids kept to place the cut exactly
 SCORE_ROWS = 8192            # validation rows scored per forward pass
 
 _cache: dict = {}
@@ -107,33 +111,100 @@ def find_split(train_path: str, manifest: dict, share: float) -> dict | None:
 
 
 def _find_split(train_path: str, manifest: dict, share: float) -> dict:
-    import pyarrow.compute as pc
     total = int(manifest["splits"][S.TRAIN]["rows"])
     k = max(1, int(round(total * share)))
     if total < 2 or k >= total:
         raise ValidationError(f"train.validation_share={share} of {total} training rows leaves no rows to train on; "
                               f"lower it (0 = no validation)")
     dset = _dataset(train_path)
-    top = np.empty(0, np.int64)
-    seen = 0
-    for b in dset.to_batches(columns=[S.SAMPLE_ID], batch_size=SCAN_ROWS):
-        ids = b.column(0).to_numpy()
-        seen += len(ids)
-        top = np.concatenate([top, ids])
-        if len(top) > k:
-            top = np.partition(top, len(top) - k)[len(top) - k:]
+    n_tiers = len(manifest["sampling_rates"])
+    cut, seen, counts = _kth_largest(dset, k, n_tiers)
     if seen != total:  # the manifest's counts steer training too; say so, and cut the rows that are there
         log.warning("%s holds %d rows but its manifest says %d: the dataset was changed after its ETL", train_path,
                     seen, total)
-    cut = int(top.min())
-    t = dset.to_table(columns=[S.SAMPLE_TIER, S.CLICK, S.CONVERSION], filter=pc.field(S.SAMPLE_ID) >= cut)
-    tiers = t.column(S.SAMPLE_TIER).to_numpy()
-    click = t.column(S.CLICK).to_numpy()
-    conv = t.column(S.CONVERSION).to_numpy()
-    n_tiers = len(manifest["sampling_rates"])
-    return {"share": float(share), "cut_sample_id": cut, "rows": int(len(tiers)), "clicks": int(click.sum()),
-            "conversions": int((click * conv).sum()),
-            "rows_by_tier": [int(x) for x in np.bincount(tiers, minlength=n_tiers)[:n_tiers]]}
+    return {"share": float(share), "cut_sample_id": cut, "rows": int(counts[0].sum()), "clicks": int(counts[1].sum()),
+            "conversions": int(counts[2].sum()), "rows_by_tier": [int(x) for x in counts[0]]}
+
+
+def _id_range(dset) -> tuple[int, int] | None:
+    """(min, max) of ``sample_id`` from the Parquet row groups' statistics (metadata only), or None where a row
+    group has none."""
+    lo, hi = None, None
+    for frag in dset.get_fragments():
+        for rg in frag.row_groups:
+            st = (rg.statistics or {}).get(S.SAMPLE_ID)
+            if not st or st.get("min") is None or st.get("max") is None:
+                if rg.num_rows:
+                    return None
+                continue
+            lo = st["min"] if lo is None else min(lo, st["min"])
+            hi = st["max"] if hi is None else max(hi, st["max"])
+    return None if lo is None else (int(lo), int(hi))
+
+
+def _kth_largest(dset, k: int, n_tiers: int) -> tuple[int, int, np.ndarray]:
+    """The k-th largest ``sample_id`` (the cut), the rows seen, and the validation rows', clicks' and conversions'
+    counts per tier (3 x n_tiers), in memory that does not grow with the rows: a histogram of HIST_BUCKETS buckets
+    over the ids' range finds the bucket that holds the cut (pass 1); pass 2, pushed down to ``sample_id >=`` that
+    bucket, counts the rows above the bucket per tier and keeps only the bucket's own rows (about rows / HIST_BUCKETS
+    of them; a bucket denser than EXACT_ROWS is narrowed by another histogram pass first)."""
+    import pyarrow.compute as pc
+    rng = _id_range(dset)
+    if rng is None:                       # no statistics: one scan for the range
+        lo, hi = None, None
+        for b in dset.to_batches(columns=[S.SAMPLE_ID], batch_size=SCAN_ROWS):
+            if b.num_rows:
+                mm = pc.min_max(b.column(0))
+                lo = mm["min"].as_py() if lo is None else min(lo, mm["min"].as_py())
+                hi = mm["max"].as_py() if hi is None else max(hi, mm["max"].as_py())
+        if lo is None:
+            raise ValidationError("the train split holds no rows")
+    else:
+        lo, hi = rng
+    need, seen = k, None          # the cut is the need-th largest id in [lo, hi]
+    while True:
+        size = -(-(hi - lo + 1) // HIST_BUCKETS)          # bucket width (ceil)
+        flt = (pc.field(S.SAMPLE_ID) >= lo) & (pc.field(S.SAMPLE_ID) <= hi)
+        hist, n = np.zeros(HIST_BUCKETS, np.int64), 0
+        for b in dset.to_batches(columns=[S.SAMPLE_ID], filter=flt, batch_size=SCAN_ROWS):
+            ids = b.column(0).to_numpy()
+            n += len(ids)
+            hist += np.bincount((ids - lo) // size, minlength=HIST_BUCKETS)
+        seen = n if seen is None else seen
+        if n < need:
+            raise ValidationError(f"the train split holds {n} rows in sample_id [{lo}, {hi}], fewer than the {need} "
+                                  f"needed: the dataset changed while it was read")
+        above = np.cumsum(hist[::-1])                    # rows in buckets >= each bucket, from the top
+        top = int(np.searchsorted(above, need))          # buckets from the top down to the one holding the cut
+        bucket = HIST_BUCKETS - 1 - top
+        need -= int(above[top - 1]) if top else 0
+        lo, hi = lo + bucket * size, min(hi, lo + (bucket + 1) * size - 1)
+        if size == 1 or hist[bucket] <= EXACT_ROWS:
+            break
+    # pass 2: rows above the bucket counted per tier, the bucket's rows kept
+    counts = np.zeros((3, n_tiers), np.int64)
+    keep = []
+    cols = [S.SAMPLE_ID, S.SAMPLE_TIER, S.CLICK, S.CONVERSION]
+    for b in dset.to_batches(columns=cols, filter=pc.field(S.SAMPLE_ID) >= lo, batch_size=SCAN_ROWS):
+        ids, tier, click, conv = (b.column(i).to_numpy().astype(np.int64) for i in range(4))
+        up = ids > hi
+        _add(counts, tier[up], click[up], conv[up], n_tiers)
+        inb = ~up
+        if inb.any():
+            keep.append(np.stack([ids[inb], tier[inb], click[inb], conv[inb]]))
+    rows = np.concatenate(keep, axis=1) if keep else np.zeros((4, 0), np.int64)
+    if rows.shape[1] < need:
+        raise ValidationError("the train split changed while it was read (the cut's bucket shrank)")
+    cut = int(np.partition(rows[0], rows.shape[1] - need)[rows.shape[1] - need])
+    sel = rows[0] >= cut
+    _add(counts, rows[1][sel], rows[2][sel], rows[3][sel], n_tiers)
+    return cut, int(seen), counts
+
+
+def _add(counts: np.ndarray, tier, click, conv, n_tiers: int) -> None:
+    counts[0] += np.bincount(tier, minlength=n_tiers)[:n_tiers]
+    counts[1] += np.bincount(tier, weights=click, minlength=n_tiers)[:n_tiers].astype(np.int64)
+    counts[2] += np.bincount(tier, weights=click * conv, minlength=n_tiers)[:n_tiers].astype(np.int64)
 
 
 def train_rows(manifest: dict, split: dict, rate: float) -> int:

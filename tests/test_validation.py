@@ -56,6 +56,42 @@ def test_the_cut_is_the_latest_share_of_the_train_split(tiny_dataset):
     assert find_split(f"{ds}/train", m, 0.0) is None
 
 
+@pytest.mark.parametrize("buckets,exact,stats", [(1 << 16, 1 << 20, True), (8, 5, True), (4, 1, False)])
+def test_the_cut_in_fixed_memory_equals_a_full_sort(tmp_path, monkeypatch, buckets, exact, stats):
+    """The histogram search against np.sort on ids with gaps, ties across tiers' boundaries and a dense tail; tiny
+    HIST_BUCKETS/EXACT_ROWS force the narrowing passes, and files without statistics the range scan."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import esmm.validation as V
+    monkeypatch.setattr(V, "HIST_BUCKETS", buckets)
+    monkeypatch.setattr(V, "EXACT_ROWS", exact)
+    monkeypatch.setattr(V, "SCAN_ROWS", 97)
+    rng = np.random.default_rng(4)
+    ids = np.unique(np.concatenate([rng.integers(0, 10**9, 3000), np.arange(10**9, 10**9 + 500)]))
+    rng.shuffle(ids)
+    tier = rng.integers(0, 3, len(ids))
+    click = rng.integers(0, 2, len(ids))
+    conv = click * rng.integers(0, 2, len(ids))
+    for t in range(3):
+        sel = tier == t
+        d = tmp_path / "train" / f"{S.SAMPLE_TIER}={t}"
+        d.mkdir(parents=True)
+        pq.write_table(pa.table({S.SAMPLE_ID: ids[sel], S.CLICK: click[sel].astype(np.int32),
+                                 S.CONVERSION: conv[sel].astype(np.int32)}), d / "part-0.parquet",
+                       row_group_size=400, write_statistics=stats)
+    manifest = {"splits": {S.TRAIN: {"rows": len(ids)}}, "sampling_rates": [0.1, 0.5, 1.0]}
+    for share in (0.001, 0.1, 0.37):
+        V._cache.clear()
+        split = find_split(str(tmp_path / "train"), manifest, share)
+        k = round(len(ids) * share)
+        cut = np.sort(ids)[len(ids) - k]
+        val = ids >= cut
+        assert split["cut_sample_id"] == cut and split["rows"] == k
+        assert split["rows_by_tier"] == np.bincount(tier[val], minlength=3).tolist()
+        assert split["clicks"] == click[val].sum() and split["conversions"] == conv[val].sum()
+
+
 @pytest.mark.parametrize("rate", [0.1, 1.0])
 def test_validation_rows_never_reach_a_training_batch(tiny_dataset, rate):
     _, ds = tiny_dataset
