@@ -435,17 +435,30 @@ def parse_lines(lines: DataFrame, kind: str, parser: str, layout: FeatureLayout,
     return df.select(RAW_SPLIT, FILE, value.alias("value"), S.COMMON_KEY, C_IDS, C_WTS, S.USER_KEY, REASON, unknown)
 
 
+KEY_BYTES = 96        # a distinct (raw_split, common_feature_index) key as broadcast, about
+
+
+def _small_keys(keys: DataFrame, cfg: Config, what: str) -> DataFrame:
+    """``keys`` (distinct) hinted for a broadcast join when they fit ``etl.broadcast_common_mb``, else left to a
+    shuffle join: counted on the executors, never collected, so a common file that matches nothing (every skeleton
+    line an orphan) at a billion lines costs a shuffle, not the driver's memory, and reaches the quarantine gate."""
+    n = keys.count()
+    small = n * KEY_BYTES / 2**20 <= cfg.etl.broadcast_common_mb
+    log.info("%d distinct %s keys to quarantine: %s join for their raw text", n, what,
+             "broadcast" if small else "shuffle")
+    return F.broadcast(keys) if small else keys
+
+
 def _reread_good_lines(spark: SparkSession, paths: dict, kind: str, parser: str, layout: FeatureLayout,
                        keys: DataFrame, max_line_bytes: int) -> DataFrame:
     """The good (parse-valid) raw lines of ``kind`` whose (raw_split, common_feature_index) is in ``keys``, with
     their raw text: the lines rejected after parsing (duplicate common keys, skeleton orphans), whose text the
-    parse did not keep. Only runs when there are such lines; the key is cut out natively, so only the few matching
-    lines are parsed again."""
+    parse did not keep. Only runs when there are such lines; the key is cut out natively, so only the matching lines
+    are parsed again. ``keys``: distinct keys, broadcast by the caller when they are few (``_small_keys``)."""
     key = F.substring_index(F.col("value"), S.COL_SEP, 1) if kind == "common" else \
         F.substring_index(F.substring_index(F.col("value"), S.COL_SEP, 4), S.COL_SEP, -1)
     hits = _read_lines(spark, paths, max_line_bytes).withColumn(S.COMMON_KEY, key) \
-        .join(F.broadcast(keys.select(RAW_SPLIT, S.COMMON_KEY).distinct()), on=[RAW_SPLIT, S.COMMON_KEY],
-              how="left_semi").drop(S.COMMON_KEY)
+        .join(keys, on=[RAW_SPLIT, S.COMMON_KEY], how="left_semi").drop(S.COMMON_KEY)
     parsed = parse_lines(hits, kind, parser, layout, keep_value=True, max_line_bytes=max_line_bytes)
     return parsed.where(F.col(REASON).isNull()).select(RAW_SPLIT, FILE, S.COMMON_KEY, "value")
 
@@ -518,14 +531,15 @@ def build_plan(spark: SparkSession, cfg: Config, inputs: RawInputs) -> Plan:
              common.where(parse_bad).select(F.lit("common").alias(S.Q_KIND), REASON, FILE, "value")]
     orphans = rows.where(late).select(*keys)
     if not orphans.isEmpty():
+        orphans = _small_keys(orphans.distinct(), cfg, "orphan skeleton")
         lines = _reread_good_lines(spark, inputs.skeleton, "skeleton", cfg.etl.parser, layout, orphans, mlb)
         parts.append(lines.select(F.lit("skeleton").alias(S.Q_KIND), F.format_string(ORPHAN, S.COMMON_KEY).alias(REASON),
                                   FILE, "value"))
     dups = common.where(late).select(*keys, "_lines")
     if not dups.isEmpty():
-        lines = _reread_good_lines(spark, inputs.common, "common", cfg.etl.parser, layout, dups, mlb)
-        lines = lines.join(F.broadcast(dups.distinct()), on=keys) \
-            .withColumn(REASON, F.format_string(DUPLICATE, S.COMMON_KEY, "_lines"))
+        dups = _small_keys(dups.distinct(), cfg, "duplicate common")
+        lines = _reread_good_lines(spark, inputs.common, "common", cfg.etl.parser, layout, dups.select(*keys), mlb)
+        lines = lines.join(dups, on=keys).withColumn(REASON, F.format_string(DUPLICATE, S.COMMON_KEY, "_lines"))
         parts.append(lines.select(F.lit("common").alias(S.Q_KIND), REASON, FILE, "value"))
     q = parts[0]
     for part in parts[1:]:

@@ -182,10 +182,11 @@ def _rows(spark, out):
 
 def test_native_parser_gives_the_same_dataset_and_quarantine(spark, etl_out, tiny_dataset, tmp_path):
     """Two independent implementations (Spark SQL expressions + Spark's writer vs Arrow/NumPy kernels + pyarrow's
-    writer) agree row for row."""
+    writer) agree row for row; the native run also joins without broadcasts (etl.broadcast_common_mb=0: the common
+    lines and the orphan and duplicate keys by shuffle joins, as at scale)."""
     cfg, raw, out, m = etl_out
     native = load_config(None, ["etl.max_quarantine_share=1.0", "etl.sampling_rates=[0.5, 1.0]", "etl.parser=native",
-                                "etl.writer=spark"])
+                                "etl.writer=spark", "etl.broadcast_common_mb=0"])
     nm = run_etl(spark, native, str(raw), str(tmp_path / "native"))
     assert nm["rows"] == m["rows"] and (nm["parser"], nm["writer"]) == ("native", "spark")
     assert (m["parser"], m["writer"]) == ("arrow", "arrow")
