@@ -57,7 +57,14 @@ covariance are unchanged), so below "minority" is always the positive class and 
 
 Cost: four reads of the persisted rows and two small aggregations, against the exact AUC's one range-partitioned
 pass per call; memory on the driver and in each executor is O(K x distinct minority scores) (at Ali-CCP scale the
-CTR task's clicks dominate: ~1.7M per model). ``protocol_metrics`` applies it to a prediction table: one pivot, every
+CTR task's clicks dominate: ~1.7M per model). That is bounded: beyond ``DELONG_BROADCAST_SCORES`` distinct minority
+scores (all groups and models; pass 2 collects at most one more than that) the placements come from a distributed
+sort instead (``_delong_sorted``): the rows exploded to one per (row, model), their distinct (group, model, score)
+class counts range-partitioned and sorted as for ``auc`` (which also gives the exact AUC), a pass over the sorted
+counts that writes every score's two placements from the counts before its partition (a broadcast of
+O(partitions x groups x K) numbers), a join back to the exploded rows and a pivot to one row per key for the cross
+products. Three shuffles of K x rows instead of none, and nothing that grows with the rows on the driver or in a
+broadcast (a test records both). ``protocol_metrics`` applies it to a prediction table: one pivot, every
 task a filter of the wide rows, AUC + DeLong + log-loss + calibration in those passes.
 
 GAUC (``gauc_wide``): the impression-weighted mean of per-user AUCs over the users with both classes, exact, in one
@@ -90,6 +97,10 @@ CACHE = StorageLevel.DISK_ONLY
 # 1M-impression unit took as long as a 20M one (412 s vs 537 s, bench/RESULTS.md). After caching, the rows are
 # coalesced (no shuffle) to about this many per task, but never below two tasks per core.
 ROWS_PER_TASK = 2_000_000
+# DeLong's minority scores broadcast at most (all groups and models; ~16 bytes each, so ~64 MB per copy). Beyond it
+# the placements come from a distributed sort and join instead (``_delong_sorted``), and nothing that grows with the
+# rows reaches the driver or a broadcast.
+DELONG_BROADCAST_SCORES = 4_000_000
 
 
 def _fewer_tasks(df: DataFrame, rows: int) -> DataFrame:
@@ -480,11 +491,41 @@ def _delong_passes(df: DataFrame, cols: list, names: list, label_col: str, group
     data = (df.select(cond.alias(_GID), F.col(label_col).cast("int").alias(_Y),
                       *[F.col(c).cast("double").alias(v) for c, v in zip(cols, vcols)])
             .where(F.col(_GID).isNotNull()))
-    spark = df.sparkSession
     plan = {"minority": minority, "present": present, "vcols": vcols}
-    # pass A: distinct scores of the minority class, per (group, model)
+    # pass A: distinct scores of the minority class, per (group, model); at most DELONG_BROADCAST_SCORES of them
+    # reach the driver, more go the sorted way (memory flat in the rows)
     mins = (data.mapInArrow(_make_minority_scores(plan), _GKT_SCHEMA)
-            .groupBy(_GID, _MIDX, _S).agg(F.sum(_POS).alias(_POS)).toArrow())
+            .groupBy(_GID, _MIDX, _S).agg(F.sum(_POS).alias(_POS)).limit(DELONG_BROADCAST_SCORES + 1).toArrow())
+    if mins.num_rows > DELONG_BROADCAST_SCORES:
+        log.info("DeLong: more than %d distinct minority scores: placements by a range-partitioned sort and a join",
+                 DELONG_BROADCAST_SCORES)
+        aucs, acc = _delong_sorted(data.withColumn(_RID, F.monotonically_increasing_id()), plan, groups,
+                                   len(cols), group_cols)
+    else:
+        aucs, acc = _delong_broadcast(data, plan, mins, groups)
+    out = {}
+    for gid, (key, idx, poss, negs) in enumerate(groups):
+        k = len(idx)
+        auc_values = np.array([aucs[(gid, i)] for i in idx], dtype=np.float64)
+        cov = np.zeros((k, k))
+        for cls, size in ((1, min(poss, negs)), (0, max(poss, negs))):
+            n, s, q = acc.get((gid, cls), (0, np.zeros(k), np.zeros(k * k)))
+            if n != size:
+                raise RuntimeError(f"DeLong test, {_where(key, group_cols)}: the placement pass saw {n} rows of a "
+                                   f"class of {size}: the input changed between passes (persist it)")
+            if np.any(np.abs(s) > 1e-9 * n):
+                raise RuntimeError(f"DeLong test, {_where(key, group_cols)}: placements do not average to the exact "
+                                   f"AUCs (mean deviations {(s / n).tolist()}): the input changed between passes")
+            q = q.reshape(k, k)
+            cov += (q - np.outer(s, s) / n) / (n - 1) / n if n > 1 else np.full((k, k), math.nan)
+        out[key] = _delong_result(tuple(names[i] for i in idx), auc_values, (cov + cov.T) / 2, poss, negs)
+    return out
+
+
+def _delong_broadcast(data: DataFrame, plan: dict, mins, groups: list) -> tuple[dict, dict]:
+    """Passes A' and B with the minority scores broadcast (module docstring, steps 3-4): ({(gid, i): exact AUC},
+    {(gid, class): (n, sum of centered placements, sum of their cross products)})."""
+    spark = data.sparkSession
     tables = _minority_tables(mins, groups)
     bc = spark.sparkContext.broadcast({k: v[0] for k, v in tables.items()})
     # pass A': the majority class counted against those scores: strictly below each, and tied with each
@@ -504,23 +545,130 @@ def _delong_passes(df: DataFrame, cols: list, names: list, label_col: str, group
             acc[k] = (acc[k][0] + n, acc[k][1] + s, acc[k][2] + q)
         else:
             acc[k] = (n, s, q)
-    out = {}
-    for gid, (key, idx, poss, negs) in enumerate(groups):
+    return {k: v[3] for k, v in placements.items()}, acc
+
+
+def _delong_sorted(data: DataFrame, plan: dict, groups: list, n_models: int, group_cols: tuple) -> tuple[dict, dict]:
+    """The placements without collecting or broadcasting scores (memory flat in the rows), for groups whose distinct
+    minority scores outnumber DELONG_BROADCAST_SCORES: the rows exploded to one per (row, model), their distinct
+    (group, model, score) counts per class range-partitioned and sorted as in ``auc`` (the exact AUC from the
+    partitions' summaries, which also give each partition's counts before it), then a pass over the sorted counts
+    writes each score's two placements, joined back to the rows and re-assembled per row by a pivot so the cross
+    products pair the models on the same row. Returns what ``_delong_broadcast`` does."""
+    spark = data.sparkSession
+    long = data.mapInArrow(_make_long(plan), _LONG_SCHEMA).persist(CACHE)
+    try:
+        counts = long.groupBy(_GID, _MIDX, _S).agg(F.sum(_Y).cast("long").alias(_POS),
+                                                   (F.count(F.lit(1)) - F.sum(_Y)).cast("long").alias(_NEG),
+                                                   F.lit(0).cast("long").alias(_BAD))
+        keys = [_GID, _MIDX, _S]
+        n = int(spark.conf.get("spark.sql.shuffle.partitions"))
+        ranged = counts.repartitionByRange(n, *keys).sortWithinPartitions(*keys).persist(CACHE)
+        schema = StructType([StructField(_GID, IntegerType()), StructField(_MIDX, IntegerType())] + _SUMMARY_FIELDS)
+        by = defaultdict(list)
+        for r in ranged.mapInArrow(_make_summarizer([_GID, _MIDX]), schema).collect():
+            by[(r[_GID], r[_MIDX])].append(r)
+        aucs, offsets = {}, {}
+        for gid, (key, idx, poss, negs) in enumerate(groups):
+            n_min, n_maj = min(poss, negs), max(poss, negs)
+            for i in idx:
+                ordered, twice, p, q = _ordered_totals(by[(gid, i)])
+                if (p, q) != (n_min, n_maj):
+                    raise RuntimeError(f"DeLong test, {_where(key, group_cols)}: the sorted pass saw {p} + {q} rows "
+                                       f"of classes of {n_min} + {n_maj}: the input changed between passes")
+                aucs[(gid, i)] = twice / (2 * n_min * n_maj)
+                first = np.array([r[_FIRST] for r in ordered])
+                before = np.cumsum([[0, 0]] + [[r[_POS], r[_NEG]] for r in ordered[:-1]], axis=0)
+                offsets[(gid, i)] = (first, before[:, 0], before[:, 1], n_min, n_maj, aucs[(gid, i)])
+        bc = spark.sparkContext.broadcast(offsets)       # O(partitions x groups x models), whatever the rows
+        place = ranged.mapInArrow(_make_sorted_placements(bc), _PLACE_SCHEMA)
+        c = F.when(F.col(_Y) == 1, F.col("__m_cmin")).otherwise(F.col("__m_cmaj"))
+        wide = (long.join(place, on=keys).select(_RID, _GID, _Y, _MIDX, c.alias("__m_c"))
+                .groupBy(_RID, _GID, _Y).pivot(_MIDX, list(range(n_models))).agg(F.first("__m_c")))
+        v = [F.col(f"`{i}`") for i in range(n_models)]
+        aggs = [F.count(F.lit(1)).alias("n")] + [F.sum(v[a]).alias(f"s{a}") for a in range(n_models)]
+        aggs += [F.sum(v[a] * v[b]).alias(f"q{a}_{b}") for a in range(n_models) for b in range(a, n_models)]
+        rows = wide.groupBy(_GID, _Y).agg(*aggs).collect()
+        bc.unpersist()
+        ranged.unpersist()
+    finally:
+        long.unpersist()
+    acc = {}
+    for r in rows:
+        idx = plan["present"][r[_GID]]
         k = len(idx)
-        auc_values = np.array([placements[(gid, i)][3] for i in idx], dtype=np.float64)
-        cov = np.zeros((k, k))
-        for cls, size in ((1, min(poss, negs)), (0, max(poss, negs))):
-            n, s, q = acc.get((gid, cls), (0, np.zeros(k), np.zeros(k * k)))
-            if n != size:
-                raise RuntimeError(f"DeLong test, {_where(key, group_cols)}: the placement pass saw {n} rows of a "
-                                   f"class of {size}: the input changed between passes (persist it)")
-            if np.any(np.abs(s) > 1e-9 * n):
-                raise RuntimeError(f"DeLong test, {_where(key, group_cols)}: placements do not average to the exact "
-                                   f"AUCs (mean deviations {(s / n).tolist()}): the input changed between passes")
-            q = q.reshape(k, k)
-            cov += (q - np.outer(s, s) / n) / (n - 1) / n if n > 1 else np.full((k, k), math.nan)
-        out[key] = _delong_result(tuple(names[i] for i in idx), auc_values, (cov + cov.T) / 2, poss, negs)
-    return out
+        s = np.array([r[f"s{i}"] for i in idx], dtype=np.float64)
+        q = np.zeros((k, k))
+        for a, ia in enumerate(idx):
+            for b, ib in enumerate(idx):
+                q[a, b] = r[f"q{min(ia, ib)}_{max(ia, ib)}"]
+        acc[(r[_GID], r[_Y])] = (r["n"], s, q.ravel())
+    return aucs, acc
+
+
+_RID = "__m_rid"
+_LONG_SCHEMA = StructType([StructField(_RID, LongType(), False), StructField(_GID, IntegerType(), False),
+                           StructField(_Y, IntegerType(), False), StructField(_MIDX, IntegerType(), False),
+                           StructField(_S, DoubleType(), False)])
+_PLACE_SCHEMA = StructType([StructField(_GID, IntegerType(), False), StructField(_MIDX, IntegerType(), False),
+                            StructField(_S, DoubleType(), False), StructField("__m_cmin", DoubleType(), False),
+                            StructField("__m_cmaj", DoubleType(), False)])
+
+
+def _make_long(plan):
+    """Wide rows -> one row per (row, model taking part in its group): row id, group, is-minority, model, oriented
+    score."""
+    def run(batches):
+        import pyarrow as pa
+        for batch in batches:
+            gid, minority, scores = _class_views(batch, plan)
+            rid = batch.column(_RID).to_numpy(zero_copy_only=False)
+            for g, rows in _segments(gid):
+                y = minority[rows].astype(np.int32)
+                for i in plan["present"][g]:
+                    yield pa.RecordBatch.from_arrays(
+                        [pa.array(rid[rows]), pa.array(np.full(len(rows), g, np.int32)), pa.array(y),
+                         pa.array(np.full(len(rows), i, np.int32)), pa.array(scores[i][rows])],
+                        names=[_RID, _GID, _Y, _MIDX, _S])
+    return run
+
+
+def _make_sorted_placements(bc):
+    """Over the range-partitioned, sorted (group, model, score) class counts: each score's placement for a minority
+    row, (2 majority below + majority tied) / 2 N_maj, and for a majority row, (2 minority above + minority tied)
+    / 2 N_min, both centered on the exact AUC; the counts before a partition come from the broadcast offsets, found
+    by the partition's first score."""
+    def run(batches):
+        import pyarrow as pa
+        offsets = bc.value
+        state = {}                 # (gid, model) -> [minority before, majority before] within this partition so far
+        for batch in batches:
+            if batch.num_rows == 0:
+                continue
+            gid = batch.column(_GID).to_numpy(zero_copy_only=False)
+            midx = batch.column(_MIDX).to_numpy(zero_copy_only=False)
+            s = batch.column(_S).to_numpy(zero_copy_only=False)
+            mn = batch.column(_POS).to_numpy(zero_copy_only=False).astype(np.int64)
+            mj = batch.column(_NEG).to_numpy(zero_copy_only=False).astype(np.int64)
+            new = np.ones(len(s), bool)
+            new[1:] = (gid[1:] != gid[:-1]) | (midx[1:] != midx[:-1])
+            starts = np.flatnonzero(new)
+            for a, b in zip(starts, np.append(starts[1:], len(s))):
+                key = (int(gid[a]), int(midx[a]))
+                first, min_before, maj_before, n_min, n_maj, auc_value = offsets[key]
+                if key not in state:
+                    p = int(np.searchsorted(first, s[a]))
+                    state[key] = [int(min_before[p]), int(maj_before[p])]
+                off_min, off_maj = state[key]
+                below_min = off_min + np.cumsum(mn[a:b]) - mn[a:b]
+                below_maj = off_maj + np.cumsum(mj[a:b]) - mj[a:b]
+                cmin = (2.0 * below_maj + mj[a:b]) / (2.0 * n_maj) - auc_value
+                cmaj = (2.0 * (n_min - below_min - mn[a:b]) + mn[a:b]) / (2.0 * n_min) - auc_value
+                state[key] = [off_min + int(mn[a:b].sum()), off_maj + int(mj[a:b].sum())]
+                yield pa.RecordBatch.from_arrays(
+                    [pa.array(gid[a:b].astype(np.int32)), pa.array(midx[a:b].astype(np.int32)), pa.array(s[a:b]),
+                     pa.array(cmin), pa.array(cmaj)], names=[_GID, _MIDX, _S, "__m_cmin", "__m_cmaj"])
+    return run
 
 
 _GKT_SCHEMA = StructType([StructField(_GID, IntegerType(), False), StructField(_MIDX, IntegerType(), False),

@@ -1,5 +1,6 @@
 """esmm.metrics.delong: DeLong's covariance against a direct O(n^2) numpy computation, a hand-checked case with
 ties, identical models, a bootstrap, the exact AUC, groups, and the checks on the stacked rows."""
+import contextlib
 import math
 
 import numpy as np
@@ -68,22 +69,36 @@ CASES = {"hand": _hand_scores(),
          "medium": _medium_scores()}
 
 
-@pytest.fixture(scope="module")
-def stacked(spark):
+@pytest.fixture(scope="module", params=["broadcast", "sorted"])
+def stacked(spark, request):
     """All cases as groups of one DataFrame (plus a one-class group and a null group value holding the hand case),
     evaluated in one delong call with 4 range partitions/buckets and 16-row Arrow batches, so bucket offsets and
-    batch-spanning tie runs are exercised."""
+    batch-spanning tie runs are exercised; once with the minority scores broadcast, once by the distributed sort
+    (DELONG_BROADCAST_SCORES = 0, 4 shuffle partitions)."""
     rows = [r for name, (scores, labels) in CASES.items() for r in _long_rows(name, scores, labels)]
     rows += _long_rows("one", {"a": [0.1, 0.2], "b": [0.3, 0.4]}, [0, 0])
     rows += _long_rows(None, *CASES["hand"])
     df = spark.createDataFrame(pd.DataFrame(rows).sample(frac=1.0, random_state=0))
-    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "16")
-    try:
+    with _delong_path(spark, request.param, batch=16):
         got = delong(df, "s", "y", "m", "k", ["g"], on_one_class="nan", num_partitions=4)
         aucs = auc(df, "s", "y", ["g", "m"], on_one_class="nan", num_partitions=4)
-    finally:
-        spark.conf.unset("spark.sql.execution.arrow.maxRecordsPerBatch")
     return got, aucs
+
+
+@contextlib.contextmanager
+def _delong_path(spark, path: str, batch: int):
+    import esmm.metrics as M
+    saved = (M.DELONG_BROADCAST_SCORES, spark.conf.get("spark.sql.shuffle.partitions"))
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(batch))
+    if path == "sorted":
+        M.DELONG_BROADCAST_SCORES = 0
+        spark.conf.set("spark.sql.shuffle.partitions", "4")
+    try:
+        yield
+    finally:
+        M.DELONG_BROADCAST_SCORES = saved[0]
+        spark.conf.set("spark.sql.shuffle.partitions", saved[1])
+        spark.conf.unset("spark.sql.execution.arrow.maxRecordsPerBatch")
 
 
 def test_hand_example(stacked):
@@ -206,7 +221,8 @@ def test_swapped_labels_raise_and_bad_values_raise(spark):
         delong(base.withColumn("y", base.y * 0), "s", "y", "m", "k", num_partitions=2)
 
 
-def test_wide_rows_majority_positive_groups_and_model_subsets(spark):
+@pytest.mark.parametrize("path", ["broadcast", "sorted"])
+def test_wide_rows_majority_positive_groups_and_model_subsets(spark, path):
     # delong_wide: one row per key. Group "flip" has more positives than negatives (the minority class is then the
     # negatives: scores are negated internally); group "sub" has no scores for model c (it does not take part).
     flip, y_flip = _random_scores(7, 50, ["a", "b", "c"], 1)
@@ -217,11 +233,8 @@ def test_wide_rows_majority_positive_groups_and_model_subsets(spark):
              for i in range(30)]
     df = spark.createDataFrame(pd.DataFrame(rows).sample(frac=1.0, random_state=1), "g string, y int, a double, "
                                "b double, c double")
-    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "7")
-    try:
+    with _delong_path(spark, path, batch=7):
         got = delong_wide(df.repartition(3), {"m_a": "a", "m_b": "b", "m_c": "c"}, "y", ["g"])
-    finally:
-        spark.conf.unset("spark.sql.execution.arrow.maxRecordsPerBatch")
     assert y_flip.sum() > len(y_flip) / 2
     for g, (scores, labels) in (("flip", (flip, y_flip)), ("sub", (sub, y_sub))):
         ref_auc, ref_cov = _reference(scores, labels)
@@ -244,3 +257,49 @@ def test_protocol_metrics_refuses_impressions_not_scored_by_every_run(spark):
                                      "p_ctcvr float, method string, run_id string")
     with pytest.raises(MetricError, match=r"not scored by exactly the 2 runs \['a', 'b'\]"):
         protocol_metrics(df, None, {"a": "base", "b": "base"})
+
+
+def test_the_sorted_path_collects_and_broadcasts_nothing_that_grows_with_the_rows(spark, monkeypatch):
+    """Every row a DeLong call brings to the driver (collect, toArrow) and every object it broadcasts, recorded at
+    2,000 and 8,000 keys: the broadcast path's grow with the distinct minority scores, the sorted path's do not."""
+    import pickle
+
+    from pyspark import SparkContext
+    from pyspark.sql.classic.dataframe import DataFrame
+    seen = {"rows": 0, "bytes": 0}
+
+    def counting(name, size):
+        orig = getattr(DataFrame, name)
+
+        def wrapper(self, *a, **k):
+            out = orig(self, *a, **k)
+            seen["rows"] = max(seen["rows"], size(out))
+            return out
+        monkeypatch.setattr(DataFrame, name, wrapper)
+    counting("collect", len)
+    counting("toArrow", lambda t: t.num_rows)
+    orig_bc = SparkContext.broadcast
+
+    def broadcast(self, value):
+        seen["bytes"] = max(seen["bytes"], len(pickle.dumps(value)))
+        return orig_bc(self, value)
+    monkeypatch.setattr(SparkContext, "broadcast", broadcast)
+
+    def run(n, path):
+        scores, y = _random_scores(5, n, ["a", "b"], 6)            # six decimals: nearly every score distinct
+        df = spark.createDataFrame(pd.DataFrame({"y": y, "a": scores["a"], "b": scores["b"]})).persist()
+        seen.update(rows=0, bytes=0)
+        with _delong_path(spark, path, batch=1000):
+            r = delong_wide(df, {"a": "a", "b": "b"}, "y")[()]
+        df.unpersist()
+        ref_auc, ref_cov = _reference(scores, y)
+        np.testing.assert_allclose(r.auc, ref_auc, rtol=0, atol=EXACT)
+        np.testing.assert_allclose(r.cov, ref_cov, rtol=0, atol=EXACT)
+        return dict(seen)
+
+    small, large = run(2000, "sorted"), run(8000, "sorted")
+    assert small["rows"] > 0 and small["bytes"] > 0                 # the instrument sees the calls
+    assert large["rows"] <= small["rows"] + 8 and large["bytes"] <= small["bytes"] + 512, (small, large)
+    assert large["rows"] < 100                                      # partitions x models, not keys
+    b_small, b_large = run(2000, "broadcast"), run(8000, "broadcast")
+    assert b_large["rows"] > 3 * b_small["rows"] > 1000             # the instrument sees what grows
