@@ -13,7 +13,7 @@ demo: install
 	@bash scripts/demo.sh $(CONF) $(SETS)
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow" tests
