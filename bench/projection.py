@@ -76,14 +76,20 @@ def main(argv=None) -> int:
           f"one epoch: {sum(TRAIN_S_PER_10M.values()) / 10:,.0f} s per 1M training impressions (ESMM alone "
           f"{TRAIN_S_PER_10M['esmm'] / 10:.0f} s); scoring {SCORE_MODEL_ROWS_PER_CORE_S:,.0f} model-rows/s; "
           f"metrics {METRIC_MODEL_ROWS_PER_CORE_S:,.0f} model-rows/s\n")
+    doms = {}
     print("| log | cores | GPUs | global batch | ETL | training (8 methods) | scoring | metrics | total | dominant |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, (train, test) in LOGS.items():
         for c in cores:
             for g in gpus:
                 r = project(train, test, c, g, a.gpu_rate, a.efficiency)
+                doms.setdefault("GPUs" if g else "CPUs", []).append(r["dominant"])
                 print(f"| {name} | {c} | {g} | {1024 * (g or c):,} | {_h(r['ETL'])} | {_h(r['training'])} | {_h(r['scoring'])} | "
                       f"{_h(r['metrics'])} | {_h(r['total'])} | {r['dominant']} |")
+    for kind, ds in doms.items():
+        counts = {d: ds.count(d) for d in dict.fromkeys(ds)}
+        print(f"\ntraining on {kind}: the longest stage is " + ", ".join(f"{d} in {k} of {len(ds)} rows"
+                                                                         for d, k in counts.items()))
     print(f"\nmemory per process, whatever the log (measured peaks at 20M; the driver's collected and broadcast "
           f"objects are bounded): ETL driver JVM {MEM['etl_jvm_gb']} GB (of it up to etl.broadcast_common_mb for the "
           f"common table), Python worker {MEM['py_worker_gb']} GB per core in the ETL and {MEM['score_worker_gb']} GB "
