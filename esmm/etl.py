@@ -438,11 +438,14 @@ def parse_lines(lines: DataFrame, kind: str, parser: str, layout: FeatureLayout,
 KEY_BYTES = 96        # a distinct (raw_split, common_feature_index) key as broadcast, about
 
 
-def _small_keys(keys: DataFrame, cfg: Config, what: str) -> DataFrame:
+def _small_keys(keys: DataFrame, cfg: Config, what: str) -> DataFrame | None:
     """``keys`` (distinct) hinted for a broadcast join when they fit ``etl.broadcast_common_mb``, else left to a
-    shuffle join: counted on the executors, never collected, so a common file that matches nothing (every skeleton
-    line an orphan) at a billion lines costs a shuffle, not the driver's memory, and reaches the quarantine gate."""
+    shuffle join, or None when there are none: counted on the executors, never collected, so a common file that
+    matches nothing (every skeleton line an orphan) at a billion lines costs a shuffle, not the driver's memory, and
+    reaches the quarantine gate."""
     n = keys.count()
+    if n == 0:
+        return None
     small = n * KEY_BYTES / 2**20 <= cfg.etl.broadcast_common_mb
     log.info("%d distinct %s keys to quarantine: %s join for their raw text", n, what,
              "broadcast" if small else "shuffle")
@@ -529,15 +532,13 @@ def build_plan(spark: SparkSession, cfg: Config, inputs: RawInputs) -> Plan:
         F.concat(C_WTS, S_WTS).alias(S.FEAT_WTS), S.USER_KEY, S.SAMPLE_TIER, RAW_SPLIT)
     parts = [rows.where(parse_bad).select(F.lit("skeleton").alias(S.Q_KIND), REASON, FILE, "value"),
              common.where(parse_bad).select(F.lit("common").alias(S.Q_KIND), REASON, FILE, "value")]
-    orphans = rows.where(late).select(*keys)
-    if not orphans.isEmpty():
-        orphans = _small_keys(orphans.distinct(), cfg, "orphan skeleton")
+    orphans = _small_keys(rows.where(late).select(*keys).distinct(), cfg, "orphan skeleton")
+    if orphans is not None:
         lines = _reread_good_lines(spark, inputs.skeleton, "skeleton", cfg.etl.parser, layout, orphans, mlb)
         parts.append(lines.select(F.lit("skeleton").alias(S.Q_KIND), F.format_string(ORPHAN, S.COMMON_KEY).alias(REASON),
                                   FILE, "value"))
-    dups = common.where(late).select(*keys, "_lines")
-    if not dups.isEmpty():
-        dups = _small_keys(dups.distinct(), cfg, "duplicate common")
+    dups = _small_keys(common.where(late).select(*keys, "_lines").distinct(), cfg, "duplicate common")
+    if dups is not None:
         lines = _reread_good_lines(spark, inputs.common, "common", cfg.etl.parser, layout, dups.select(*keys), mlb)
         lines = lines.join(dups, on=keys).withColumn(REASON, F.format_string(DUPLICATE, S.COMMON_KEY, "_lines"))
         parts.append(lines.select(F.lit("common").alias(S.Q_KIND), REASON, FILE, "value"))
