@@ -193,7 +193,8 @@ class TrainConfig:
     unbias_min_ctr: float = 0.01     # UNBIAS: pCTR clipped below at this before 1/pCTR
     escm2_cf_weight: float = 0.5     # ESCM2: weight of the counterfactual CVR risk (PaddleRec config_bigdata.yaml)
     escm2_ctcvr_weight: float = 0.5  # ESCM2: weight of the CTCVR loss (PaddleRec config_bigdata.yaml; CTR's is 1)
-    escm2_min_ctr: float = 0.01      # ESCM2: propensity floor, so an inverse-propensity weight is at most 100
+    escm2_max_weight: float = 15.0   # ESCM2: inverse-propensity weights o/pCTR clipped at this (the authors' code:
+                                     # PaddleRec counterfact_dr, clip(IPS, -15, 15), "online trick")
     aitm_alpha: float = 0.6          # AITM: weight of the behavioural calibrator (the authors' code, --weight 0.6)
     workers: int = 1                 # Horovod processes (spark launcher)
     threads: int = 1                 # torch threads per worker
@@ -235,7 +236,8 @@ class TrainConfig:
         _check(0 <= self.lr_final <= 1, f"{key}.lr_final", f"must be in [0, 1], got {self.lr_final}")
         _check(0 < self.lr_decay_share <= 1, f"{key}.lr_decay_share", f"must be in (0, 1], got {self.lr_decay_share}")
         _check(self.best_by in BEST_BY, f"{key}.best_by", f"must be one of {list(BEST_BY)}, got {self.best_by!r}")
-        _check(0 < self.escm2_min_ctr <= 1, f"{key}.escm2_min_ctr", f"must be in (0, 1], got {self.escm2_min_ctr}")
+        _check(math.isfinite(self.escm2_max_weight) and self.escm2_max_weight >= 1, f"{key}.escm2_max_weight",
+               f"must be a finite number >= 1 (a weight o/pCTR is never below 1), got {self.escm2_max_weight}")
 
 
 EXPORT_MODES = ("auto", "path", "broadcast")
@@ -322,6 +324,11 @@ class Config:
                "with train.validation_share=0")
 
 
+# Keys earlier versions accepted, with what replaced them (named in the unknown-key error).
+RENAMED = {"escm2_min_ctr": "it was replaced by train.escm2_max_weight (= 1 / escm2_min_ctr; default 15, the ESCM2 "
+                            "authors' clip of o/pCTR)"}
+
+
 # --------------------------------------------------------------------------------------------- building
 
 def _build(cls: type, data: Any, key: str) -> Any:
@@ -331,7 +338,8 @@ def _build(cls: type, data: Any, key: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(f"{key + '.' if key else ''}{unknown[0]}: unknown key (known: {sorted(names)})")
+        hint = f"; {RENAMED[unknown[0]]}" if unknown[0] in RENAMED else ""
+        raise ConfigError(f"{key + '.' if key else ''}{unknown[0]}: unknown key{hint} (known: {sorted(names)})")
     kwargs = {}
     for name, value in data.items():
         sub = f"{key}.{name}" if key else name
@@ -418,7 +426,14 @@ def merge_defaults_for_tables(data: dict) -> dict:
 
 
 def from_dict(data: dict) -> Config:
-    """Rebuild a Config from ``to_dict`` output (e.g. read back from a manifest or checkpoint)."""
+    """Rebuild a Config from ``to_dict`` output (e.g. read back from a manifest or checkpoint). A config stored by
+    an earlier version is upgraded: ``train.escm2_min_ctr`` (a propensity floor) becomes ``escm2_max_weight`` =
+    1 / floor, the same clip."""
+    train = data.get("train")
+    if isinstance(train, dict) and "escm2_min_ctr" in train:
+        train = dict(train)
+        train.setdefault("escm2_max_weight", 1.0 / float(train.pop("escm2_min_ctr")))
+        data = {**data, "train": train}
     return _build(Config, data, "")
 
 

@@ -76,20 +76,21 @@ def cvr_errors(cvr_logit: torch.Tensor, conversion: torch.Tensor) -> torch.Tenso
     return F.binary_cross_entropy_with_logits(cvr_logit, conversion.to(cvr_logit.dtype), reduction="none")
 
 
-def inverse_propensity(ctr_logit: torch.Tensor, click: torch.Tensor, min_ctr: float) -> torch.Tensor:
-    """o_i / max(pCTR_i, min_ctr), (B,): the click indicator over the model's own pCTR, floored, as a constant (no
-    gradient flows into the CTR tower through the weight). ``min_ctr`` bounds a weight at 1 / min_ctr."""
-    p = torch.sigmoid(ctr_logit.detach()).clamp(min=min_ctr)
+def inverse_propensity(ctr_logit: torch.Tensor, click: torch.Tensor, max_weight: float) -> torch.Tensor:
+    """min(o_i / pCTR_i, max_weight), (B,): the click indicator over the model's own pCTR, clipped, as a constant (no
+    gradient flows into the CTR tower through the weight). The clip is the ESCM2 authors' ``clip(IPS, -15, 15)``
+    (PaddleRec ``counterfact_dr``): with a CTR of a few percent, most clicked rows' unclipped weights exceed it."""
+    p = torch.sigmoid(ctr_logit.detach()).clamp(min=1.0 / max_weight)
     return click.to(p.dtype) / p
 
 
 def escm2_loss(ctr_logit: torch.Tensor, cvr_logit: torch.Tensor, click: torch.Tensor, conversion: torch.Tensor,
-               cf_weight: float, ctcvr_weight: float, min_ctr: float, imputation: Optional[torch.Tensor] = None,
+               cf_weight: float, ctcvr_weight: float, max_weight: float, imputation: Optional[torch.Tensor] = None,
                weight: Optional[torch.Tensor] = None) -> CounterfactualLoss:
     """ESCM2 (Wang et al., SIGIR 2022): ESMM's CTR and CTCVR losses plus a counterfactual CVR risk over the entire
     space, estimated from the clicked rows. All terms are (weighted) means over the whole batch B (every impression).
 
-    - IPS (``imputation`` None): cf = mean_B(o_i * e_i / p_i), p_i = max(pCTR_i, min_ctr) detached (the inverse
+    - IPS (``imputation`` None): cf = mean_B(o_i * e_i / p_i), p_i = max(pCTR_i, 1 / max_weight) detached (the inverse
       propensity score estimator of the entire-space mean of e_i, e = ``cvr_errors``).
     - DR (``imputation``: (B,) the imputation tower's estimate of e_i, >= 0), as the authors' released code
       (PaddleRec ``models/multitask/escm2``, ``counterfact_dr``) trains it: the doubly robust risk
@@ -103,7 +104,7 @@ def escm2_loss(ctr_logit: torch.Tensor, cvr_logit: torch.Tensor, click: torch.Te
     esmm = esmm_loss(ctr_logit, cvr_logit, click, conversion, weight)
     ctr_part = esmm.ctr
     e = cvr_errors(cvr_logit, conversion)
-    w = inverse_propensity(ctr_logit, click, min_ctr)
+    w = inverse_propensity(ctr_logit, click, max_weight)
     if imputation is None:
         cf = weighted_mean(w * e, weight)
         imp = torch.zeros_like(cf)

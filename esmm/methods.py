@@ -199,7 +199,7 @@ def escm2_objective(m: "Method", out, batch: Batch, train_cfg):
     t = train_cfg
     imputation = out.imputation if hasattr(out, "imputation") else None
     r = escm2_loss(out[0], out[1], batch.click, batch.conversion, t.escm2_cf_weight, t.escm2_ctcvr_weight,
-                   t.escm2_min_ctr, imputation, batch.weight)
+                   t.escm2_max_weight, imputation, batch.weight)
     parts = {"loss": r.total.item(), "ctr": r.ctr.item(), "ctcvr": r.ctcvr.item(), "cf": r.cf.item()}
     if imputation is not None:
         parts["imputation"] = r.imputation.item()

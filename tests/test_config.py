@@ -99,6 +99,8 @@ def test_overrides_are_parsed_as_yaml():
     ("evaluate.models_per_pass=0", "evaluate.models_per_pass: must be >= 1"),
     ("evaluate.exports=nfs", "evaluate.exports: must be one of auto|path|broadcast"),
     ("train.batch_size", "expected key=value"),
+    ("train.escm2_max_weight=0.5", "train.escm2_max_weight: must be a finite number >= 1"),
+    ("train.escm2_min_ctr=0.01", "train.escm2_min_ctr: unknown key; it was replaced by train.escm2_max_weight"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError) as e:
@@ -109,3 +111,12 @@ def test_bad_values_name_the_key(override, message):
 def test_missing_file_is_clear(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_a_config_stored_by_an_earlier_version_is_upgraded():
+    # exports and manifests written before the rename hold train.escm2_min_ctr, a floor of 0.01 = a clip of 100
+    old = to_dict(load_config(CONF / "demo.yaml"))
+    del old["train"]["escm2_max_weight"]
+    old["train"]["escm2_min_ctr"] = 0.01
+    assert from_dict(old).train.escm2_max_weight == pytest.approx(100.0)
+    assert load_config().train.escm2_max_weight == 15.0        # the authors' clip is the default

@@ -217,7 +217,7 @@ def test_division_cvr_clips_and_counts():
 
 LAYOUT3 = FeatureLayout(fields=("a", "b", "c"), buckets=(8, 8, 8), max_len=(1, 1, 1))
 MCFG = config.ModelConfig(embedding_dim=2, hidden=(4,), experts=3, expert_hidden=(5,), tower_hidden=(4,))
-TCFG = TrainConfig(escm2_cf_weight=0.5, escm2_ctcvr_weight=0.5, escm2_min_ctr=0.01, aitm_alpha=0.6)
+TCFG = TrainConfig(escm2_cf_weight=0.5, escm2_ctcvr_weight=0.5, escm2_max_weight=100.0, aitm_alpha=0.6)
 
 
 @pytest.mark.parametrize("name,net,out", [("escm2_ips", ESMM, Logits), ("escm2_dr", ESMMImputed, ImputedLogits),

@@ -27,7 +27,7 @@ W = [2.0, 4.0 / 3.0, 0.0]
 
 
 def test_escm2_ips_by_hand():
-    out = escm2_loss(_t(CTR), _t(CVR), _t(CLICK), _t(CONV), cf_weight=0.5, ctcvr_weight=0.5, min_ctr=0.01)
+    out = escm2_loss(_t(CTR), _t(CVR), _t(CLICK), _t(CONV), cf_weight=0.5, ctcvr_weight=0.5, max_weight=100.0)
     cf = (W[0] * E[0] + W[1] * E[1]) / 3                       # mean over the whole batch, unclicked rows 0
     assert out.ctr.item() == pytest.approx(CTR_LOSS, abs=1e-12)
     assert out.ctcvr.item() == pytest.approx(CTCVR_LOSS, abs=1e-12)
@@ -37,14 +37,24 @@ def test_escm2_ips_by_hand():
 
 
 def test_escm2_propensity_floor_bounds_the_weight():
-    # pCTR = sigmoid(-20) ~ 2e-9 on a converted click: the weight is 1 / min_ctr = 10, not 5e8
-    out = escm2_loss(_t([-20.0]), _t([0.0]), _t([1.0]), _t([1.0]), cf_weight=1.0, ctcvr_weight=1.0, min_ctr=0.1)
+    # pCTR = sigmoid(-20) ~ 2e-9 on a converted click: the weight is max_weight = 10, not 5e8
+    out = escm2_loss(_t([-20.0]), _t([0.0]), _t([1.0]), _t([1.0]), cf_weight=1.0, ctcvr_weight=1.0, max_weight=10.0)
     assert out.cf.item() == pytest.approx(10 * math.log(2.0), rel=1e-12)
+
+
+def test_escm2_default_clip_is_the_authors_15():
+    # a clicked row at pCTR 0.02 (logit ln(0.02/0.98)): 1/pCTR = 50, clipped at the default 15 as PaddleRec's
+    # counterfact_dr clips IPS; below the clip the weight is 1/pCTR exactly (pCTR 0.1 -> 10)
+    from esmm.config import TrainConfig
+    from esmm.losses import inverse_propensity
+    logits = _t([math.log(0.02 / 0.98), math.log(0.1 / 0.9), 0.0])
+    w = inverse_propensity(logits, _t([1.0, 1.0, 0.0]), TrainConfig().escm2_max_weight)
+    assert w.tolist() == pytest.approx([15.0, 10.0, 0.0], rel=1e-12)
 
 
 def test_escm2_dr_by_hand():
     imp = _t([0.2, 0.4, 0.1])
-    out = escm2_loss(_t(CTR), _t(CVR), _t(CLICK), _t(CONV), cf_weight=0.5, ctcvr_weight=0.5, min_ctr=0.01,
+    out = escm2_loss(_t(CTR), _t(CVR), _t(CLICK), _t(CONV), cf_weight=0.5, ctcvr_weight=0.5, max_weight=100.0,
                      imputation=imp)
     e_hat = [0.2, 0.4, 0.1]
     cf = sum(e_hat[i] + W[i] * (E[i] - e_hat[i]) for i in range(3)) / 3
@@ -64,7 +74,7 @@ def test_escm2_dr_gives_the_cvr_tower_its_own_gradient_not_ips():
     grads = {}
     for name, imp in (("ips", None), ("dr", _t(e_hat, True))):
         cvr = _t(CVR, True)
-        escm2_loss(_t(CTR), cvr, _t(CLICK), _t(CONV), cf_weight=0.5, ctcvr_weight=0.0, min_ctr=0.01,
+        escm2_loss(_t(CTR), cvr, _t(CLICK), _t(CONV), cf_weight=0.5, ctcvr_weight=0.0, max_weight=100.0,
                    imputation=imp).total.backward()
         grads[name] = (cvr.grad.tolist(), None if imp is None else imp.grad.tolist())
     ips = [0.5 * W[i] * (p_cvr[i] - r[i]) / 3 for i in range(3)]
@@ -80,7 +90,7 @@ def test_escm2_dr_gives_the_cvr_tower_its_own_gradient_not_ips():
 def test_escm2_propensity_is_a_constant_in_both_variants():
     for imp in (None, _t([0.2, 0.4, 0.1], True)):
         ctr = _t(CTR, True)
-        out = escm2_loss(ctr, _t(CVR, True), _t(CLICK), _t(CONV), cf_weight=0.5, ctcvr_weight=0.0, min_ctr=0.01,
+        out = escm2_loss(ctr, _t(CVR, True), _t(CLICK), _t(CONV), cf_weight=0.5, ctcvr_weight=0.0, max_weight=100.0,
                          imputation=imp)
         (out.cf + out.imputation).backward()
         assert ctr.grad is None or torch.all(ctr.grad == 0)
