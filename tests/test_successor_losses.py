@@ -115,3 +115,52 @@ def test_losses_stay_finite_for_saturated_logits():
         out.total.backward()
         assert math.isfinite(out.total.item()) and torch.isfinite(big.grad).all()
         big.grad = None
+
+
+def _minimize_cvr(imputation: bool) -> tuple[float, float]:
+    """One CVR logit (and one imputed error) fitted by the counterfactual loss alone on 100 clicked rows (pCTR ~1, so
+    every weight is 1), 6 of them converted."""
+    conv = torch.zeros(100, dtype=torch.float64)
+    conv[:6] = 1.0
+    z = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    e_hat = torch.full((1,), 0.3, dtype=torch.float64, requires_grad=True)
+    params = [z, e_hat] if imputation else [z]
+    opt = torch.optim.LBFGS(params, max_iter=200, tolerance_grad=1e-12, tolerance_change=1e-15,
+                            line_search_fn="strong_wolfe")
+    ones = torch.ones(100, dtype=torch.float64)
+
+    def closure():
+        opt.zero_grad()
+        loss = escm2_loss(20.0 * ones, z.expand(100), ones, conv, cf_weight=1.0, ctcvr_weight=0.0, max_weight=15.0,
+                          imputation=e_hat.expand(100) if imputation else None).total
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return torch.sigmoid(z).item(), e_hat.item()
+
+
+def test_escm2_dr_joint_loss_settles_above_the_conversion_rate():
+    """Why ESCM2-DR's pCVR level is high (README, "Beyond the paper"): trained jointly, as the authors' code does, the
+    imputation is one value ê per feature vector for converted and unconverted rows alike, and the CVR tower's
+    gradient weight (1 + 2 (e - ê)) is large on converted rows (e = -ln p) and ~1 on unconverted ones. With every
+    weight 1 the stationary point solves r (1 + 2 (e+ - ê)) (1 - p) = (1 - r) (1 + 2 (e- - ê)) p with ê = the mean
+    error r e+ + (1 - r) e-, e+ = -ln p, e- = -ln(1 - p): at r = 0.06 that is p = 0.20967 (by bisection, by hand:
+    3.5x the rate), where IPS's is the rate itself."""
+    r = 0.06
+
+    def stationarity(p):
+        ep, en = -math.log(p), -math.log(1 - p)
+        eb = r * ep + (1 - r) * en
+        return r * (1 + 2 * (ep - eb)) * (1 - p) - (1 - r) * (1 + 2 * (en - eb)) * p
+
+    lo, hi = 0.01, 0.9
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if stationarity(mid) > 0 else (lo, mid)
+    assert lo == pytest.approx(0.20967, abs=1e-5)
+    p_dr, e_hat = _minimize_cvr(imputation=True)
+    assert p_dr == pytest.approx(lo, abs=1e-4)
+    assert e_hat == pytest.approx(r * -math.log(p_dr) + (1 - r) * -math.log(1 - p_dr), abs=1e-3)
+    p_ips, _ = _minimize_cvr(imputation=False)
+    assert p_ips == pytest.approx(r, abs=1e-4)
