@@ -4,7 +4,7 @@ PY := .venv/bin/python
 CONF ?= conf/demo.yaml
 SETS ?=
 
-.PHONY: install demo test test-fast bench clean distclean
+.PHONY: install demo test test-slow test-all bench clean distclean
 
 install:
 	@bash scripts/install.sh
@@ -12,11 +12,16 @@ install:
 demo: install
 	@bash scripts/demo.sh $(CONF) $(SETS)
 
+# the contributor's loop: everything but the `slow`-marked tests (README, "Tests and benchmarks")
 test: install
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest -q -m "not slow" --durations=15 tests
 
-test-fast: install
-	$(PY) -m pytest -q -m "not slow" tests
+# the slow profile alone (the Airflow DAG runs, the archive-shipping cluster run, ...); .ci/run runs both
+test-slow: install
+	$(PY) -m pytest -q -m slow --durations=15 tests
+
+test-all: install
+	$(PY) -m pytest -q --durations=15 tests
 
 bench: install
 	$(PY) bench/etl.py

@@ -2,7 +2,9 @@
 # What a cluster master needs besides the job: the code as dist/esmm.zip (the package's wheel, see pyproject.toml)
 # and the venv as dist/venv.tar.gz (venv-pack), for --py-files and --archives. spark-submit.sh calls it for every
 # non-local master; a scheduler (examples/airflow/esmm_pipeline.py) runs it once per DAG run. Prints the two paths.
+# --code-only: the code alone (the executors have the venv, ESMM_EXECUTOR_VENV); prints its path.
 set -euo pipefail
+CODE_ONLY=0; [ "${1:-}" = "--code-only" ] && CODE_ONLY=1
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 VENV="$ROOT/.venv"
 BUILD="$ROOT/dist"; mkdir -p "$BUILD"
@@ -21,6 +23,7 @@ BUILD="$ROOT/dist"; mkdir -p "$BUILD"
   cp -f "$WHEEL" "$BUILD/esmm.zip.$$" && mv -f "$BUILD/esmm.zip.$$" "$BUILD/esmm.zip"
   mv -f "$WHEEL" "$BUILD/" && rm -rf "$WHEELS" "$ROOT/build" "$ROOT"/*.egg-info
 ) 8>"$BUILD/.wheel.lock"
+if [ "$CODE_ONLY" = 1 ]; then echo "$BUILD/esmm.zip"; exit 0; fi
 # the venv, packed once per requirements/install version (delete dist/venv.tar.gz to force a repack). Left out,
 # as the driver and every executor unpack it: pyspark's jars (the executors' JVMs are the cluster's Spark), torch's
 # C++ headers and the packages' own test suites (0.7 GB and 17k files of 2.0 GB and 37k)

@@ -61,8 +61,17 @@ def cluster(tmp_path):
         assert stop.returncode == 0, f"local-cluster.sh stop failed:\n{stop.stdout}\n{stop.stderr}"
 
 
-@pytest.mark.slow
-def test_pipeline_on_standalone_cluster(cluster, tmp_path):
+@pytest.mark.parametrize("shipped", [pytest.param("node-venv", id="node-venv"),
+                                     pytest.param("archive", id="archive", marks=pytest.mark.slow)])
+def test_pipeline_on_standalone_cluster(cluster, tmp_path, shipped):
+    """``archive``: the packed venv travels with each application (--archives), every executor unpacks it;
+    ``node-venv``: ESMM_EXECUTOR_VENV names a venv every node has (this checkout's .venv, as the workers run on this
+    machine), only the code and the configs travel."""
+    env = _submit_env(cluster)
+    if shipped == "node-venv":
+        env["ESMM_EXECUTOR_VENV"] = os.path.join(ROOT, ".venv")
+    else:
+        env.pop("ESMM_EXECUTOR_VENV", None)
     state = _master_state(cluster["webui"])
     assert state["status"] == "ALIVE" and state["aliveworkers"] == 2 and state["cores"] == 2
 
@@ -72,7 +81,7 @@ def test_pipeline_on_standalone_cluster(cluster, tmp_path):
            "--conf", os.path.join(ROOT, "conf", "test.yaml"), "--set", "train.workers=2",
            "--set", "experiment.methods=[esmm]", "--set", "experiment.figure_rates=[1.0]"]
     t0 = time.time()
-    run = subprocess.run(cmd, cwd=job_dir, capture_output=True, text=True, timeout=1500, env=_submit_env(cluster))
+    run = subprocess.run(cmd, cwd=job_dir, capture_output=True, text=True, timeout=1500, env=env)
     seconds = time.time() - t0
     assert run.returncode == 0, f"spark-submit failed after {seconds:.0f}s:\n{run.stdout[-5000:]}\n{run.stderr[-5000:]}"
     assert "rows read 6,000 = written 6,000 + quarantined 0" in run.stdout
@@ -92,9 +101,9 @@ def test_pipeline_on_standalone_cluster(cluster, tmp_path):
     executors = sorted(glob.glob(str(cluster["dir"] / "work" / "worker-*" / app / "*")))
     assert len(executors) == 2 and {p.split(os.sep)[-3] for p in executors} == {"worker-1", "worker-2"}, executors
     for ex in executors:
-        # each executor unpacked the venv and fetched the code zip into its work dir
-        assert os.path.exists(os.path.join(ex, "environment", "bin", "python")), os.listdir(ex)
+        # each executor fetched the code zip into its work dir, and unpacked the venv only when it was shipped
         assert os.path.exists(os.path.join(ex, "esmm.zip")), os.listdir(ex)
+        assert os.path.exists(os.path.join(ex, "environment", "bin", "python")) == (shipped == "archive"), os.listdir(ex)
     # Horovod rank 0 trained inside an executor task: its log is in that executor's stderr, not the driver's output
     logs = [open(os.path.join(ex, "stderr"), errors="replace").read() for ex in executors]
     trained = [log for log in logs if re.search(r"esmm\.train: training esmm on \d+ rows .* x 2 workers", log)]
@@ -110,7 +119,7 @@ def test_pipeline_on_standalone_cluster(cluster, tmp_path):
     cmd = [os.path.join(ROOT, "spark-submit.sh"), "--master", cluster["url"], os.path.join(ROOT, "jobs", "train.py"),
            "--conf", os.path.join(ROOT, "conf", "test.yaml"), "--dataset", str(job_dir / "data" / "dataset"),
            "--out", str(cluster["private"] / "run"), "--set", "train.workers=2", "--set", "train.method=esmm"]
-    run = subprocess.run(cmd, cwd=job_dir, capture_output=True, text=True, timeout=600, env=_submit_env(cluster))
+    run = subprocess.run(cmd, cwd=job_dir, capture_output=True, text=True, timeout=600, env=env)
     assert run.returncode == 2, run.stderr[-3000:]
     said = run.stdout + run.stderr                                      # spark-submit passes the driver's stderr on
     assert "is a local path that the executors on" in said and "cannot see" in said

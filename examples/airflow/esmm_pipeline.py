@@ -26,7 +26,8 @@ whole DAG reuses every committed output and changes nothing.
 Params: ``master`` (empty: the Spark connection ``spark_conn_id``'s master), ``conf`` (relative to ``ESMM_HOME`` or
 absolute), ``sets`` (a list of ``key=value`` overrides), ``raw``/``dataset``/``runs`` (local paths or URLs; empty:
 the config's ``paths``), ``generate``. Environment: ``ESMM_HOME``, ``ESMM_DAG_METHODS`` (comma-separated; default
-the paper's seven), ``ESMM_DAG_RETRIES`` (2) and ``ESMM_DAG_RETRY_DELAY_S`` (60).
+the paper's seven), ``ESMM_DAG_RETRIES`` (2) and ``ESMM_DAG_RETRY_DELAY_S`` (60); ``ESMM_EXECUTOR_VENV`` as for
+``spark-submit.sh`` (a venv on every node: the packed venv is not shipped).
 """
 from __future__ import annotations
 
@@ -73,17 +74,22 @@ class EsmmSubmitOperator(SparkSubmitOperator):
                           f"-Dlog4j2.configurationFile=file:{ESMM_HOME}/conf/log4j2.properties"}
         if master.startswith("local") or (not master and self._local_connection()):
             env["PYSPARK_PYTHON"] = os.path.join(venv, "python")
-        else:  # a cluster: the code and the venv travel with the job (scripts/package.sh, as spark-submit.sh does)
-            zip_, venv_tgz = subprocess.run(["bash", os.path.join(ESMM_HOME, "scripts", "package.sh")], check=True,
-                                            capture_output=True, text=True).stdout.split()[-2:]
-            self.py_files, self._archives = zip_, f"{venv_tgz}#environment"
+        else:  # a cluster: the code and the venv travel with the job (scripts/package.sh, as spark-submit.sh does),
+            # or the code alone when every node has the venv at ESMM_EXECUTOR_VENV
+            node_venv = os.environ.get("ESMM_EXECUTOR_VENV", "")
+            package = ["bash", os.path.join(ESMM_HOME, "scripts", "package.sh")] + (["--code-only"] if node_venv else [])
+            paths = subprocess.run(package, check=True, capture_output=True, text=True).stdout.split()
+            if node_venv:
+                self.py_files, pyexec = paths[-1], os.path.join(node_venv, "bin", "python")
+            else:
+                self.py_files, self._archives, pyexec = paths[-2], f"{paths[-1]}#environment", "./environment/bin/python"
             self.files = ",".join(os.path.join(ESMM_HOME, "conf", f) for f in sorted(os.listdir(
                 os.path.join(ESMM_HOME, "conf"))) if f.endswith((".yaml", ".properties")))
-            env["PYSPARK_PYTHON"] = "./environment/bin/python"
+            env["PYSPARK_PYTHON"] = pyexec
             spark_conf.update({"spark.pyspark.driver.python": os.path.join(venv, "python"),
-                               "spark.pyspark.python": "./environment/bin/python",
-                               "spark.executorEnv.PYSPARK_PYTHON": "./environment/bin/python",
-                               "spark.yarn.appMasterEnv.PYSPARK_PYTHON": "./environment/bin/python"})
+                               "spark.pyspark.python": pyexec,
+                               "spark.executorEnv.PYSPARK_PYTHON": pyexec,
+                               "spark.yarn.appMasterEnv.PYSPARK_PYTHON": pyexec})
             if master.startswith(("spark://127.", "spark://localhost")):  # scripts/local-cluster.sh: loopback only
                 env["SPARK_LOCAL_IP"] = "127.0.0.1"
                 spark_conf.update({"spark.driver.host": "127.0.0.1", "spark.driver.bindAddress": "127.0.0.1"})
