@@ -148,3 +148,12 @@ def test_horovod_worker_env_local_and_cluster(monkeypatch):
     assert exe == "./environment/bin/python"
     assert env["PYTHONPATH"] == os.pathsep.join(["esmm.zip", "extra.py", "."]) and env["HOROVOD_CYCLE_TIME"] == "7"
     assert "VIRTUAL_ENV" not in env and "PATH" not in env
+
+
+def test_node_venv_must_be_an_absolute_path(tmp_path):
+    """ESMM_EXECUTOR_VENV names the same path on every node: a relative one is refused before anything is submitted."""
+    r = subprocess.run([os.path.join(ROOT, "spark-submit.sh"), "--master", "spark://127.0.0.1:1",
+                        os.path.join(ROOT, "jobs", "etl.py")], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=120, env=dict(os.environ, ESMM_EXECUTOR_VENV=".venv"))
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "ESMM_EXECUTOR_VENV must be an absolute path, got .venv" in r.stderr
