@@ -3,6 +3,7 @@
 PY := .venv/bin/python
 CONF ?= conf/demo.yaml
 SETS ?=
+PYTEST := $(PY) -m pytest -q --durations=15
 
 .PHONY: install demo test test-slow test-all bench clean distclean
 
@@ -14,14 +15,14 @@ demo: install
 
 # the contributor's loop: everything but the `slow`-marked tests (README, "Tests and benchmarks")
 test: install
-	$(PY) -m pytest -q -m "not slow" --durations=15 tests
+	$(PYTEST) -m "not slow" tests
 
 # the slow profile alone (the Airflow DAG runs, the archive-shipping cluster run, ...); .ci/run runs both
 test-slow: install
-	$(PY) -m pytest -q -m slow --durations=15 tests
+	$(PYTEST) -m slow tests
 
 test-all: install
-	$(PY) -m pytest -q --durations=15 tests
+	$(PYTEST) tests
 
 bench: install
 	$(PY) bench/etl.py
