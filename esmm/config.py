@@ -274,6 +274,10 @@ class ExperimentConfig:
     figure_rates: tuple = ()                     # empty = every etl.sampling_rates entry
     figure_methods: tuple = ()                   # trained at the figure rates below Table 2's; empty = all methods
     select_on: str = "validation"                # AMAN's rate / OVERSAMPLING's k by validation AUC; test = the paper's
+    parallel_runs: int = 1                       # runs of a unit trained side by side, each in its own Spark task
+                                                 # with one worker (needs train.workers 1); 1 = one after another
+    units_per_evaluation: int = 1                # units trained, scored and measured together (one pass over the
+                                                 # test split for all their runs); 1 = each unit on its own
 
     def validate(self, key: str) -> None:
         names = _method_names()
@@ -288,6 +292,9 @@ class ExperimentConfig:
         _check(not bad, f"{key}.figure_methods", f"{bad} not in experiment.methods {list(self.methods)}")
         _check(self.select_on in SELECT_ON, f"{key}.select_on", f"must be one of {'|'.join(SELECT_ON)}, "
                f"got {self.select_on!r}")
+        _check(self.parallel_runs >= 1, f"{key}.parallel_runs", f"must be >= 1, got {self.parallel_runs}")
+        _check(self.units_per_evaluation >= 1, f"{key}.units_per_evaluation",
+               f"must be >= 1, got {self.units_per_evaluation}")
 
 
 @dataclass(frozen=True)
@@ -322,6 +329,9 @@ class Config:
         _check(self.experiment.select_on != "validation" or self.train.validation_share > 0, "experiment.select_on",
                "validation needs a validation split (train.validation_share > 0); use experiment.select_on=test "
                "with train.validation_share=0")
+        _check(self.experiment.parallel_runs == 1 or self.train.workers == 1, "experiment.parallel_runs",
+               f"{self.experiment.parallel_runs} runs side by side train each run with one worker, but train.workers "
+               f"is {self.train.workers}: set one of them to 1")
 
 
 # Keys earlier versions accepted, with what replaced them (named in the unknown-key error).

@@ -17,7 +17,8 @@ that column existed gives null keys, and the metrics then omit GAUC with a note.
 Memory bound. Each Python worker keeps a cache of loaded models keyed by the export's content hash; at the start of
 every task it evicts every model that is not part of the current pass, so a worker holds at most
 ``models_per_pass + 1`` models: the pass's group and the reference CTR network, which every pass keeps loaded for
-the methods that need its pCTR. An executor runs one Python worker per task slot. How the exports reach the workers
+the methods that need its pCTR (runs of several experiment units scored together: each unit's reference network
+among the pass's runs, ``experiment.units_per_evaluation``). An executor runs one Python worker per task slot. How the exports reach the workers
 (``evaluate.exports``):
 
 - ``path``: each worker reads the export file itself (the driver passes its absolute path and content hash; a file
@@ -41,6 +42,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+from pyspark.accumulators import AccumulatorParam
 from pyspark.sql import DataFrame, SparkSession
 
 import schemas as S
@@ -119,10 +121,10 @@ def _repeat(text: str, n: int) -> pa.Array:
     return pa.repeat(pa.scalar(text, pa.string()), n)
 
 
-def _score_fn(group: dict, ref_digest: str | None, sources: dict, width: int, threads: int, clip_acc):
-    """mapInArrow function of one pass: rows for every run of ``group`` ({run_id: (method, digest)}); ``sources``
-    ({digest: path or broadcast}) covers the group and the reference CTR network (``ref_digest``)."""
-    needs_ref = any(get_method(m).uses_reference_ctr for m, _ in group.values())
+def _score_fn(group: dict, sources: dict, width: int, threads: int, clip_acc):
+    """mapInArrow function of one pass: rows for every run of ``group`` ({run_id: (method, digest, digest of the
+    run's reference CTR network or None)}); ``sources`` ({digest: path or broadcast}) covers the group and the
+    references it names. Each reference network runs once per batch, whatever the number of runs reading it."""
 
     def score_batches(batches):
         import torch
@@ -140,11 +142,14 @@ def _score_fn(group: dict, ref_digest: str | None, sources: dict, width: int, th
                                      _list_to_numpy(cols[S.FEAT_WTS], width, np.float32),
                                      np.zeros(n, np.float32), np.zeros(n, np.float32))
             with torch.inference_mode():
-                ref_ctr = predict(REFERENCE_CTR, nets[ref_digest], batch)[S.P_CTR] if needs_ref else None
-                for run_id, (method, digest) in group.items():
-                    p_ctr, p_cvr, p_ctcvr, clipped = scores(method, predict(method, nets[digest], batch), ref_ctr)
+                ref_ctr: dict = {}
+                for run_id, (method, digest, ref_digest) in group.items():
+                    if get_method(method).uses_reference_ctr and ref_digest not in ref_ctr:
+                        ref_ctr[ref_digest] = predict(REFERENCE_CTR, nets[ref_digest], batch)[S.P_CTR]
+                    p_ctr, p_cvr, p_ctcvr, clipped = scores(method, predict(method, nets[digest], batch),
+                                                            ref_ctr.get(ref_digest))
                     if clipped and get_method(method).uses_reference_ctr:  # DIVISION's (AITM clips its own)
-                        clip_acc.add(clipped)
+                        clip_acc.add({run_id: clipped})
                     yield pa.RecordBatch.from_arrays(
                         [cols[S.SAMPLE_ID], cols[S.CLICK], cols[S.CONVERSION],
                          pa.array(p_ctr.numpy().astype(np.float32)), pa.array(p_cvr.numpy().astype(np.float32)),
@@ -152,6 +157,23 @@ def _score_fn(group: dict, ref_digest: str | None, sources: dict, width: int, th
                          _repeat(method, n), _repeat(run_id, n), cols[S.USER_KEY].cast(pa.int64())],
                         schema=_PRED_ARROW)
     return score_batches
+
+
+class _CountsByRun(AccumulatorParam):
+    """Accumulator of {run_id: count} (DIVISION's clipped pCVRs per run)."""
+
+    def zero(self, value):
+        return {}
+
+    def addInPlace(self, a, b):
+        for k, v in b.items():
+            a[k] = a.get(k, 0) + v
+        return a
+
+
+def clip_counter(spark: SparkSession):
+    """The accumulator ``_score_pass`` counts DIVISION's clipped pCVRs into, per run id."""
+    return spark.sparkContext.accumulator({}, _CountsByRun())
 
 
 _PRED_ARROW = pa.schema([(S.SAMPLE_ID, pa.int64()), (S.CLICK, pa.int32()), (S.CONVERSION, pa.int32()),
@@ -181,22 +203,27 @@ class _Export:
     digest: str
 
 
-def _resolve(runs: list[ScoredRun], reference_ctr: ScoredRun | None) -> tuple[list[_Export], _Export | None]:
-    """Check the exports and hash them; returns (every run to write rows for, the reference). The reference CTR
-    network gets rows too (once, also when it is not among ``runs``); a run_id names one export."""
-    needs_ref = [r.method for r in runs if get_method(r.method).uses_reference_ctr]
-    if needs_ref and reference_ctr is None:
-        raise EvaluateError(f"methods {needs_ref} need the reference CTR network's export (paper protocol)")
+def _resolve(runs: list[ScoredRun], reference_ctr) -> tuple[list[_Export], dict]:
+    """Check the exports and hash them; returns (every run to write rows for, {run_id: its reference's _Export} for
+    the runs that score CTR with one). ``reference_ctr``: one ``ScoredRun`` for every run, or ``{run_id:
+    ScoredRun}`` (the runs of several experiment units, each unit with its own reference network), or None. The
+    reference CTR networks get rows too (once each, also when not among ``runs``); a run_id names one export."""
+    refs_of = dict(reference_ctr) if isinstance(reference_ctr, dict) else \
+        {r.run_id: reference_ctr for r in runs if reference_ctr is not None}
+    needs_ref = [r.run_id for r in runs if get_method(r.method).uses_reference_ctr and refs_of.get(r.run_id) is None]
+    if needs_ref:
+        raise EvaluateError(f"runs {needs_ref} need the reference CTR network's export (paper protocol)")
     out: dict[str, _Export] = {}
-    for r in runs + ([reference_ctr] if reference_ctr else []):
+    for r in runs + list(dict.fromkeys(x for x in refs_of.values() if x is not None)):
         if not storage.isfile(r.export):
             raise EvaluateError(f"no model export for {r.run_id} at {storage.display(r.export)}: train it first")
         e = _Export(r, storage.resolve(r.export), _digest(r.export))
         if r.run_id in out and out[r.run_id].digest != e.digest:
             raise EvaluateError(f"run id {r.run_id!r} names two different exports: {out[r.run_id].path}, {e.path}")
         out.setdefault(r.run_id, e)
-    ref = out[reference_ctr.run_id] if reference_ctr else None
-    return list(out.values()), ref
+    refs = {run_id: out[ref.run_id] for run_id, ref in refs_of.items()
+            if ref is not None and run_id in out and get_method(out[run_id].run.method).uses_reference_ctr}
+    return list(out.values()), refs
 
 
 def plan_passes(n: int, models_per_pass: int) -> list[range]:
@@ -215,10 +242,11 @@ def _export_mode(spark: SparkSession, exports: str) -> str:
     return exports
 
 
-def _score_pass(spark: SparkSession, test: DataFrame, group: list[_Export], ref: _Export | None, width: int,
+def _score_pass(spark: SparkSession, test: DataFrame, group: list[_Export], refs: dict, width: int,
                 threads: int, mode: str, clips) -> tuple[DataFrame, list]:
-    """Lazy predictions of one pass and the broadcasts it uses (to destroy once it is written)."""
-    wanted = {e.digest: e for e in group + ([ref] if ref else [])}
+    """Lazy predictions of one pass and the broadcasts it uses (to destroy once it is written); ``refs``: {run_id:
+    reference _Export} of the runs that need one."""
+    wanted = {e.digest: e for e in group + [refs[e.run.run_id] for e in group if e.run.run_id in refs]}
     broadcasts = []
     if mode == "path":
         sources = {d: e.path for d, e in wanted.items()}
@@ -236,8 +264,8 @@ def _score_pass(spark: SparkSession, test: DataFrame, group: list[_Export], ref:
             for bc in broadcasts:
                 bc.destroy()
             raise
-    fn = _score_fn({e.run.run_id: (e.run.method, e.digest) for e in group}, ref.digest if ref else None, sources,
-                   width, threads, clips)
+    fn = _score_fn({e.run.run_id: (e.run.method, e.digest, refs[e.run.run_id].digest if e.run.run_id in refs
+                                   else None) for e in group}, sources, width, threads, clips)
     cols = test.select(S.SAMPLE_ID, S.CLICK, S.CONVERSION, S.FEAT_IDS, S.FEAT_WTS, _user_key(test))
     return cols.mapInArrow(fn, S.PREDICTION_SCHEMA), broadcasts
 
@@ -250,21 +278,21 @@ def _user_key(test: DataFrame):
     return F.lit(None).cast("long").alias(S.USER_KEY)
 
 
-def score(spark: SparkSession, test: DataFrame, runs: list[ScoredRun], reference_ctr: ScoredRun | None,
+def score(spark: SparkSession, test: DataFrame, runs: list[ScoredRun], reference_ctr: ScoredRun | dict | None,
           width: int, threads: int = 1, exports: str = "auto") -> tuple[DataFrame, object]:
     """Lazy predictions DataFrame for ``runs`` over ``test`` in ONE pass (every model at once: no memory bound; use
-    ``score_to_parquet`` for that); returns (df, accumulator of DIVISION clips). With ``exports="broadcast"`` the
+    ``score_to_parquet`` for that); returns (df, accumulator of DIVISION clips per run id). With ``exports="broadcast"`` the
     broadcasts live as long as the session."""
-    scored, ref = _resolve(runs, reference_ctr)
-    clips = spark.sparkContext.accumulator(0)
-    df, _ = _score_pass(spark, test, scored, ref, width, threads, _export_mode(spark, exports), clips)
+    scored, refs = _resolve(runs, reference_ctr)
+    clips = clip_counter(spark)
+    df, _ = _score_pass(spark, test, scored, refs, width, threads, _export_mode(spark, exports), clips)
     return df, clips
 
 
-def score_to_parquet(spark: SparkSession, dataset: str, runs: list[ScoredRun], reference_ctr: ScoredRun | None,
+def score_to_parquet(spark: SparkSession, dataset: str, runs: list[ScoredRun], reference_ctr: ScoredRun | dict | None,
                      out: str, width: int, threads: int = 1, evaluate=None) -> dict:
     """Score the test split and commit the predictions at ``out`` (a sub-output whose parent's lock the caller
-    holds); returns {division_clipped, passes, trained_on_other_dataset, dataset_run_id}.
+    holds); returns {division_clipped, clipped_by_run, passes, trained_on_other_dataset, dataset_run_id}.
 
     The runs (and the reference CTR network's own rows) are scored ``evaluate.models_per_pass`` at a time
     (``evaluate``: an ``EvaluateConfig``; None = its defaults); every pass appends to one staging directory, which
@@ -274,18 +302,18 @@ def score_to_parquet(spark: SparkSession, dataset: str, runs: list[ScoredRun], r
     ev.validate("evaluate")
     from esmm.artifacts import read_manifest
     from esmm.outputs import Output, check_pinned
-    scored, ref = _resolve(runs, reference_ctr)
+    scored, refs = _resolve(runs, reference_ctr)
     if not scored:
         raise EvaluateError("no runs to score")
     manifest = read_manifest(dataset)
-    other = check_exports(scored + ([ref] if ref and ref not in scored else []), manifest)
+    other = check_exports(scored, manifest)   # the references are among the scored exports
     mode = _export_mode(spark, ev.exports)
     passes = plan_passes(len(scored), ev.models_per_pass)
     test = spark.read.parquet(storage.join(dataset, S.TEST))
     if S.USER_KEY not in test.columns:
         log.warning("GAUC will be omitted: %s has no %s column (written before user keys; re-run the ETL with "
                     "--overwrite to get them)", storage.display(dataset), S.USER_KEY)
-    clips = spark.sparkContext.accumulator(0)
+    clips = clip_counter(spark)
     inputs = {"runs": {e.run.run_id: e.digest for e in scored}, "dataset_run_id": manifest["run_id"]}
     with Output(out, "predictions", inputs, "predictions", overwrite=True, lock=False) as o:
         tmp = o.stage()
@@ -293,7 +321,7 @@ def score_to_parquet(spark: SparkSession, dataset: str, runs: list[ScoredRun], r
             group = [scored[j] for j in idx]
             log.info("scoring pass %d/%d (%s exports): %s", i + 1, len(passes), mode,
                      ", ".join(e.run.run_id for e in group))
-            df, broadcasts = _score_pass(spark, test, group, ref, width, threads, mode, clips)
+            df, broadcasts = _score_pass(spark, test, group, refs, width, threads, mode, clips)
             try:
                 df.write.mode("append").parquet(tmp)
             finally:
@@ -301,7 +329,7 @@ def score_to_parquet(spark: SparkSession, dataset: str, runs: list[ScoredRun], r
                     bc.destroy()
         check_pinned(dataset, manifest["run_id"], "scoring")
         o.commit()
-    return {"division_clipped": int(clips.value), "passes": len(passes), "trained_on_other_dataset": list(other),
+    return {"division_clipped": sum(clips.value.values()), "clipped_by_run": dict(clips.value), "passes": len(passes), "trained_on_other_dataset": list(other),
             "dataset_run_id": manifest["run_id"]}
 
 

@@ -118,45 +118,96 @@ def config_for(cfg: Config, spec: RunSpec, exp_dir: str) -> Config:
 def run_unit(spark: SparkSession, cfg: Config, dataset: str, exp_dir: str, repeat: int, rate: float,
              truth_path: str | None, methods: tuple | None = None) -> dict:
     """Train, score and measure one (repeat, rate); returns and persists the unit's metrics."""
-    specs = unit_specs(cfg, repeat, rate, methods)
-    out_path = storage.join(exp_dir, "metrics", f"{specs[0].unit}.json")
-    identity = unit_identity(cfg, dataset, specs, exp_dir)
-    if storage.exists(out_path):
-        done = storage.read_json(out_path)
-        if done.get("identity") != identity:
-            raise ExperimentOutputRefused(f"unit {specs[0].unit} in {exp_dir} was measured with another config, "
-                                          f"method list or dataset build than this run's; pass --overwrite to start "
-                                          f"the experiment over, or choose another --exp")
-        log.info("unit %s already measured: skipping", specs[0].unit)
-        return done
-    jobs = [(config_for(cfg, s, exp_dir), dataset, s.run_dir(exp_dir)) for s in specs]
+    return run_units(spark, cfg, dataset, exp_dir, [(repeat, rate, methods)], truth_path)[0]
+
+
+def run_units(spark: SparkSession, cfg: Config, dataset: str, exp_dir: str, units: list, truth_path: str | None
+              ) -> list[dict]:
+    """Train, score and measure several units ([(repeat, rate, methods)]) together; returns and persists each unit's
+    metrics (``<exp>/metrics/<unit>.json``, the same record a unit measured alone gets).
+
+    Units already measured are read back. The others' runs train in one launch (with ``experiment.parallel_runs``
+    the small units' runs fill the gaps beside the large ones), are scored in one ``score_to_parquet`` over the test
+    split (each run against its own unit's reference CTR network) and measured by one ``protocol_metrics``: the test
+    split is read, pivoted and sorted once for all of them instead of once per unit. Each unit's record is then cut
+    out of the joint result: its rows, and per task the block of the DeLong covariance that its runs index (DeLong's
+    covariance of two AUCs depends on those two models only, so the block equals a pass over the unit alone)."""
+    states = []
+    for repeat, rate, methods in units:
+        specs = unit_specs(cfg, repeat, rate, methods)
+        unit = specs[0].unit
+        out_path = storage.join(exp_dir, "metrics", f"{unit}.json")
+        identity = unit_identity(cfg, dataset, specs, exp_dir)
+        done = None
+        if storage.exists(out_path):
+            done = storage.read_json(out_path)
+            if done.get("identity") != identity:
+                raise ExperimentOutputRefused(f"unit {unit} in {exp_dir} was measured with another config, method "
+                                              f"list or dataset build than this run's; pass --overwrite to start the "
+                                              f"experiment over, or choose another --exp")
+            log.info("unit %s already measured: skipping", unit)
+        states.append({"unit": unit, "repeat": repeat, "rate": rate, "specs": specs, "out": out_path,
+                       "identity": identity, "done": done})
+    todo = [st for st in states if st["done"] is None]
+    if todo:
+        _measure(spark, cfg, dataset, exp_dir, todo, truth_path)
+    return [st["done"] for st in states]
+
+
+def _measure(spark: SparkSession, cfg: Config, dataset: str, exp_dir: str, todo: list, truth_path: str | None) -> None:
+    together = len(todo) > 1
+    label = (lambda st, s: f"{st['unit']}/{s.name}") if together else (lambda st, s: s.name)
+    jobs = [(config_for(cfg, s, exp_dir), dataset, s.run_dir(exp_dir)) for st in todo for s in st["specs"]]
     t0 = time.time()
-    summaries = launch(jobs, cfg.train.workers, spark)
+    summaries = launch(jobs, cfg.train.workers, spark, parallel=cfg.experiment.parallel_runs)
     t1 = time.time()
-    ref = ScoredRun(REFERENCE_CTR, specs[0].name, storage.join(specs[0].run_dir(exp_dir), EXPORT))
-    runs = [ScoredRun(s.method, s.name, storage.join(s.run_dir(exp_dir), EXPORT)) for s in specs]
+    runs, refs, methods = [], {}, {}
+    for st in todo:
+        ctr = st["specs"][0]
+        ref = ScoredRun(REFERENCE_CTR, label(st, ctr), storage.join(ctr.run_dir(exp_dir), EXPORT))
+        for s in st["specs"]:
+            runs.append(ScoredRun(s.method, label(st, s), storage.join(s.run_dir(exp_dir), EXPORT)))
+            refs[label(st, s)] = ref
+            methods[label(st, s)] = s.method
     width = read_manifest(dataset)["layout"]["num_slots"]
-    pred_path = storage.join(exp_dir, "predictions", specs[0].unit)
-    info = score_to_parquet(spark, dataset, runs, ref, pred_path, width, cfg.evaluate.threads, cfg.evaluate)
+    pred_path = storage.join(exp_dir, "predictions", "+".join(st["unit"] for st in todo))
+    if together:
+        log.info("scoring and measuring %d units together (%d runs): %s", len(todo), len(runs),
+                 ", ".join(st["unit"] for st in todo))
+    info = score_to_parquet(spark, dataset, runs, refs, pred_path, width, cfg.evaluate.threads, cfg.evaluate)
     t2 = time.time()
     pred = spark.read.parquet(pred_path)
     truth = spark.read.parquet(truth_path) if truth_path else None
-    rows, dl, aliases = protocol_metrics(pred, truth, {s.name: s.method for s in specs},
-                                         own_ctr=OWN_CTR_METHODS)
-    result = {"unit": specs[0].unit, "repeat": repeat, "rate": rate, "identity": identity,
-              "run_ids": {s.name: _run_id(s.run_dir(exp_dir)) for s in specs}, "metrics": rows,
-              "delong": {t: R.delong_record(r, aliases.get(t)) for t, r in dl.items()},
-              "division_clipped": info["division_clipped"],
-              # wall seconds of this run of the unit (training includes runs resumed or skipped as already done)
-              "seconds": {"train": round(t1 - t0, 1), "score": round(t2 - t1, 1),
-                          "metrics": round(time.time() - t2, 1)},
-              "train": [{k: v for k, v in s.items() if k != "history"} for s in summaries],
-              # the validation AUC of each run's exported evaluation (None without a validation split): what
-              # select_on=validation compares
-              "validation": {s.name: (summ.get("validation") or {}).get("best_auc")
-                             for s, summ in zip(specs, summaries)}}
-    write_json(out_path, result)
-    return result
+    rows, dl, aliases = protocol_metrics(pred, truth, methods, own_ctr=OWN_CTR_METHODS,
+                                         refs={r: ref.run_id for r, ref in refs.items()})
+    t3 = time.time()
+    k = 0
+    for st in todo:
+        mine = {label(st, s): s.name for s in st["specs"]}
+        delong = {}
+        for t, res in dl.items():
+            models = [m for m in res.models if m in mine]
+            if models:
+                own = {mine[a]: mine[b] for a, b in (aliases.get(t) or {}).items() if a in mine}
+                delong[t] = R.delong_record(res.take(models, mine.get), own)
+        summ = summaries[k:k + len(st["specs"])]
+        k += len(st["specs"])
+        result = {"unit": st["unit"], "repeat": st["repeat"], "rate": st["rate"], "identity": st["identity"],
+                  "run_ids": {s.name: _run_id(s.run_dir(exp_dir)) for s in st["specs"]},
+                  "metrics": [{**r, S.RUN_ID: mine[r[S.RUN_ID]]} for r in rows if r[S.RUN_ID] in mine],
+                  "delong": delong,
+                  "division_clipped": sum(info["clipped_by_run"].get(r, 0) for r in mine),
+                  # wall seconds of this run of the unit (training includes runs resumed or skipped as already
+                  # done); units measured together share theirs (evaluated_with names them)
+                  "seconds": {"train": round(t1 - t0, 1), "score": round(t2 - t1, 1), "metrics": round(t3 - t2, 1)},
+                  "evaluated_with": [o["unit"] for o in todo],
+                  "train": [{k_: v for k_, v in x.items() if k_ != "history"} for x in summ],
+                  # the validation AUC of each run's exported evaluation (None without a validation split): what
+                  # select_on=validation compares
+                  "validation": {s.name: (x.get("validation") or {}).get("best_auc")
+                                 for s, x in zip(st["specs"], summ)}}
+        write_json(st["out"], result)
+        st["done"] = result
 
 
 def unit_identity(cfg: Config, dataset: str, specs: list, exp_dir: str) -> str:
@@ -252,7 +303,7 @@ def train_runs(spark: SparkSession | None, cfg: Config, dataset: str, exp_dir: s
     log.info("training %d run(s) of %s: %s", len(specs), storage.display(exp_dir),
              ", ".join(f"{s.unit}/{s.name}" for s in specs))
     return launch([(config_for(cfg, s, exp_dir), dataset, s.run_dir(exp_dir)) for s in specs], cfg.train.workers,
-                  spark)
+                  spark, parallel=cfg.experiment.parallel_runs)
 
 
 def _plan(cfg: Config, dataset: str, table_rate: float | None) -> dict:
@@ -299,10 +350,13 @@ def _run_experiment(spark: SparkSession, cfg: Config, dataset: str, exp_dir: str
     subsets = manifest["splits"][S.TRAIN]["subsets"]
     units = []
     total = len(plan["units"])
-    for repeat, rate, methods in plan["units"]:
-        log.info("experiment unit %d/%d: repeat %d, sampling rate %s (%s training impressions), methods %s",
-                 len(units) + 1, total, repeat, rate, f"{subsets[str(rate)]['rows']:,}", ", ".join(methods))
-        units.append(run_unit(spark, cfg, dataset, exp_dir, repeat, rate, truth_path, methods))
+    step = cfg.experiment.units_per_evaluation
+    for i in range(0, total, step):
+        group = plan["units"][i:i + step]
+        for j, (repeat, rate, methods) in enumerate(group):
+            log.info("experiment unit %d/%d: repeat %d, sampling rate %s (%s training impressions), methods %s",
+                     i + j + 1, total, repeat, rate, f"{subsets[str(rate)]['rows']:,}", ", ".join(methods))
+        units += run_units(spark, cfg, dataset, exp_dir, group, truth_path)
     oracle_rows = oracle(spark, dataset, truth_path, exp_dir) if truth_path else None
     train_rows = {r: subsets[str(r)]["rows"] for r in rates}
     split = V.find_split(storage.join(dataset, S.TRAIN), manifest, cfg.train.validation_share)

@@ -306,6 +306,15 @@ class DeLongResult:
         except ValueError:
             raise KeyError(f"model {model!r} is not one of {self.models}") from None
 
+    def take(self, models, rename=None) -> "DeLongResult":
+        """The estimates of ``models`` alone (in the order given, each renamed by ``rename`` if given): the rows and
+        columns of ``cov`` they index. The same numbers a DeLong pass over those models alone gives, since each
+        entry depends on its two models' scores only."""
+        idx = [self.index(m) for m in models]
+        names = tuple(rename(m) if rename else m for m in models)
+        return _delong_result(names, self.auc[idx].copy(), self.cov[np.ix_(idx, idx)].copy(), self.positives,
+                              self.negatives)
+
     def se(self, model) -> float:
         """Standard error of ``model``'s AUC."""
         i = self.index(model)
@@ -1066,7 +1075,8 @@ def _calibration_row(r, group_cols: tuple, score_col: str, label_col: str) -> di
 # -------------------------------------------------------------------------------------------------- paper protocol
 
 def protocol_metrics(pred_df: DataFrame, truth_df: DataFrame | None, runs: dict, *, own_ctr=("ctr", "esmm", "esmm_ns"),
-                     on_one_class: str = "nan", num_partitions: int | None = None) -> tuple[list[dict], dict, dict]:
+                     on_one_class: str = "nan", num_partitions: int | None = None,
+                     refs: dict | None = None) -> tuple[list[dict], dict, dict]:
     """The paper's protocol for the runs of one prediction table, with DeLong's covariance, in a few passes.
 
     ``runs``: ``{run_id: method}`` of the table (``schemas.dataset.PREDICTION_SCHEMA``, one row per test impression
@@ -1079,7 +1089,11 @@ def protocol_metrics(pred_df: DataFrame, truth_df: DataFrame | None, runs: dict,
     user keys (a dataset written before them) gets no GAUC keys, and a one-line warning says why. The reference CTR
     network (method ``ctr``, NaN p_cvr) takes part in the CTR task only; methods outside ``own_ctr`` score CTR with
     the reference network's pCTR (the paper's protocol), so their CTR row is the reference's (mapped in the returned
-    aliases, not recomputed; GAUC included).
+    aliases, not recomputed; GAUC included). ``refs`` ({run_id: its reference run_id}) names each run's reference
+    where the table holds several (the runs of several experiment units, each with its own reference network); by
+    default every run's is the table's one run of method ``ctr``. Each task's DeLong covariance then spans every
+    unit's runs: a unit's block of it is the covariance of its own runs alone (DeLong's covariance of two AUCs
+    depends on those two models' scores only).
 
     Returns ``(rows, {task: DeLongResult}, {task: {run_id: run_id it shares scores with}})``; ``rows`` are the dicts
     of ``task_metrics``/``entire_space_cvr_metrics`` (``run_id, task, auc, logloss, calibration, n, positives``), and
@@ -1142,7 +1156,8 @@ def protocol_metrics(pred_df: DataFrame, truth_df: DataFrame | None, runs: dict,
         if res is None:
             continue
         members = [r for r in names if r in res.models]
-        aliases[task] = {r: ref for r in names if task == "ctr" and r not in members and ref is not None}
+        aliases[task] = {r: (refs or {}).get(r, ref) for r in names
+                         if task == "ctr" and r not in members and (refs or {}).get(r, ref) is not None}
         for r in names:
             src = aliases[task].get(r, r)
             if src not in members:

@@ -209,15 +209,15 @@ def predict(spark: SparkSession, cfg: Config, model: str, out: str, *, ctr: str 
 def _score_and_write(spark: SparkSession, cfg: Config, rows: list, net: Model, ref: Model | None, tmp: str,
                      width: int) -> dict:
     """Score ``rows`` ([(split, DataFrame)]) with one scoring pass each, written as one Parquet output."""
-    from esmm.evaluate import _export_mode, _resolve, _score_pass
+    from esmm.evaluate import _export_mode, _resolve, _score_pass, clip_counter
     cfg.evaluate.validate("evaluate")
-    scored, ref_export = _resolve([net.scored], ref.scored if ref else None)
+    scored, refs = _resolve([net.scored], ref.scored if ref else None)
     group = [e for e in scored if e.run.run_id == net.run_id and e.digest == net.digest]
-    clips = spark.sparkContext.accumulator(0)
+    clips = clip_counter(spark)
     out, broadcasts = None, []
     try:
         for split, df in rows:
-            pred, bcs = _score_pass(spark, df, group, ref_export, width, cfg.evaluate.threads,
+            pred, bcs = _score_pass(spark, df, group, refs, width, cfg.evaluate.threads,
                                     _export_mode(spark, cfg.evaluate.exports), clips)
             broadcasts += bcs
             pred = pred.where(F.col(S.RUN_ID) == net.run_id).select(
@@ -228,7 +228,7 @@ def _score_and_write(spark: SparkSession, cfg: Config, rows: list, net: Model, r
         for bc in broadcasts:
             bc.destroy()
     scored_rows = spark.read.parquet(f"{tmp}/{PREDICTIONS}").count()
-    return {"rows": {"scored": int(scored_rows)}, "division_clipped": int(clips.value)}
+    return {"rows": {"scored": int(scored_rows)}, "division_clipped": sum(clips.value.values())}
 
 
 def _raw_accounting(spark: SparkSession, plan, scored: int) -> dict:

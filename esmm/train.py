@@ -69,7 +69,7 @@ from esmm.artifacts import ArtifactError, EXPORT, SUMMARY, export_model, layout_
 from esmm.config import Config, from_dict, to_dict
 from esmm.data import steps_per_epoch, subset_rows, train_stream
 from esmm.features import FeatureLayout
-from esmm.methods import REFERENCE_CTR, build_model, get_method, loss_for, predict
+from esmm.methods import REFERENCE_CTR, TASK_MULTI, build_model, get_method, loss_for, predict
 from esmm.model import sparse_parameters
 from esmm.outputs import InputChanged, Output, OutputError, check_pinned, dataset_fingerprint
 from esmm.rundir import (RUN_KIND, TrainError, TrainOutputRefused, _differences, ctr_model_path,  # noqa: F401
@@ -78,6 +78,7 @@ from esmm.portable import export_portable
 from schemas.dataset import P_CTR, TRAIN
 
 log = logging.getLogger(__name__)
+_ERRORS = {c.__name__: c for c in (TrainError, TrainOutputRefused, OutputError, ArtifactError, InputChanged)}
 CHECKPOINT_RE = re.compile(r"checkpoint-(\d{9})\.(pt|json)$")
 KEEP_CHECKPOINTS = 2
 TENSORBOARD = "tensorboard"
@@ -251,7 +252,7 @@ def _rank0_verdict(dist: D.Dist, decide, name: str):
     verdict = D.broadcast_object(verdict, name)
     if "error" in verdict:
         kind, msg = verdict["error"]
-        cls = {c.__name__: c for c in (TrainError, TrainOutputRefused, OutputError, ArtifactError, InputChanged)}.get(kind)
+        cls = _ERRORS.get(kind)
         raise (cls(msg) if cls else TrainError(f"{kind}: {msg}")) from error
     return verdict
 
@@ -609,14 +610,23 @@ def _worker(jobs: list, overwrite: bool = False) -> list:
             for cfg_dict, dataset, out_dir in jobs]
 
 
-def launch(jobs: list[tuple[Config, str, str]], workers: int, spark=None, overwrite: bool = False) -> list[dict]:
+def launch(jobs: list[tuple[Config, str, str]], workers: int, spark=None, overwrite: bool = False,
+           parallel: int = 1) -> list[dict]:
     """Train several (config, dataset, out_dir) jobs with ``workers`` Horovod processes.
 
     Under ``horovodrun`` (or with one worker) this process is a worker itself; otherwise ``horovod.spark.run`` starts
-    ``workers`` processes in Spark tasks of the given session. ``overwrite`` deletes each (owned) run directory
-    before its training. Returns rank 0's summaries.
+    ``workers`` processes in Spark tasks of the given session. With one worker and ``parallel`` > 1 the jobs train
+    side by side instead, each in its own Spark task (``_launch_parallel``). ``overwrite`` deletes each (owned) run
+    directory before its training. Returns rank 0's summaries, in the jobs' order.
     """
     payload = [(to_dict(c), storage.resolve(d), storage.resolve(o)) for c, d, o in jobs]  # one spelling everywhere
+    if parallel > 1 and len(payload) > 1 and not D.under_horovodrun():
+        if workers != 1:
+            raise TrainError(f"{parallel} runs at once train each run with one worker; train.workers={workers} asks "
+                             f"for data-parallel runs: set experiment.parallel_runs=1 or train.workers=1")
+        if spark is None:
+            raise TrainError("runs side by side (experiment.parallel_runs > 1) need a Spark session")
+        return _launch_parallel(spark, payload, parallel, overwrite)
     if workers == 1 or D.under_horovodrun():
         return _worker(payload, overwrite)
     import horovod.spark
@@ -631,6 +641,93 @@ def launch(jobs: list[tuple[Config, str, str]], workers: int, spark=None, overwr
     results = horovod.spark.run(_worker, args=(payload, overwrite), num_proc=workers, use_gloo=True, verbose=1,
                                 env=env, executable=executable)
     return results[0]
+
+
+def _launch_parallel(spark, payload: list, parallel: int, overwrite: bool) -> list[dict]:
+    """Train the jobs side by side, each in a one-task Spark job (its own Python worker, Horovod size 1), at most
+    ``parallel`` at once: runs of different methods share nothing while they train, so on a machine whose cores one
+    training cannot keep busy (the demo's small towers: 2 torch threads train no faster than 1) they add up, where
+    two data-parallel workers of one run spend most of their step exchanging the embedding gradients
+    (bench/RESULTS.md "Training"). A job that reads the reference CTR network's export (UNBIAS) starts after every job
+    writing it has finished. Every job runs to its end even when another fails; the first failure in the jobs' order
+    is then raised, as the class it had in the task, naming the run."""
+    import concurrent.futures as cf
+    sc = spark.sparkContext
+    for where in dict.fromkeys(p for _, d, o in payload for p in (d, storage.parent(o))):
+        storage.check_shared(spark, where)
+    cfgs = [from_dict(c) for c, _, _ in payload]
+    writes = {storage.join(o, EXPORT): i for i, (c, (_, _, o)) in enumerate(zip(cfgs, payload))
+              if c.train.method == REFERENCE_CTR}
+    after = {i: [writes[p]] for i, c in enumerate(cfgs) if get_method(c.train.method).needs_ctr_probs
+             and (p := ctr_model_path(c)) in writes and writes[p] != i}
+    # the longest first (fewer idle slots at the end), the waiting jobs last (no slot idles on them)
+    order = sorted(range(len(payload)), key=lambda i: (i in after, -_expected_cost(cfgs[i]), i))
+    log.info("training %d runs, %d at a time, each in its own Spark task", len(payload), parallel)
+
+    def run(i: int, futures: dict):
+        for j in after.get(i, ()):
+            if "error" in futures[j].result():
+                return {"error": ("TrainError", f"{storage.display(payload[i][2])}: not trained: the reference CTR "
+                                                f"network it needs ({storage.display(payload[j][2])}) failed")}
+        sc.setJobDescription(f"train {storage.display(payload[i][2])}")
+        return sc.parallelize([(i, payload[i])], 1).map(lambda job: _task(job, overwrite)).collect()[0]
+
+    results: dict = {}
+    with cf.ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="esmm-train") as pool:
+        futures: dict = {}
+        for i in order:
+            futures[i] = pool.submit(run, i, futures)
+        for i in order:
+            try:
+                results[i] = futures[i].result()
+            except Exception as e:  # noqa: BLE001  (a waiting job whose dependency failed; Spark's own errors)
+                results[i] = {"error": (type(e).__name__, f"{storage.display(payload[i][2])}: {e}")}
+    for i in range(len(payload)):
+        if "error" in results[i]:
+            kind, msg = results[i]["error"]
+            raise _ERRORS.get(kind, TrainError)(msg if kind in _ERRORS else f"{kind}: {msg}")
+    return [results[i] for i in range(len(payload))]
+
+
+def _expected_cost(cfg: Config) -> float:
+    """A run's relative training time, for ordering only: its rows (sampling rate x epochs), less for methods that
+    compute on a selection of them (the clicked rows: BASE, OVERSAMPLING, AMAN's share), more for two towers."""
+    m = get_method(cfg.train.method)
+    return cfg.train.sampling_rate * cfg.train.epochs * (0.4 if m.selects_rows else 1.0) * \
+        (2.0 if m.task == TASK_MULTI else 1.0)
+
+
+def _task(job: tuple, overwrite: bool) -> dict:
+    """One job of ``_launch_parallel``, in a Spark task's Python worker: its summary, or its error as data (a Spark
+    task's exception would reach the driver as a Java stack trace, and be retried)."""
+    from esmm.cli import setup_logging
+    setup_logging()
+    _, (cfg_dict, dataset, out_dir) = job
+    prefix = _RunPrefix("/".join(out_dir.rstrip("/").split("/")[-2:]))   # runs side by side: whose line is it
+    handlers = logging.getLogger().handlers
+    for h in handlers:
+        h.addFilter(prefix)
+    try:
+        return _worker([(cfg_dict, dataset, out_dir)], overwrite)[0]
+    except Exception as e:  # noqa: BLE001  (sent back, raised on the driver)
+        log.error("%s failed: %s: %s", storage.display(out_dir), type(e).__name__, e)
+        return {"error": (type(e).__name__, f"{storage.display(out_dir)}: {e}")}
+    finally:
+        for h in handlers:
+            h.removeFilter(prefix)
+
+
+class _RunPrefix(logging.Filter):
+    """Prefixes every log line of a side-by-side training with its run (``<unit>/<run>``)."""
+
+    def __init__(self, run: str):
+        super().__init__()
+        self.run = run
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not getattr(record, "_esmm_run", None):
+            record.msg, record._esmm_run = f"[{self.run}] {record.msg}", True
+        return True
 
 
 def _worker_env(sc) -> tuple[dict, str | None]:

@@ -40,8 +40,8 @@ def main(argv=None) -> dict:
         if args.overwrite:
             p.error("--train reuses or resumes the experiment's runs; --overwrite applies to the whole experiment")
         from esmm import distributed
-        spark = None if cfg.train.workers == 1 or distributed.under_horovodrun() else get_spark(cfg.spark,
-                                                                                               "esmm-experiment-train")
+        alone = (cfg.train.workers == 1 and cfg.experiment.parallel_runs == 1) or distributed.under_horovodrun()
+        spark = None if alone else get_spark(cfg.spark, "esmm-experiment-train")
         summaries = train_runs(spark, cfg, args.dataset or cfg.paths.dataset, exp, args.train, args.table_rate)
         for s in summaries:
             print(f"{s['method']}: {s['steps']} steps, exported step {s.get('exported_step')}")

@@ -100,6 +100,10 @@ def test_overrides_are_parsed_as_yaml():
     ("evaluate.exports=nfs", "evaluate.exports: must be one of auto|path|broadcast"),
     ("train.batch_size", "expected key=value"),
     ("train.escm2_max_weight=0.5", "train.escm2_max_weight: must be a finite number >= 1"),
+    ("experiment.parallel_runs=0", "experiment.parallel_runs: must be >= 1"),
+    ("experiment.units_per_evaluation=0", "experiment.units_per_evaluation: must be >= 1"),
+    ("train.workers=2", "experiment.parallel_runs: 2 runs side by side train each run with one worker, but "
+                        "train.workers is 2"),
     ("train.escm2_min_ctr=0.01", "train.escm2_min_ctr: unknown key; it was replaced by train.escm2_max_weight"),
 ])
 def test_bad_values_name_the_key(override, message):

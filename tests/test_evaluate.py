@@ -105,15 +105,16 @@ def test_scoring_in_passes_gives_the_same_predictions(spark, trained, exports):
 def test_worker_cache_holds_only_the_current_pass(trained, tmp_path):
     """The worker-side cache never holds more than models_per_pass + 1 models (the pass's and the reference)."""
     _, _, runs = trained
-    exports, ref = E._resolve([runs["base"], runs["division"], runs["esmm"]], runs["ctr"])
+    exports, refs = E._resolve([runs["base"], runs["division"], runs["esmm"]], runs["ctr"])
     assert [e.run.run_id for e in exports] == ["base", "division", "esmm", "ctr"]
+    assert {r: e.run.run_id for r, e in refs.items()} == {"base": "ctr", "division": "ctr"}   # ESMM: its own pCTR
     E._MODEL_CACHE.clear()
     try:
         for k in (1, 2, 3):
             for idx in E.plan_passes(len(exports), k):
                 group = [exports[j] for j in idx]
                 assert len(group) <= k
-                sources = {e.digest: e.path for e in group + [ref]}
+                sources = {e.digest: e.path for e in group + [refs[e.run.run_id] for e in group if e.run.run_id in refs]}
                 nets = E._load_models(sources)
                 assert set(E._MODEL_CACHE) == set(nets) == set(sources)
                 assert len(E._MODEL_CACHE) <= k + 1
@@ -139,9 +140,10 @@ def test_pass_plan_and_run_ids(trained):
 
 def test_tiny_experiment_end_to_end_and_resume(spark, tiny_dataset, tmp_path):
     raw, ds = tiny_dataset
+    # both units trained side by side (2 Spark tasks) and scored and measured together (one pass for both)
     cfg = load_config(CONF, ["experiment.methods=[base, aman, esmm]", "experiment.aman_rates=[0.5, 1.0]",
                              "experiment.figure_rates=[0.5, 1.0]", "experiment.figure_methods=[base, esmm]",
-                             "train.workers=1"])
+                             "train.workers=1", "experiment.parallel_runs=2", "experiment.units_per_evaluation=2"])
     exp = str(tmp_path / "exp")
     rep = run_experiment(spark, cfg, ds, exp, os.path.join(raw, "ground_truth"))
     models = [r["model"] for r in rep["table2"]]
@@ -173,6 +175,27 @@ def test_tiny_experiment_end_to_end_and_resume(spark, tiny_dataset, tmp_path):
             assert a == pytest.approx(exact[name], abs=1e-12)
         assert all(rec["cov"][i][i] > 0 for i in range(len(rec["models"])))
     assert "ctr" in full["delong"]["ctr"]["models"] and "ctr" not in full["delong"]["cvr"]["models"]
+    # measured together = measured alone: the smaller unit's runs cut out of the joint predictions and measured on
+    # their own give its record's rows, and per task its block of the joint DeLong covariance
+    assert half["evaluated_with"] == full["evaluated_with"] == ["r0-rate0.5", "r0-rate1.0"]
+    from pyspark.sql import functions as F
+    from esmm.evaluate import OWN_CTR_METHODS
+    from esmm.metrics import protocol_metrics
+    pred = spark.read.parquet(os.path.join(exp, "predictions", "r0-rate0.5+r0-rate1.0"))
+    alone = (pred.where(F.col("run_id").startswith("r0-rate0.5/"))
+             .withColumn("run_id", F.regexp_replace("run_id", "^r0-rate0.5/", "")))
+    truth = spark.read.parquet(os.path.join(raw, "ground_truth"))
+    rows, dl, aliases = protocol_metrics(alone, truth, {"ctr": "ctr", "base": "base", "esmm": "esmm"},
+                                         own_ctr=OWN_CTR_METHODS)
+    assert len(rows) == len(half["metrics"])
+    for a, b in zip(rows, half["metrics"]):
+        assert a.keys() == b.keys() and (a["run_id"], a["task"]) == (b["run_id"], b["task"])
+        assert all(a[k] == pytest.approx(b[k], rel=1e-12, abs=1e-12, nan_ok=True) for k in a
+                   if k not in ("run_id", "task")), a
+    for task, res in dl.items():
+        rec = half["delong"][task]
+        assert rec["models"] == list(res.models) and rec["aliases"] == aliases.get(task, {})
+        assert np.allclose(rec["cov"], res.cov, rtol=1e-12, atol=1e-15) and np.allclose(rec["auc"], res.auc, 0, 1e-15)
     # the significance rows are the paired tests of ESMM against the chosen variants, per task
     sig = {(s["competitor"], s["task"]) for s in saved["significance"]}
     assert sig == {(c, t) for c in ("BASE", "AMAN") for t in ("cvr", "ctcvr", "cvr_entire")}

@@ -115,6 +115,33 @@ def test_unbias_needs_the_reference_ctr_network(tiny_dataset, conf, tmp_path):
     assert np.isfinite(out["last"]["loss"])
 
 
+def test_runs_side_by_side_train_the_same_models_as_one_after_another(spark, tiny_dataset, conf, tmp_path):
+    """experiment.parallel_runs: each run in its own Spark task (its own Python worker) trains bit for bit what the
+    driver trains when the runs go one after another; UNBIAS starts after the reference CTR network it reads; a run
+    that cannot start fails with its own error class, naming it, after the others have finished."""
+    from esmm.outputs import OutputError
+    _, ds = tiny_dataset
+    ctr_dir = str(tmp_path / "{}" / "ctr")
+    jobs = lambda where: [(small(conf, **{"train.method": m, "train.ctr_model": f"{ctr_dir.format(where)}/{EXPORT}"}),
+                           ds, str(tmp_path / where / m)) for m in ("ctr", "unbias", "esmm")]
+    one = launch(jobs("one"), 1, spark)
+    two = launch(jobs("two"), 1, spark, parallel=2)
+    assert [s["method"] for s in two] == ["ctr", "unbias", "esmm"]
+    for m, a, b in zip(("ctr", "unbias", "esmm"), one, two):
+        assert a["steps"] == b["steps"] > 0 and a["last"] == b["last"], m
+        pa, _ = _params(tmp_path / "one" / m / EXPORT)
+        pb, _ = _params(tmp_path / "two" / m / EXPORT)
+        assert pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa), m
+    foreign = tmp_path / "three" / "esmm"
+    foreign.mkdir(parents=True)
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match=r"three/esmm.* not created by esmm-spark"):
+        launch(jobs("three"), 1, spark, parallel=2)
+    assert (tmp_path / "three" / "unbias" / EXPORT).exists() and (foreign / "notes.txt").read_text() == "mine"
+    with pytest.raises(Exception, match="train each run with one worker"):
+        launch(jobs("four"), 2, spark, parallel=2)
+
+
 def _horovodrun(np_, args, env=None):
     cmd = [str(VENV_BIN / "horovodrun"), "-np", str(np_), "--gloo", sys.executable] + args
     e = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
