@@ -8,13 +8,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_pipeline_main_job(spark, tmp_path, capsys, monkeypatch):
     """Every configured path a file:// URL, run from a working directory outside the checkout: every output lands at
-    its URL (the training runs inside Spark tasks included), nothing under the working directory."""
+    its URL (the training runs inside Spark tasks included: two side by side), nothing under the working directory."""
     cwd = tmp_path / "elsewhere"
     cwd.mkdir()
     monkeypatch.chdir(cwd)
     url = f"file://{tmp_path}"
     sets = [f"paths.raw={url}/raw", f"paths.dataset={url}/ds", f"paths.runs={url}/runs",
-            "train.workers=2", "experiment.methods=[base, division, esmm]", "experiment.figure_rates=[1.0]",
+            "experiment.parallel_runs=2", "experiment.methods=[base, division, esmm]", "experiment.figure_rates=[1.0]",
             f"tracking.mlflow_uri={url}/mlruns"]
     argv = ["--conf", os.path.join(ROOT, "conf", "test.yaml")]
     for s in sets:
@@ -25,7 +25,7 @@ def test_pipeline_main_job(spark, tmp_path, capsys, monkeypatch):
     assert "| ESMM |" in out and "| ORACLE (true probabilities) |" in out
     assert [r["model"] for r in report["table2"]][:3] == ["BASE", "DIVISION", "ESMM"]
     summary = os.path.join(tmp_path, "runs", "experiment", "runs", "r0-rate1.0", "esmm", "train_summary.json")
-    assert '"world_size": 2' in open(summary).read()
+    assert '"world_size": 1' in open(summary).read()        # side by side: one worker per run, in Spark tasks
 
     # the experiment is one MLflow run (file store): the config as params, Table 2 as metrics, the reports as artifacts
     from mlflow.tracking import MlflowClient
@@ -34,7 +34,7 @@ def test_pipeline_main_job(spark, tmp_path, capsys, monkeypatch):
     (run,) = client.search_runs([exp.experiment_id])
     esmm = next(r for r in report["table2"] if r["variant"] == "esmm")
     assert abs(run.data.metrics["esmm.cvr_auc"] - esmm["cvr_auc"]) < 1e-9
-    assert run.data.params["train.workers"] == "2" and run.data.params["experiment.methods"] == "['base', 'division', 'esmm']"
+    assert run.data.params["experiment.parallel_runs"] == "2" and run.data.params["experiment.methods"] == "['base', 'division', 'esmm']"
     assert {"table2.md", "table2.json", "figure3.png"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
 
     # the entire-space pCVR calibration against the generator's true pCVR, on every CVR run's cvr_entire row

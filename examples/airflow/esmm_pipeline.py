@@ -77,6 +77,9 @@ class EsmmSubmitOperator(SparkSubmitOperator):
         else:  # a cluster: the code and the venv travel with the job (scripts/package.sh, as spark-submit.sh does),
             # or the code alone when every node has the venv at ESMM_EXECUTOR_VENV
             node_venv = os.environ.get("ESMM_EXECUTOR_VENV", "")
+            if node_venv and not os.path.isabs(node_venv):   # as spark-submit.sh: a relative path means nothing there
+                raise AirflowFailException(f"ESMM_EXECUTOR_VENV must be an absolute path (a venv on every node), got "
+                                           f"{node_venv!r}")
             package = ["bash", os.path.join(ESMM_HOME, "scripts", "package.sh")] + (["--code-only"] if node_venv else [])
             paths = subprocess.run(package, check=True, capture_output=True, text=True).stdout.split()
             if node_venv:
