@@ -656,10 +656,7 @@ def _launch_parallel(spark, payload: list, parallel: int, overwrite: bool) -> li
     for where in dict.fromkeys(p for _, d, o in payload for p in (d, storage.parent(o))):
         storage.check_shared(spark, where)
     cfgs = [from_dict(c) for c, _, _ in payload]
-    writes = {storage.join(o, EXPORT): i for i, (c, (_, _, o)) in enumerate(zip(cfgs, payload))
-              if c.train.method == REFERENCE_CTR}
-    after = {i: [writes[p]] for i, c in enumerate(cfgs) if get_method(c.train.method).needs_ctr_probs
-             and (p := ctr_model_path(c)) in writes and writes[p] != i}
+    after = dependencies(payload)
     # the longest first (fewer idle slots at the end), the waiting jobs last (no slot idles on them)
     order = sorted(range(len(payload)), key=lambda i: (i in after, -_expected_cost(cfgs[i]), i))
     log.info("training %d runs, %d at a time, each in its own Spark task", len(payload), parallel)
@@ -687,6 +684,17 @@ def _launch_parallel(spark, payload: list, parallel: int, overwrite: bool) -> li
             kind, msg = results[i]["error"]
             raise _ERRORS.get(kind, TrainError)(msg if kind in _ERRORS else f"{kind}: {msg}")
     return [results[i] for i in range(len(payload))]
+
+
+def dependencies(payload: list) -> dict[int, list[int]]:
+    """{job index: [indices of the jobs it waits for]} of (config dict, dataset, out_dir) jobs: a method that trains
+    on the reference CTR network's pCTR (UNBIAS) waits for the job writing that network's export, when it is one of
+    them (otherwise the export must exist already, and the run says so if it does not)."""
+    cfgs = [from_dict(c) for c, _, _ in payload]
+    writes = {storage.join(storage.resolve(o), EXPORT): i for i, (c, (_, _, o)) in enumerate(zip(cfgs, payload))
+              if c.train.method == REFERENCE_CTR}
+    return {i: [writes[p]] for i, c in enumerate(cfgs) if get_method(c.train.method).needs_ctr_probs
+            and (p := ctr_model_path(c)) in writes and writes[p] != i}
 
 
 def _expected_cost(cfg: Config) -> float:

@@ -142,7 +142,22 @@ def test_runs_side_by_side_train_the_same_models_as_one_after_another(spark, tin
         launch(jobs("four"), 2, spark, parallel=2)
 
 
+def test_side_by_side_unbias_waits_for_its_own_units_ctr_network(conf):
+    """The schedule of experiment.parallel_runs: each unit's UNBIAS waits for that unit's reference CTR network."""
+    from esmm.config import to_dict
+    from esmm.experiment import config_for, unit_specs
+    from esmm.train import dependencies
+    cfg = small(conf, **{"experiment.methods": "[base, unbias, esmm]", "etl.sampling_rates": "[0.5, 1.0]"})
+    specs = unit_specs(cfg, 0, 1.0) + unit_specs(cfg, 0, 0.5)
+    payload = [(to_dict(config_for(cfg, s, "/exp")), "/ds", storage.resolve(s.run_dir("/exp"))) for s in specs]
+    name = lambda i: "/".join(payload[i][2].split("/")[-2:])
+    assert {name(i): [name(j) for j in js] for i, js in dependencies(payload).items()} == \
+        {"r0-rate1.0/unbias": ["r0-rate1.0/ctr"], "r0-rate0.5/unbias": ["r0-rate0.5/ctr"]}
+    assert dependencies(payload[1:4]) == {}      # its network not among the jobs: the run checks the export itself
+
+
 def _horovodrun(np_, args, env=None):
+
     cmd = [str(VENV_BIN / "horovodrun"), "-np", str(np_), "--gloo", sys.executable] + args
     e = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=e)
