@@ -77,8 +77,11 @@ def test_pipeline_on_standalone_cluster(cluster, tmp_path, shipped):
 
     job_dir = tmp_path / "job"
     job_dir.mkdir()
+    # archive: each run's 2 Horovod workers in executor tasks; node-venv: the two runs side by side, a Spark task each
+    workers = 2 if shipped == "archive" else 1
     cmd = [os.path.join(ROOT, "spark-submit.sh"), "--master", cluster["url"], os.path.join(ROOT, "jobs", "pipeline.py"),
-           "--conf", os.path.join(ROOT, "conf", "test.yaml"), "--set", "train.workers=2",
+           "--conf", os.path.join(ROOT, "conf", "test.yaml"), "--set", f"train.workers={workers}",
+           "--set", f"experiment.parallel_runs={3 - workers}",
            "--set", "experiment.methods=[esmm]", "--set", "experiment.figure_rates=[1.0]"]
     t0 = time.time()
     run = subprocess.run(cmd, cwd=job_dir, capture_output=True, text=True, timeout=1500, env=env)
@@ -91,7 +94,7 @@ def test_pipeline_on_standalone_cluster(cluster, tmp_path, shipped):
     runs = job_dir / "data" / "runs" / "experiment" / "runs" / "r0-rate1.0"
     for method in ("ctr", "esmm"):
         summary = json.loads((runs / method / "train_summary.json").read_text())
-        assert summary["world_size"] == 2 and summary["steps"] > 0, summary
+        assert summary["world_size"] == workers and summary["steps"] > 0, summary
 
     # the application ran on the standalone master, with one 1-core executor on each worker
     state = _master_state(cluster["webui"])
@@ -104,11 +107,14 @@ def test_pipeline_on_standalone_cluster(cluster, tmp_path, shipped):
         # each executor fetched the code zip into its work dir, and unpacked the venv only when it was shipped
         assert os.path.exists(os.path.join(ex, "esmm.zip")), os.listdir(ex)
         assert os.path.exists(os.path.join(ex, "environment", "bin", "python")) == (shipped == "archive"), os.listdir(ex)
-    # Horovod rank 0 trained inside an executor task: its log is in that executor's stderr, not the driver's output
+    # every training ran inside an executor task (Horovod rank 0, or the run's own task side by side): its log is in
+    # exactly one executor's stderr, not in the driver's output
     logs = [open(os.path.join(ex, "stderr"), errors="replace").read() for ex in executors]
-    trained = [log for log in logs if re.search(r"esmm\.train: training esmm on \d+ rows .* x 2 workers", log)]
-    assert len(trained) == 1, "rank 0's training log not found in exactly one executor's stderr"
-    assert "training esmm on" not in run.stdout + run.stderr
+    for method in ("ctr", "esmm"):
+        trained = [log for log in logs
+                   if re.search(rf"esmm\.train: .*training {method} on \d+ rows .* x {workers} workers", log)]
+        assert len(trained) == 1, f"the {method} run's training log not found in exactly one executor's stderr"
+        assert f"training {method} on" not in run.stdout + run.stderr
     # no output escaped into the executors' work dirs
     assert not any(os.path.exists(os.path.join(ex, "data")) for ex in executors)
 
