@@ -329,8 +329,8 @@ def score_to_parquet(spark: SparkSession, dataset: str, runs: list[ScoredRun], r
                     bc.destroy()
         check_pinned(dataset, manifest["run_id"], "scoring")
         o.commit()
-    return {"division_clipped": sum(clips.value.values()), "clipped_by_run": dict(clips.value), "passes": len(passes), "trained_on_other_dataset": list(other),
-            "dataset_run_id": manifest["run_id"]}
+    return {"division_clipped": sum(clips.value.values()), "clipped_by_run": dict(clips.value), "passes": len(passes),
+            "trained_on_other_dataset": list(other), "dataset_run_id": manifest["run_id"]}
 
 
 def check_exports(exports: list, manifest: dict) -> dict:

@@ -115,12 +115,6 @@ def config_for(cfg: Config, spec: RunSpec, exp_dir: str) -> Config:
 
 # ------------------------------------------------------------------------------------------------ one unit
 
-def run_unit(spark: SparkSession, cfg: Config, dataset: str, exp_dir: str, repeat: int, rate: float,
-             truth_path: str | None, methods: tuple | None = None) -> dict:
-    """Train, score and measure one (repeat, rate); returns and persists the unit's metrics."""
-    return run_units(spark, cfg, dataset, exp_dir, [(repeat, rate, methods)], truth_path)[0]
-
-
 def run_units(spark: SparkSession, cfg: Config, dataset: str, exp_dir: str, units: list, truth_path: str | None
               ) -> list[dict]:
     """Train, score and measure several units ([(repeat, rate, methods)]) together; returns and persists each unit's
@@ -181,7 +175,7 @@ def _measure(spark: SparkSession, cfg: Config, dataset: str, exp_dir: str, todo:
     rows, dl, aliases = protocol_metrics(pred, truth, methods, own_ctr=OWN_CTR_METHODS,
                                          refs={r: ref.run_id for r, ref in refs.items()})
     t3 = time.time()
-    k = 0
+    summaries = iter(summaries)   # in the jobs' order: unit by unit, run by run
     for st in todo:
         mine = {label(st, s): s.name for s in st["specs"]}
         delong = {}
@@ -190,8 +184,7 @@ def _measure(spark: SparkSession, cfg: Config, dataset: str, exp_dir: str, todo:
             if models:
                 own = {mine[a]: mine[b] for a, b in (aliases.get(t) or {}).items() if a in mine}
                 delong[t] = R.delong_record(res.take(models, mine.get), own)
-        summ = summaries[k:k + len(st["specs"])]
-        k += len(st["specs"])
+        summ = [next(summaries) for _ in st["specs"]]
         result = {"unit": st["unit"], "repeat": st["repeat"], "rate": st["rate"], "identity": st["identity"],
                   "run_ids": {s.name: _run_id(s.run_dir(exp_dir)) for s in st["specs"]},
                   "metrics": [{**r, S.RUN_ID: mine[r[S.RUN_ID]]} for r in rows if r[S.RUN_ID] in mine],
@@ -201,7 +194,7 @@ def _measure(spark: SparkSession, cfg: Config, dataset: str, exp_dir: str, todo:
                   # done); units measured together share theirs (evaluated_with names them)
                   "seconds": {"train": round(t1 - t0, 1), "score": round(t2 - t1, 1), "metrics": round(t3 - t2, 1)},
                   "evaluated_with": [o["unit"] for o in todo],
-                  "train": [{k_: v for k_, v in x.items() if k_ != "history"} for x in summ],
+                  "train": [{k: v for k, v in x.items() if k != "history"} for x in summ],
                   # the validation AUC of each run's exported evaluation (None without a validation split): what
                   # select_on=validation compares
                   "validation": {s.name: (x.get("validation") or {}).get("best_auc")
