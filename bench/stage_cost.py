@@ -87,7 +87,10 @@ def _experiment_split(exp_dir: str) -> dict:
         if name.startswith("r") and name.endswith(".json"):
             with open(os.path.join(exp_dir, "metrics", name)) as f:
                 units.append(json.load(f))
-    sec = {k: sum(u.get("seconds", {}).get(k, 0.0) for u in units) for k in ("train", "score", "metrics")}
+    # units measured together (experiment.units_per_evaluation) share one launch and one evaluation: each of their
+    # records carries that group's seconds, counted once here
+    groups = {tuple(u.get("evaluated_with") or [u["unit"]]): u.get("seconds", {}) for u in units}
+    sec = {k: sum(g.get(k, 0.0) for g in groups.values()) for k in ("train", "score", "metrics")}
     per = [{"unit": u["unit"], "method": t["method"], "seconds": t["seconds"], "samples_per_s": t["samples_per_s"]}
            for u in units for t in u["train"]]
     samples = sum(t["samples_per_s"] * t["seconds"] for t in per)

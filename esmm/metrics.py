@@ -78,6 +78,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from decimal import Decimal
 from statistics import NormalDist
@@ -101,6 +102,22 @@ ROWS_PER_TASK = 2_000_000
 # the placements come from a distributed sort and join instead (``_delong_sorted``), and nothing that grows with the
 # rows reaches the driver or a broadcast.
 DELONG_BROADCAST_SCORES = 4_000_000
+
+
+@contextmanager
+def _sized_shuffles(spark, rows: int):
+    """``spark.sql.shuffle.partitions`` lowered, while the block runs, to ~ROWS_PER_TASK of ``rows`` per partition
+    (never fewer than two per task slot, never more than configured). The setting is sized for the cluster's largest
+    jobs (conf/default.yaml: 200); a metrics pass over a small prediction table would otherwise run every one of its
+    shuffles, and each scan of the pivoted rows, as that many tiny tasks. Restored afterwards, also on errors."""
+    key = "spark.sql.shuffle.partitions"
+    saved = spark.conf.get(key)
+    k = min(int(saved), max(2 * spark.sparkContext.defaultParallelism, math.ceil(rows / ROWS_PER_TASK)))
+    spark.conf.set(key, str(k))
+    try:
+        yield k
+    finally:
+        spark.conf.set(key, saved)
 
 
 def _fewer_tasks(df: DataFrame, rows: int) -> DataFrame:
@@ -1093,16 +1110,22 @@ def protocol_metrics(pred_df: DataFrame, truth_df: DataFrame | None, runs: dict,
     where the table holds several (the runs of several experiment units, each with its own reference network); by
     default every run's is the table's one run of method ``ctr``. Each task's DeLong covariance then spans every
     unit's runs: a unit's block of it is the covariance of its own runs alone (DeLong's covariance of two AUCs
-    depends on those two models' scores only).
+    depends on those two models' scores only). ``num_partitions`` is the pivot's partition count; by default the
+    table's size sets it, and every shuffle's, for the call (``_sized_shuffles``: ~ROWS_PER_TASK prediction rows per
+    partition, at most ``spark.sql.shuffle.partitions``).
 
     Returns ``(rows, {task: DeLongResult}, {task: {run_id: run_id it shares scores with}})``; ``rows`` are the dicts
     of ``task_metrics``/``entire_space_cvr_metrics`` (``run_id, task, auc, logloss, calibration, n, positives``), and
     equal theirs (a test checks it).
     """
+    if num_partitions is None:
+        with _sized_shuffles(pred_df.sparkSession, pred_df.count()) as k:
+            return protocol_metrics(pred_df, truth_df, runs, own_ctr=own_ctr, on_one_class=on_one_class,
+                                    num_partitions=k, refs=refs)
     names = sorted(runs)
     col = {(r, o): f"__m_{o}_{i}" for i, r in enumerate(names) for o in ("ctr", "cvr", "ctcvr")}
     ref = next((r for r in names if runs[r] == "ctr"), None)
-    n_parts = num_partitions or int(pred_df.sparkSession.conf.get("spark.sql.shuffle.partitions"))
+    n_parts = num_partitions
     run = F.col(RUN_ID)
     has_users = USER_KEY in pred_df.columns
     users = [F.max(USER_KEY).alias(USER_KEY)] if has_users else []
@@ -1252,10 +1275,12 @@ def oracle_protocol_metrics(test_df_with_truth: DataFrame) -> list[dict]:
         stacked = part if stacked is None else stacked.unionByName(part)
     stacked = stacked.persist(CACHE)
     try:
-        work = _fewer_tasks(stacked, stacked.count())
-        dl = delong_wide(work, {"oracle": "__m_s0"}, _Y, (TASK,), on_one_class="nan", cache=False)
-        ll = _wide_logloss(work, {"oracle": "__m_s0"})
-        ga = _task_gauc(work, {"oracle": "__m_s0"}, True, None) if has_users else None
+        n = stacked.count()
+        with _sized_shuffles(stacked.sparkSession, n):
+            work = _fewer_tasks(stacked, n)
+            dl = delong_wide(work, {"oracle": "__m_s0"}, _Y, (TASK,), on_one_class="nan", cache=False)
+            ll = _wide_logloss(work, {"oracle": "__m_s0"})
+            ga = _task_gauc(work, {"oracle": "__m_s0"}, True, None) if has_users else None
     finally:
         stacked.unpersist()
     rows = []

@@ -259,7 +259,14 @@ def test_protocol_metrics_equal_the_per_task_metrics_and_carry_delong(spark, tra
     score_to_parquet(spark, ds, [runs[m] for m in ("base", "division", "esmm", "ctr")], runs["ctr"], out,
                      read_manifest(ds)["layout"]["num_slots"])
     pred, truth = spark.read.parquet(out), spark.read.parquet(os.path.join(raw, "ground_truth"))
-    rows, dl, aliases = protocol_metrics(pred, truth, {m: m for m in ("base", "division", "esmm", "ctr")})
+    key = "spark.sql.shuffle.partitions"
+    saved = spark.conf.get(key)
+    spark.conf.set(key, "64")       # a cluster-sized setting: the call sizes its shuffles to the table, then restores it
+    try:
+        rows, dl, aliases = protocol_metrics(pred, truth, {m: m for m in ("base", "division", "esmm", "ctr")})
+        assert spark.conf.get(key) == "64"
+    finally:
+        spark.conf.set(key, saved)
     ref = task_metrics(pred, group_cols=(S.RUN_ID,), on_one_class="nan")
     ref += entire_space_cvr_metrics(pred, truth, group_cols=(S.RUN_ID,), on_one_class="nan")
     key = lambda r: (r[S.RUN_ID], r["task"])  # noqa: E731

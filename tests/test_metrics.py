@@ -210,3 +210,25 @@ def test_calibration_error_against_true_probabilities_by_hand(spark):
     assert out["oracle"]["ece"] == pytest.approx(0.0)           # the truth itself is perfectly calibrated
     # NaN scores are left out: 2 rows, one bin (ties at the boundary stay together), |0.2 - 0.5| = 0.3
     assert out["partial"]["ece"] == pytest.approx(0.3) and out["partial"]["ece_bins"] == 1
+
+
+def test_metrics_shuffles_are_sized_to_the_table_and_the_setting_restored(spark):
+    from esmm.metrics import ROWS_PER_TASK, _sized_shuffles
+    key = "spark.sql.shuffle.partitions"
+    saved = spark.conf.get(key)
+    slots = spark.sparkContext.defaultParallelism
+    spark.conf.set(key, "64")
+    try:
+        with _sized_shuffles(spark, 1000) as k:              # a small table: two partitions per task slot
+            assert k == 2 * slots and spark.conf.get(key) == str(k)
+        assert spark.conf.get(key) == "64"
+        with _sized_shuffles(spark, 40 * ROWS_PER_TASK) as k:  # ~ROWS_PER_TASK rows each
+            assert k == max(2 * slots, 40)
+        with _sized_shuffles(spark, 1000 * ROWS_PER_TASK) as k:  # never more than configured
+            assert k == 64
+        with pytest.raises(RuntimeError):
+            with _sized_shuffles(spark, 1000):
+                raise RuntimeError("a failing pass")
+        assert spark.conf.get(key) == "64"                    # restored on errors too
+    finally:
+        spark.conf.set(key, saved)
