@@ -1,12 +1,18 @@
-"""``protocol_metrics`` with and without coalescing its cached rows to ~``ROWS_PER_TASK`` rows per task.
+"""``protocol_metrics``'s task counts: two pairs of variants timed on one prediction table in one Spark session.
 
-    .venv/bin/python bench/metrics_tasks.py --exp DIR --unit r0-rate1.0 --dataset DS --truth RAW/ground_truth \
-        [--shuffle-partitions 200] [--repeat 1]
+    .venv/bin/python bench/metrics_tasks.py --exp DIR [--unit r0-rate1.0] [--truth RAW/ground_truth] \
+        [--compare coalesce|sizing] [--shuffle-partitions 200] [--repeat 1]
 
 At ``spark.sql.shuffle.partitions: 200`` (conf/default.yaml) the pivot has 200 partitions and its five task filters
-1,000; every DeLong pass is a Python ``mapInArrow`` over them, so a small unit pays for 1,000 tasks per pass. This
-times both variants on one unit's predictions in one Spark session (local[2]), interleaved, and checks they give
-the same metrics.
+1,000; every DeLong pass is a Python ``mapInArrow`` over them, so a small unit pays for 1,000 tasks per pass.
+
+- ``--compare coalesce``: with and without coalescing the cached rows to ~``ROWS_PER_TASK`` rows per task.
+- ``--compare sizing``: the pivot and every shuffle at the configured ``spark.sql.shuffle.partitions`` (an explicit
+  ``num_partitions``, the behaviour before ``_sized_shuffles``) against the default, sized to the table.
+
+``--unit`` names a table under ``DIR/predictions`` (units scored together are joined by ``+``; their runs are
+``unit/name`` and each names its unit's reference CTR network). Both variants run interleaved, ``--repeat`` times,
+on the same rows (local[2]); the script checks they give the same AUCs.
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ def main():
     p.add_argument("--truth", default=None)
     p.add_argument("--shuffle-partitions", type=int, default=200)
     p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--compare", choices=("coalesce", "sizing"), default="coalesce")
     a = p.parse_args()
     os.environ["PYSPARK_PYTHON"] = sys.executable
     os.environ["PYTHONPATH"] = os.pathsep.join(x for x in (ROOT, os.environ.get("PYTHONPATH")) if x)
@@ -40,25 +47,38 @@ def main():
     spark.sparkContext.setLogLevel("ERROR")
     pred = spark.read.parquet(os.path.join(a.exp, "predictions", a.unit))
     runs = {r["run_id"]: r["method"] for r in pred.select("run_id", "method").distinct().collect()}
+    # units scored together: each run's reference is the CTR network of its own unit
+    unit_ref = {r.split("/")[0]: r for r, m in runs.items() if m == "ctr" and "/" in r}
+    refs = {r: unit_ref[r.split("/")[0]] for r in runs if "/" in r} or None
     truth = spark.read.parquet(a.truth) if a.truth else None
     n = pred.count()
     original = M._fewer_tasks
-    times = {"coalesced": [], "all partitions": []}
+    if a.compare == "coalesce":
+        new, old = "coalesced", "all partitions"
+        setups = {new: (original, None), old: ((lambda df, rows: df), None)}
+    else:
+        new, old = "sized", f"{a.shuffle_partitions} partitions"
+        setups = {new: (original, None), old: (original, a.shuffle_partitions)}
+    times = {new: [], old: []}
     results = {}
     for _ in range(a.repeat):
-        for name in ("all partitions", "coalesced"):
-            M._fewer_tasks = original if name == "coalesced" else (lambda df, rows: df)
+        for name in (old, new):
+            M._fewer_tasks, parts = setups[name]
             t0 = time.time()
-            rows, _, _ = M.protocol_metrics(pred, truth, runs, own_ctr=OWN_CTR_METHODS)
+            rows, _, _ = M.protocol_metrics(pred, truth, runs, own_ctr=OWN_CTR_METHODS, refs=refs,
+                                            num_partitions=parts)
             times[name].append(time.time() - t0)
             results[name] = sorted((r["run_id"], r["task"], r["auc"]) for r in rows)
             print(f"{name:16s} {times[name][-1]:7.1f}s", flush=True)
     M._fewer_tasks = original
-    same = results["coalesced"] == results["all partitions"]
-    a_, b_ = statistics.median(times["coalesced"]), statistics.median(times["all partitions"])
+    diff = max(abs(x[2] - y[2]) for x, y in zip(results[new], results[old])
+               if x[2] == x[2] and y[2] == y[2])
+    same = [x[:2] for x in results[new]] == [y[:2] for y in results[old]] and diff < 1e-12
+    a_, b_ = statistics.median(times[new]), statistics.median(times[old])
     print(f"\n{a.unit}: {n:,} prediction rows, {len(runs)} runs, shuffle partitions {a.shuffle_partitions}, "
           f"ROWS_PER_TASK {M.ROWS_PER_TASK:,}")
-    print(f"coalesced / all partitions = {a_:.1f}s / {b_:.1f}s = {a_ / b_:.2f}x the time; same AUCs: {same}")
+    print(f"{new} / {old} = {a_:.1f}s / {b_:.1f}s = {a_ / b_:.2f}x the time (medians of {a.repeat}); "
+          f"same AUCs: {same} (largest difference {diff:.1e})")
 
 
 if __name__ == "__main__":
