@@ -17,16 +17,18 @@ import argparse
 import sys
 
 # --- measured (bench/RESULTS.md) -----------------------------------------------------------------------------------
-# ETL: "A paper-scale run", 20M impressions in 474 s on local[2] (tests competing: conservative)
-ETL_ROWS_PER_CORE_S = 20_000_000 / 474 / 2
+# ETL: "ESMM vs BASE at 20M ... (2026-12-04)", 20M impressions in 251 s on local[2], quiet (the noisier
+# 2026-11-29 run: 474 s)
+ETL_ROWS_PER_CORE_S = 20_000_000 / 251.4 / 2
 # Training: the same run, one process and one thread per model, 10.0M training impressions; seconds per model
 TRAIN_S_PER_10M = {"ctr": 258, "base": 57, "aman": 128, "oversampling": 74, "unbias": 102, "division": 274,
                    "esmm_ns": 581, "esmm": 400}
 # Scoring: the same run, 8 models + the reference CTR network over 10.0M test rows in 286 s on 2 cores
 SCORE_MODEL_ROWS_PER_CORE_S = 9 * 10_000_000 / 286 / 2
-# Metrics (AUC + DeLong + log-loss, 5 tasks): "Coalescing the metrics' tasks", 4.0M prediction rows (500k
-# impressions x 8 runs) in 28.5 s on 2 cores, the test suite running at the same time
-METRIC_MODEL_ROWS_PER_CORE_S = 4_002_072 / 28.5 / 2
+# Metrics (AUC + DeLong + log-loss + GAUC, 5 tasks, shuffles sized to the table): "ESMM vs BASE at 20M ...
+# (2026-12-04)", 9 runs x 9,994,202 test impressions in 360 s on 2 cores, quiet (the oracle's metrics, generated
+# data only, are left out)
+METRIC_MODEL_ROWS_PER_CORE_S = 9 * 9_994_202 / 360.1 / 2
 # Peak memory per process at 20M (same run): ETL driver JVM 2.7 GB (with the 345k-line common table broadcast),
 # Python workers 0.35 GB each, the training process 1.4 GB (conf/default.yaml's tables and Adam moments), scoring
 # workers 1.0 GB each (2 models per pass)
