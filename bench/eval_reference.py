@@ -78,8 +78,12 @@ def spark_side(spark, dataset: str, runs, ref, truth: str | None, workdir: str, 
             for f in os.listdir(dataset):   # manifest, marker, commit record: the same dataset build, fewer rows
                 if os.path.isfile(os.path.join(dataset, f)):
                     shutil.copy(os.path.join(dataset, f), ds)
-            (spark.read.parquet(os.path.join(dataset, S.TEST)).orderBy(S.SAMPLE_ID).limit(rows)
-             .write.parquet(os.path.join(ds, S.TEST)))
+            # the N-th sample_id from that column alone (ordering whole rows, 57-wide arrays, runs out of heap
+            # at 2M), then a filter: sample_id is unique, so exactly N rows
+            from pyspark.sql import functions as F
+            test = spark.read.parquet(os.path.join(dataset, S.TEST))
+            cut = test.select(S.SAMPLE_ID).orderBy(S.SAMPLE_ID).limit(rows).agg(F.max(S.SAMPLE_ID)).first()[0]
+            test.where(F.col(S.SAMPLE_ID) <= cut).write.parquet(os.path.join(ds, S.TEST))
             recommit(ds)
     pred_path = os.path.join(workdir, "pred")
     shutil.rmtree(pred_path, ignore_errors=True)
@@ -178,11 +182,14 @@ def reference_side(dataset: str, runs, ref, truth: str | None, rows: int | None,
     torch.set_num_threads(threads)
     t = {}
     t0 = time.time()
-    tab = pq.read_table(os.path.join(dataset, S.TEST), columns=[S.SAMPLE_ID, S.CLICK, S.CONVERSION, S.FEAT_IDS,
-                                                                   S.FEAT_WTS, S.USER_KEY])
+    path = os.path.join(dataset, S.TEST)
+    filters = None
+    if rows:   # read the first N rows only (the N-th sample_id from that column, then a filter), as Spark does
+        ids_only = np.sort(pq.read_table(path, columns=[S.SAMPLE_ID]).column(S.SAMPLE_ID).to_numpy())
+        filters = [(S.SAMPLE_ID, "<=", int(ids_only[min(rows, len(ids_only)) - 1]))] if len(ids_only) else None
+    tab = pq.read_table(path, columns=[S.SAMPLE_ID, S.CLICK, S.CONVERSION, S.FEAT_IDS, S.FEAT_WTS, S.USER_KEY],
+                        filters=filters)
     tab = tab.sort_by(S.SAMPLE_ID)
-    if rows:
-        tab = tab.slice(0, rows)
     n = tab.num_rows
     width = len(tab.column(S.FEAT_IDS).chunk(0)[0]) if n else 0
     ids = pc.list_flatten(tab.column(S.FEAT_IDS)).to_numpy().astype(np.int64).reshape(n, width)
