@@ -730,7 +730,8 @@ def _ratios(R: dict) -> list:
                 y = (r["rows"] / m["cpu_s"]) / ref_cpu
                 z = (r["rows"] / (m["cpu_s"] - m["jit_cpu_s"])) / ref_cpu
                 out.append(f"{s:,} spark local[{c}]: rows/s per Spark core / python reference ({best['variant']}) "
-                           f"rows/s = {x:.1f}x (target >= {TARGET_X:g}x: {'met' if x >= TARGET_X else 'MISSED'}); per CPU-second of "
+                           f"rows/s = {x:.1f}x (target >= {TARGET_X:g}x: {'met' if x >= TARGET_X else 'MISSED'}); "
+                           f"per CPU-second of "
                            f"all processes (JVM, Python workers, driver; local[{c}] kept {m['cpu_s'] / r['seconds']:.1f}"
                            f" cores busy) {r['rows'] / m['cpu_s']:,.0f} vs {ref_cpu:,.0f} rows/CPU-s = {y:.1f}x; "
                            f"without the JIT compiler threads ({m['jit_cpu_s']:.0f} CPU-s) {z:.1f}x")

@@ -17,6 +17,7 @@ on the same rows (local[2]); the script checks they give the same AUCs.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -71,8 +72,8 @@ def main():
             results[name] = sorted((r["run_id"], r["task"], r["auc"]) for r in rows)
             print(f"{name:16s} {times[name][-1]:7.1f}s", flush=True)
     M._fewer_tasks = original
-    diff = max(abs(x[2] - y[2]) for x, y in zip(results[new], results[old])
-               if x[2] == x[2] and y[2] == y[2])
+    diff = max((abs(x[2] - y[2]) for x, y in zip(results[new], results[old])
+                if not (math.isnan(x[2]) or math.isnan(y[2]))), default=0.0)
     same = [x[:2] for x in results[new]] == [y[:2] for y in results[old]] and diff < 1e-12
     a_, b_ = statistics.median(times[new]), statistics.median(times[old])
     print(f"\n{a.unit}: {n:,} prediction rows, {len(runs)} runs, shuffle partitions {a.shuffle_partitions}, "
