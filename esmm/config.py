@@ -210,6 +210,9 @@ class TrainConfig:
     patience: int = 5                # stop after this many evaluations without a better validation score
     best_by: str = "logloss"         # the evaluation the export holds: "logloss" (lowest validation log-loss: ranking
                                      # and level) or "auc" (highest validation AUC, blind to the level)
+    choose_from: str = "cooldown"    # the evaluations the export may hold (and early stopping counts): "cooldown"
+                                     # (once the linear schedule's rate falls; every one under a constant rate) or
+                                     # "any" (every evaluation)
 
     def validate(self, key: str) -> None:
         names = _method_names()
@@ -236,6 +239,8 @@ class TrainConfig:
         _check(0 <= self.lr_final <= 1, f"{key}.lr_final", f"must be in [0, 1], got {self.lr_final}")
         _check(0 < self.lr_decay_share <= 1, f"{key}.lr_decay_share", f"must be in (0, 1], got {self.lr_decay_share}")
         _check(self.best_by in BEST_BY, f"{key}.best_by", f"must be one of {list(BEST_BY)}, got {self.best_by!r}")
+        _check(self.choose_from in CHOOSE_FROM, f"{key}.choose_from",
+               f"must be one of {list(CHOOSE_FROM)}, got {self.choose_from!r}")
         _check(math.isfinite(self.escm2_max_weight) and self.escm2_max_weight >= 1, f"{key}.escm2_max_weight",
                f"must be a finite number >= 1 (a weight o/pCTR is never below 1), got {self.escm2_max_weight}")
 
@@ -243,6 +248,7 @@ class TrainConfig:
 EXPORT_MODES = ("auto", "path", "broadcast")
 LR_SCHEDULES = ("linear", "constant")
 BEST_BY = ("logloss", "auc")
+CHOOSE_FROM = ("cooldown", "any")
 
 
 @dataclass(frozen=True)

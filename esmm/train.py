@@ -152,6 +152,15 @@ def lr_at(t, base_lr: float, step: int, total: int) -> float:
     return base_lr * (1.0 - (1.0 - t.lr_final) * min((step - start) / (total - start), 1.0))
 
 
+def choice_start(t, total: int) -> int:
+    """The first step whose evaluation the export may hold (``train.choose_from``): with ``cooldown`` under the linear
+    schedule, the cool-down's start (the step count from which ``lr_at`` falls); 0 otherwise (every evaluation). The
+    run's last step is never before it, so its final evaluation is always a candidate."""
+    if t.choose_from == "any" or t.lr_schedule == "constant" or total <= 0:
+        return 0
+    return min(math.ceil(total * (1.0 - t.lr_decay_share) - 1e-9), total)
+
+
 def set_lr(state: TrainState, lr: float) -> None:
     for opt in (state.opt_sparse, state.opt_dense):
         for g in opt.param_groups:
@@ -386,7 +395,7 @@ def _train(cfg: Config, dataset: str, out_dir: str, dist: D.Dist, stop_at_step: 
         split["metric"] = V.target_for(t.method).name
         split["metric_defined"] = V.metric_defined(split, t.method)
         if split["metric_defined"]:
-            state.tracker = V.Tracker(t.patience, t.best_by)
+            state.tracker = V.Tracker(t.patience, t.best_by, choice_start(t, total))
         elif dist.is_main:
             log.warning("the validation rows of %s have one class only (%d rows, %d clicks, %d conversions): its "
                         "AUC is undefined, so %s trains to the end without early stopping or best-model selection",
@@ -453,10 +462,11 @@ def _validation_summary(split: dict, state: TrainState, t) -> dict:
     log-loss and calibration, and the best one (``best``: the evaluation the export holds)."""
     out = {k: split[k] for k in ("share", "cut_sample_id", "rows", "clicks", "conversions", "metric",
                                  "metric_defined")}
-    out.update({"eval_every": t.eval_every, "patience": t.patience, "best_by": t.best_by, "best": None,
-                "best_auc": None, "best_step": None, "evals": []})
+    out.update({"eval_every": t.eval_every, "patience": t.patience, "best_by": t.best_by,
+                "choose_from": t.choose_from, "from_step": None, "best": None, "best_auc": None, "best_step": None,
+                "evals": []})
     if state.tracker is not None:
-        out.update({"best": state.tracker.best, "best_auc": state.tracker.best_auc,
+        out.update({"from_step": state.tracker.from_step, "best": state.tracker.best, "best_auc": state.tracker.best_auc,
                     "best_step": state.tracker.best_step, "evals": list(state.tracker.evals)})
     return out
 

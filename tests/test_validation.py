@@ -16,7 +16,7 @@ import schemas as S
 from esmm.config import ConfigError, load_config
 from esmm.data import _chunks, steps_per_epoch, subset_rows, tier_for_rate, train_stream
 from esmm.artifacts import EXPORT, SUMMARY, load_export, read_manifest
-from esmm.train import TENSORBOARD, list_checkpoints, lr_at, train
+from esmm.train import TENSORBOARD, choice_start, list_checkpoints, lr_at, train
 from esmm.validation import Tracker, exact_auc, find_split, scores, train_rows
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,7 +117,7 @@ def test_validation_rows_never_reach_a_training_batch(tiny_dataset, rate):
 def test_config_checks():
     for bad, msg in ((["train.validation_share=1"], "validation_share"), (["train.validation_share=-0.1"], "share"),
                      (["train.patience=0"], "patience"), (["train.eval_every=0"], "eval_every"),
-                     (["experiment.select_on=train"], "select_on"), (["train.best_by=loss"], "best_by"),
+                     (["experiment.select_on=train"], "select_on"), (["train.best_by=loss"], "best_by"), (["train.choose_from=all"], "choose_from"),
                      (["train.lr_schedule=cosine"], "lr_schedule"), (["train.lr_final=1.5"], "lr_final"),
                      (["train.lr_decay_share=0"], "lr_decay_share"),
                      (["train.validation_share=0"], "experiment.select_on: validation needs a validation split")):
@@ -168,6 +168,33 @@ def test_tracker_by_logloss_keeps_the_lowest_loss_not_the_highest_auc():
     assert tr.evals[3] == {"step": 4, "auc": None, "logloss": 0.1, "calibration": 1.0}
 
 
+def test_tracker_chooses_only_from_its_first_eligible_step():
+    """Before ``from_step`` an evaluation is recorded but neither chosen nor counted: a better early score (0.1 at
+    step 1) loses to the cool-down's best (0.3 at step 3), and two early evaluations do not use up a patience of 1."""
+    tr = Tracker(patience=1, from_step=3)
+    assert not tr.update(1, _ev(0.7, 0.10)) and not tr.update(2, _ev(0.7, 0.20))
+    assert tr.best is None and tr.bad_evals == 0 and not tr.stop
+    assert tr.update(3, _ev(0.6, 0.30)) and not tr.update(4, _ev(0.6, 0.35)) and tr.stop
+    assert (tr.best_step, tr.best["logloss"]) == (3, 0.30)
+    assert [e.get("eligible", True) for e in tr.evals] == [False, False, True, True]
+    again = Tracker(patience=1)
+    again.load(json.loads(json.dumps(tr.state())))
+    assert again.from_step == 3 and again.state() == tr.state()
+    old = tr.state()
+    del old["from_step"]                                               # a checkpoint from before choose_from
+    again.load(old)
+    assert again.from_step == 0
+
+
+def test_the_first_eligible_step_by_hand():
+    t = _cfg().train
+    assert t.choose_from == "cooldown"
+    assert [choice_start(t, n) for n in (10, 1857, 9283, 1, 0)] == [8, 1486, 7427, 1, 0]   # ceil(0.8 n), at most n
+    assert choice_start(_cfg(**{"train.choose_from": "any"}).train, 1857) == 0
+    assert choice_start(_cfg(**{"train.lr_schedule": "constant"}).train, 1857) == 0
+    assert choice_start(_cfg(**{"train.lr_decay_share": 1.0}).train, 1857) == 0
+
+
 def test_validation_scores_by_hand():
     p, y = np.array([0.2, 0.8, 0.4, 0.4]), np.array([False, True, True, False])
     s = scores(p, y)
@@ -204,7 +231,7 @@ def test_early_stop_at_the_expected_step_when_nothing_improves(tiny_dataset, tmp
     first, so the run stops after 1 + patience evaluations."""
     _, ds = tiny_dataset
     cfg = _cfg(**{"train.method": "base", "train.lr": "1.0e-30", "train.eval_every": 2, "train.patience": 3,
-                  "train.epochs": 3})
+                  "train.epochs": 3, "train.choose_from": "any"})
     s = train(cfg, ds, str(tmp_path / "run"))
     v = s["validation"]
     assert s["stopped_early"] and s["steps"] == 2 * (1 + 3) < 3 * s["steps_per_epoch"]
@@ -244,15 +271,20 @@ def test_early_stop_exports_the_best_evaluation_weights(tiny_dataset, tmp_path):
     assert not all(torch.equal(exported[k], before[k]) for k in exported)  # a step apart the weights differ
 
 
-def test_the_default_export_holds_the_lowest_validation_logloss(tiny_dataset, tmp_path):
+def test_the_default_export_holds_the_lowest_validation_logloss_of_the_cool_down(tiny_dataset, tmp_path):
+    """The candidates are the evaluations from the cool-down's start on (ceil(0.8 x steps)); earlier ones are
+    recorded, marked, and never chosen."""
     _, ds = tiny_dataset
-    cfg = _cfg(**{"train.method": "base", "train.lr": 0.01, "train.eval_every": 2, "train.patience": 100,
+    cfg = _cfg(**{"train.method": "base", "train.lr": 0.01, "train.eval_every": 1, "train.patience": 100,
                   "train.epochs": 2})
     s = train(cfg, ds, str(tmp_path / "run"))
     v = s["validation"]
-    scored = [e for e in v["evals"] if e["auc"] is not None]
-    assert v["best_by"] == "logloss" and len(scored) > 3
-    assert v["best"] == min(scored, key=lambda e: e["logloss"]) and s["exported_step"] == v["best_step"]
+    assert v["choose_from"] == "cooldown" and v["from_step"] == math.ceil(0.8 * s["steps"] - 1e-9) > 1
+    early = [e for e in v["evals"] if e["step"] < v["from_step"]]
+    scored = [e for e in v["evals"] if e["auc"] is not None and e["step"] >= v["from_step"]]
+    assert early and all(e["eligible"] is False for e in early) and len(scored) >= 2
+    assert v["best_by"] == "logloss" and v["best"] == min(scored, key=lambda e: e["logloss"])
+    assert s["exported_step"] == v["best_step"] >= v["from_step"]
     assert v["best_auc"] == v["best"]["auc"] and all(e["calibration"] > 0 for e in scored)
     model, _ = load_export(str(tmp_path / "run" / EXPORT))             # the export scores what the summary says
     from esmm.validation import evaluate
@@ -315,7 +347,7 @@ def test_two_horovod_ranks_stop_early_at_the_same_step(tiny_dataset, tmp_path):
     _, ds = tiny_dataset
     _horovodrun(2, ["-m", "jobs.train", "--conf", str(CONF), "--dataset", ds, "--out", str(tmp_path / "run"),
                     "--set", "train.method=esmm", "--set", "train.lr=1.0e-30", "--set", "train.eval_every=1",
-                    "--set", "train.patience=2", "--set", "train.epochs=2"])
+                    "--set", "train.patience=2", "--set", "train.epochs=2", "--set", "train.choose_from=any"])
     s = json.loads((tmp_path / "run" / SUMMARY).read_text())
     assert s["world_size"] == 2 and s["stopped_early"] and s["steps"] == 3
     assert [e["step"] for e in s["validation"]["evals"]] == [1, 2, 3]
