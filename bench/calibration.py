@@ -1,14 +1,20 @@
 """Calibrated exports: the mean level of exported pCVR per seed, before and after the fix, on the demo's 4M world.
 
     .venv/bin/python bench/calibration.py [--repeats 5] [--workdir /tmp/esmm-bench-calibration]
+        [--compare schedule|choice] [--conf conf/demo.yaml] [--set key=value ...]
 
-One generated world (conf/demo.yaml: 4M impressions, 2M test), one ETL, then the same experiment (the reference CTR
-network, BASE and ESMM, one epoch, ``--repeats`` seeds) twice on the same dataset:
+One generated world (``--conf``, conf/demo.yaml by default: 4M impressions, 2M test), one ETL, then the same
+experiment (the reference CTR network, BASE and ESMM, one epoch, ``--repeats`` seeds) twice on the same dataset.
+``--compare schedule`` (the default):
 
 - ``before``: ``train.lr_schedule=constant`` and ``train.best_by=auc`` (the paper's constant-rate Adam, the export the
   highest-validation-AUC snapshot: what every run did before),
 - ``after``: the defaults (the rate decays linearly to 0 over the run, the export the lowest-validation-log-loss
-  snapshot).
+  snapshot among the cool-down's evaluations).
+
+``--compare choice``: ``before`` is ``train.choose_from=any`` (every evaluation a candidate, early stopping counting
+all of them), ``after`` the default ``cooldown``. ``--set`` overrides come after the workdir's paths, so
+``--set paths.raw=... --set paths.dataset=...`` reuses a world generated before (generate and ETL are idempotent).
 
 Per seed and setting it reports the level of pCVR:
 
@@ -32,7 +38,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-SETTINGS = {"before": ["train.lr_schedule=constant", "train.best_by=auc"], "after": []}
+COMPARES = {"schedule": {"before": ["train.lr_schedule=constant", "train.best_by=auc"], "after": []},
+            "choice": {"before": ["train.choose_from=any"], "after": []}}
 TASKS = ("cvr", "ctcvr", "cvr_entire")
 GOAL = (0.9, 1.1)
 
@@ -74,7 +81,10 @@ def per_seed(units: dict) -> list[dict]:
         for m in ("base", "esmm"):
             v = u["train"][m].get("validation") or {}
             best = v.get("best") or {}
-            rows.append({"repeat": rep, "method": m, "level": level(u, m), "exported_step": u["train"][m].get(
+            ce = u["metrics"][(m, "cvr_entire")]
+            rows.append({"repeat": rep, "method": m, "level": level(u, m),
+                         "clicked_level": u["metrics"][(m, "cvr")]["calibration"],
+                         "entire_level": ce["mean_pred"] / ce["mean_true"], "exported_step": u["train"][m].get(
                 "exported_step", v.get("best_step")), "steps": u["train"][m]["steps"],
                 "val_logloss": best.get("logloss"), "val_calibration": best.get("calibration"),
                 **{f"{t}_auc": u["metrics"][(m, t)]["auc"] * 100 for t in TASKS}})
@@ -86,6 +96,8 @@ def main(argv=None) -> dict:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--workdir", default="/tmp/esmm-bench-calibration")
     p.add_argument("--set", action="append", default=[], help="extra config overrides for both settings")
+    p.add_argument("--compare", choices=sorted(COMPARES), default="schedule")
+    p.add_argument("--conf", default=os.path.join(ROOT, "conf", "demo.yaml"))
     args = p.parse_args(argv)
     from esmm.cli import setup_logging
     from esmm.config import load_config
@@ -96,29 +108,29 @@ def main(argv=None) -> dict:
     setup_logging("WARNING")
     command = "bench/calibration.py " + " ".join(sys.argv[1:] if argv is None else argv)
     w = args.workdir
-    common = list(args.set) + [f"paths.raw={w}/raw", f"paths.dataset={w}/dataset", f"paths.runs={w}/runs",
-                               "experiment.methods=[base, esmm]", f"experiment.repeats={args.repeats}",
-                               "experiment.figure_rates=[1.0]", "experiment.figure_methods=[]"]
-    conf = os.path.join(ROOT, "conf", "demo.yaml")
+    common = [f"paths.raw={w}/raw", f"paths.dataset={w}/dataset", f"paths.runs={w}/runs",
+              "experiment.methods=[base, esmm]", f"experiment.repeats={args.repeats}",
+              "experiment.figure_rates=[1.0]", "experiment.figure_methods=[]"] + list(args.set)
+    conf = args.conf
     cfg = load_config(conf, common)
     spark = get_spark(cfg.spark, "bench-calibration")
     t0 = time.time()
     generate(spark, cfg)
     run_etl(spark, cfg)
     seconds, rows = {}, {}
-    for name, sets in SETTINGS.items():
+    for name, sets in COMPARES[args.compare].items():
         t1 = time.time()
-        exp = os.path.join(w, f"exp-{name}")
+        exp = os.path.join(w, f"exp-{args.compare}-{name}")
         run_experiment(spark, load_config(conf, common + sets), cfg.paths.dataset, exp,
                        os.path.join(cfg.paths.raw, GROUND_TRUTH_DIR))
         seconds[name] = round(time.time() - t1, 1)
         rows[name] = per_seed(unit_rows(exp))
     report = markdown(rows, args.repeats)
-    out = {"command": command, "seconds": {**seconds, "total": round(time.time() - t0, 1)}, "per_seed": rows,
+    out = {"command": command, "compare": {args.compare: COMPARES[args.compare]}, "seconds": {**seconds, "total": round(time.time() - t0, 1)}, "per_seed": rows,
            "summary": summary(rows)}
     with open(os.path.join(w, "calibration.json"), "w") as f:
         json.dump(out, f, indent=2, default=float)
-    text = f"command: {command}\n{out['seconds']}\n\n{report}"
+    text = f"command: {command}\nsettings: {COMPARES[args.compare]}\n{out['seconds']}\n\n{report}"
     with open(os.path.join(w, "calibration.md"), "w") as f:
         f.write(text)
     print(text)
@@ -145,16 +157,19 @@ def summary(rows: dict) -> dict:
 
 def markdown(rows: dict, repeats: int) -> str:
     s = summary(rows)
-    lines = ["| setting | method | seed | level | exported step / steps | val log-loss | val calibration | "
-             "CVR AUC % | CTCVR AUC % | entire-space CVR AUC % |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| setting | method | seed | level | clicked level | entire-space level | exported step / steps | "
+             "val log-loss | val calibration | CVR AUC % | CTCVR AUC % | entire-space CVR AUC % |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, rs in rows.items():
         for r in sorted(rs, key=lambda r: (r["method"], r["repeat"])):
             lines.append(f"| {name} | {r['method'].upper()} | {r['repeat']} | {r['level']:.3f} | "
+                         f"{r['clicked_level']:.3f} | {r['entire_level']:.3f} | "
                          f"{r['exported_step']} / {r['steps']} | {_f(r['val_logloss'], 5)} | "
                          f"{_f(r['val_calibration'], 3)} | {r['cvr_auc']:.2f} | {r['ctcvr_auc']:.2f} | "
                          f"{r['cvr_entire_auc']:.2f} |")
     lines += ["", "Level: ESMM's mean pCVR / mean true pCVR over all test impressions; BASE's mean pCVR / observed "
-              "conversion rate over the clicked test impressions. Goal: every seed in "
+              "conversion rate over the clicked test impressions (clicked level: that ratio for either method; "
+              "entire-space level: mean pCVR / mean true pCVR over all test impressions). Goal: every seed in "
               f"[{GOAL[0]}, {GOAL[1]}].", "",
               "| method | level range before | level range after | every seed in the goal before / after | "
               "CVR AUC change | CTCVR AUC change | entire-space CVR AUC change |", "|---|---|---|---|---|---|---|"]
