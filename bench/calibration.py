@@ -1,7 +1,7 @@
 """Calibrated exports: the mean level of exported pCVR per seed, before and after the fix, on the demo's 4M world.
 
     .venv/bin/python bench/calibration.py [--repeats 5] [--workdir /tmp/esmm-bench-calibration]
-        [--compare schedule|choice] [--conf conf/demo.yaml] [--set key=value ...]
+        [--compare schedule|choice|none] [--conf conf/demo.yaml] [--set key=value ...]
 
 One generated world (``--conf``, conf/demo.yaml by default: 4M impressions, 2M test), one ETL, then the same
 experiment (the reference CTR network, BASE and ESMM, one epoch, ``--repeats`` seeds) twice on the same dataset.
@@ -13,7 +13,10 @@ experiment (the reference CTR network, BASE and ESMM, one epoch, ``--repeats`` s
   snapshot among the cool-down's evaluations).
 
 ``--compare choice``: ``before`` is ``train.choose_from=any`` (every evaluation a candidate, early stopping counting
-all of them), ``after`` the default ``cooldown``. ``--set`` overrides come after the workdir's paths, so
+all of them), ``after`` the default ``cooldown``. ``--compare none``: the defaults only (one setting, no AUC change),
+e.g. to read the levels of more methods (``--set "experiment.methods=[base, esmm, escm2_ips, escm2_dr]"``); every
+method but BASE is judged over all impressions. Every table also gives each model's entire-space level over its
+clicked level, next to that of a constant calibrated on the clicked test rows (from the oracle's metrics). ``--set`` overrides come after the workdir's paths, so
 ``--set paths.raw=... --set paths.dataset=...`` reuses a world generated before (generate and ETL are idempotent).
 
 Per seed and setting it reports the level of pCVR:
@@ -39,7 +42,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 COMPARES = {"schedule": {"before": ["train.lr_schedule=constant", "train.best_by=auc"], "after": []},
-            "choice": {"before": ["train.choose_from=any"], "after": []}}
+            "choice": {"before": ["train.choose_from=any"], "after": []},
+            "none": {"after": []}}
 TASKS = ("cvr", "ctcvr", "cvr_entire")
 GOAL = (0.9, 1.1)
 
@@ -68,17 +72,38 @@ def unit_rows(exp: str) -> dict:
     return out
 
 
+CLICKED_GOAL = ("base",)   # judged on the clicked impressions it trains on; every other method over all impressions
+
+
 def level(unit: dict, method: str) -> float:
-    if method == "esmm":
-        r = unit["metrics"][("esmm", "cvr_entire")]
+    if method not in CLICKED_GOAL:
+        r = unit["metrics"][(method, "cvr_entire")]
         return r["mean_pred"] / r["mean_true"]
     return unit["metrics"][(method, "cvr")]["calibration"]
+
+
+def methods_of(units: dict) -> list[str]:
+    """The compared methods (the reference CTR network left out), BASE first, in the units' order otherwise."""
+    names = [m for u in units.values() for m in u["train"] if m != "ctr"]
+    return sorted(dict.fromkeys(names), key=lambda m: (m != "base", names.index(m)))
+
+
+def constant_level(exp: str) -> float | None:
+    """The entire-space level of a constant pCVR calibrated on the clicked test rows: the oracle's mean true pCVR
+    over the clicked test rows / over all test rows (metrics/oracle.json). What a model that learned nothing of how
+    pCVR differs between clicked and unclicked impressions would score; 1 means the world has no selection bias."""
+    path = os.path.join(exp, "metrics", "oracle.json")
+    if not os.path.exists(path):
+        return None
+    rows = {r["task"]: r for r in json.load(open(path))["rows"]}
+    mean_true = lambda r: r["calibration"] * r["positives"] / r["n"]  # noqa: E731  (calibration = mean / rate)
+    return mean_true(rows["cvr"]) / mean_true(rows["cvr_entire"])
 
 
 def per_seed(units: dict) -> list[dict]:
     rows = []
     for rep, u in sorted(units.items()):
-        for m in ("base", "esmm"):
+        for m in methods_of(units):
             v = u["train"][m].get("validation") or {}
             best = v.get("best") or {}
             ce = u["metrics"][(m, "cvr_entire")]
@@ -125,8 +150,9 @@ def main(argv=None) -> dict:
                        os.path.join(cfg.paths.raw, GROUND_TRUTH_DIR))
         seconds[name] = round(time.time() - t1, 1)
         rows[name] = per_seed(unit_rows(exp))
-    report = markdown(rows, args.repeats)
-    out = {"command": command, "compare": {args.compare: COMPARES[args.compare]}, "seconds": {**seconds, "total": round(time.time() - t0, 1)}, "per_seed": rows,
+        const = constant_level(exp)
+    report = markdown(rows, args.repeats, const)
+    out = {"command": command, "compare": {args.compare: COMPARES[args.compare]}, "constant_level": const, "seconds": {**seconds, "total": round(time.time() - t0, 1)}, "per_seed": rows,
            "summary": summary(rows)}
     with open(os.path.join(w, "calibration.json"), "w") as f:
         json.dump(out, f, indent=2, default=float)
@@ -141,12 +167,13 @@ def summary(rows: dict) -> dict:
     """Per method: the level's range per setting, whether every seed is in the goal band, and the paired AUC change
     (after - before, AUC points) per task with its t-interval and how many seeds it is positive in."""
     out = {}
-    for m in ("base", "esmm"):
+    for m in dict.fromkeys(r["method"] for rs in rows.values() for r in rs):
         by = {s: {r["repeat"]: r for r in rows[s] if r["method"] == m} for s in rows}
-        reps = sorted(set(by["before"]) & set(by["after"]))
-        d = {"levels": {s: [by[s][k]["level"] for k in reps] for s in by}}
+        reps = sorted(set.intersection(*(set(v) for v in by.values())))
+        d = {"levels": {s: [by[s][k]["level"] for k in reps] for s in by},
+             "extrapolation": {s: [by[s][k]["entire_level"] / by[s][k]["clicked_level"] for k in reps] for s in by}}
         d["in_goal"] = {s: all(GOAL[0] <= x <= GOAL[1] for x in d["levels"][s]) for s in by}
-        for t in TASKS:
+        for t in TASKS if "before" in by else ():
             diffs = [by["after"][k][f"{t}_auc"] - by["before"][k][f"{t}_auc"] for k in reps]
             mean, lo, hi = t_interval(diffs)
             d[f"{t}_auc_change"] = {"mean": mean, "ci": [lo, hi], "positive": sum(x > 0 for x in diffs),
@@ -155,7 +182,7 @@ def summary(rows: dict) -> dict:
     return out
 
 
-def markdown(rows: dict, repeats: int) -> str:
+def markdown(rows: dict, repeats: int, const: float | None = None) -> str:
     s = summary(rows)
     lines = ["| setting | method | seed | level | clicked level | entire-space level | exported step / steps | "
              "val log-loss | val calibration | CVR AUC % | CTCVR AUC % | entire-space CVR AUC % |",
@@ -167,24 +194,34 @@ def markdown(rows: dict, repeats: int) -> str:
                          f"{r['exported_step']} / {r['steps']} | {_f(r['val_logloss'], 5)} | "
                          f"{_f(r['val_calibration'], 3)} | {r['cvr_auc']:.2f} | {r['ctcvr_auc']:.2f} | "
                          f"{r['cvr_entire_auc']:.2f} |")
-    lines += ["", "Level: ESMM's mean pCVR / mean true pCVR over all test impressions; BASE's mean pCVR / observed "
+    lines += ["", "Level: mean pCVR / mean true pCVR over all test impressions (ESMM and every method but BASE); BASE's "
+              "mean pCVR / observed "
               "conversion rate over the clicked test impressions (clicked level: that ratio for either method; "
               "entire-space level: mean pCVR / mean true pCVR over all test impressions). Goal: every seed in "
               f"[{GOAL[0]}, {GOAL[1]}].", "",
-              "| method | level range before | level range after | every seed in the goal before / after | "
-              "CVR AUC change | CTCVR AUC change | entire-space CVR AUC change |", "|---|---|---|---|---|---|---|"]
+              "| method | " + " | ".join(f"level range {x}" for x in rows) + " | every seed in the goal "
+              + " / ".join(rows) + " | " + " | ".join(f"entire / clicked level {x}" for x in rows)
+              + (" | CVR AUC change | CTCVR AUC change | entire-space CVR AUC change |" if "before" in rows else " |"),
+              "|---" * (1 + 2 * len(rows) + 1 + 3 * ("before" in rows)) + "|"]
     for m, d in s.items():
         cells = []
-        for t in TASKS:
+        for t in TASKS if "before" in rows else ():
             c = d[f"{t}_auc_change"]
             cells.append(f"{c['mean']:+.2f} [{c['ci'][0]:+.2f}, {c['ci'][1]:+.2f}], higher in {c['positive']} of "
                          f"{c['n']}")
-        lv = d["levels"]
-        lines.append(f"| {m.upper()} | {min(lv['before']):.3f} - {max(lv['before']):.3f} | "
-                     f"{min(lv['after']):.3f} - {max(lv['after']):.3f} | "
-                     f"{_yes(d['in_goal']['before'])} / {_yes(d['in_goal']['after'])} | " + " | ".join(cells) + " |")
-    lines += ["", f"AUC change: after - before in AUC points, mean over the {repeats} paired seeds with a 95% t-interval "
-              "of the per-seed differences, and in how many seeds it is positive."]
+        lv, ex = d["levels"], d["extrapolation"]
+        lines.append(f"| {m.upper()} | " + " | ".join(f"{min(lv[x]):.3f} - {max(lv[x]):.3f}" for x in rows) + " | "
+                     + " / ".join(_yes(d["in_goal"][x]) for x in rows) + " | "
+                     + " | ".join(f"{min(ex[x]):.3f} - {max(ex[x]):.3f}" for x in rows) + " | "
+                     + "".join(c + " | " for c in cells).rstrip())
+    lines += ["", (f"AUC change: after - before in AUC points, mean over the {repeats} paired seeds with a 95% "
+                   "t-interval of the per-seed differences, and in how many seeds it is positive. "
+                   if "before" in rows else "") + "Entire / clicked level: a model's "
+              "entire-space level over its clicked level, how its pCVR level carries from the clicked test rows to "
+              "all of them (1: the selection bias corrected at the level; "
+              + ("a constant calibrated on the clicked test rows scores "
+                 f"{const:.3f} in this world, the oracle's mean true pCVR over the clicked test rows / over all)."
+                 if const is not None else "no oracle metrics to compare with).")]
     return "\n".join(lines)
 
 
