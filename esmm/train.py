@@ -32,7 +32,8 @@ Validation and early stopping (``esmm.validation``; ``train.validation_share`` >
 train split's latest rows once (recorded in the summary), every rank trains on the rows before it, and every
 ``train.eval_every`` steps and at the end of every epoch rank 0 scores the validation rows (AUC, log-loss,
 calibration); the scores are broadcast so every rank takes the same decision and stops at the same step. Rank 0 keeps
-a copy of the best weights (``train.best_by``: lowest log-loss by default, or highest AUC); the export (``model.pt``
+a copy of the best weights (``train.best_by``: lowest log-loss by default, or highest AUC; among the evaluations from
+the cool-down's start on, ``train.choose_from`` and ``choice_start``); the export (``model.pt``
 and the portable one) holds them, broadcast to every rank first, and the summary records the exported step
 (``exported_step``) and its validation scores (``validation.best``). The tracker (best evaluation, evaluations since)
 and the best weights are part of every checkpoint, so a resumed run takes the same decisions.
