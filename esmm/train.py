@@ -521,9 +521,10 @@ def _evaluate(state: TrainState, dist: D.Dist, validator, writer) -> bool:
         tr = state.tracker
         best = tr.best or {}
         log.info("validation at step %d: AUC %.5f, log-loss %.5f, calibration %.3f (best by %s: step %s, AUC %s, "
-                 "log-loss %s; %d/%d evaluations without improvement)", state.step, scores["auc"], scores["logloss"],
+                 "log-loss %s; %d/%d evaluations without improvement%s)", state.step, scores["auc"], scores["logloss"],
                  scores["calibration"], tr.best_by, tr.best_step, _fmt(best.get("auc")), _fmt(best.get("logloss")),
-                 tr.bad_evals, tr.patience)
+                 tr.bad_evals, tr.patience, "" if state.step >= tr.from_step else
+                 f"; before the cool-down: recorded, not a candidate until step {tr.from_step}")
         _scalars(writer, state.step, "validation", {**{k: scores[k] for k in ("auc", "logloss", "calibration")},
                                                     "best_auc": tr.best_auc, "best_logloss": best.get("logloss")})
     return state.tracker.stop
