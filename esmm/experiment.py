@@ -42,7 +42,7 @@ from esmm import validation as V
 from esmm.config import Config, to_dict
 from esmm.evaluate import OWN_CTR_METHODS, ScoredRun, score_to_parquet
 from esmm.methods import METHODS, REFERENCE_CTR, get_method
-from esmm.metrics import oracle_protocol_metrics, protocol_metrics
+from esmm.metrics import ORACLE_RUN, oracle_protocol_metrics, protocol_metrics
 from esmm.outputs import OutputRefused
 from esmm.artifacts import EXPORT, read_manifest, write_json
 from esmm.train import launch
@@ -172,8 +172,12 @@ def _measure(spark: SparkSession, cfg: Config, dataset: str, exp_dir: str, todo:
     t2 = time.time()
     pred = spark.read.parquet(pred_path)
     truth = spark.read.parquet(truth_path) if truth_path else None
+    oracle_path, oracle_identity, oracle_done = (_oracle_state(dataset, truth_path, exp_dir) if truth_path
+                                                 else (None, None, []))
     rows, dl, aliases = protocol_metrics(pred, truth, methods, own_ctr=OWN_CTR_METHODS,
-                                         refs={r: ref.run_id for r, ref in refs.items()})
+                                         refs={r: ref.run_id for r, ref in refs.items()}, oracle=oracle_done is None)
+    if oracle_done is None:  # the true probabilities measured in the same passes (one column more, no pass of their own)
+        write_json(oracle_path, {"identity": oracle_identity, "rows": oracle_rows_of(rows)})
     t3 = time.time()
     summaries = iter(summaries)   # in the jobs' order: unit by unit, run by run
     for st in todo:
@@ -226,15 +230,31 @@ def truth_identity(truth_path: str) -> str:
     return (rec or {}).get("run_id") or storage.resolve(truth_path)
 
 
-def oracle(spark: SparkSession, dataset: str, truth_path: str, exp_dir: str) -> list[dict]:
-    """The oracle rows (true probabilities as scores), reused only when computed from the same dataset build and
-    ground truth."""
+def _oracle_state(dataset: str, truth_path: str, exp_dir: str) -> tuple[str, dict, list | None]:
+    """(path of ``metrics/oracle.json``, the identity its rows must carry, the rows when already computed from the
+    same dataset build and ground truth, else None)."""
     path = storage.join(exp_dir, "metrics", "oracle.json")
     identity = {"dataset_run_id": read_manifest(dataset)["run_id"], "truth": truth_identity(truth_path)}
     if storage.exists(path):
         done = storage.read_json(path)
         if isinstance(done, dict) and done.get("identity") == identity:
-            return done["rows"]
+            return path, identity, done["rows"]
+    return path, identity, None
+
+
+def oracle_rows_of(rows: list[dict]) -> list[dict]:
+    """``protocol_metrics(oracle=True)``'s oracle rows in ``oracle.json``'s form (``method`` "oracle", no run id)."""
+    return [{S.METHOD: "oracle", **{k: v for k, v in r.items() if k != S.RUN_ID}} for r in rows
+            if r[S.RUN_ID] == ORACLE_RUN]
+
+
+def oracle(spark: SparkSession, dataset: str, truth_path: str, exp_dir: str) -> list[dict]:
+    """The oracle rows (true probabilities as scores), reused only when computed from the same dataset build and
+    ground truth. The first evaluation of an experiment measures them in its own passes (``_measure``); this pass
+    of their own runs only when that did not happen (every unit was already measured)."""
+    path, identity, rows = _oracle_state(dataset, truth_path, exp_dir)
+    if rows is not None:
+        return rows
     test = spark.read.parquet(storage.join(dataset, S.TEST)).drop(S.FEAT_IDS, S.FEAT_WTS, S.SAMPLE_TIER)  # + user_key
     truth = spark.read.parquet(truth_path).select(S.SAMPLE_ID, S.TRUE_CTR, S.TRUE_CVR, S.WOULD_CONVERT)
     rows = oracle_protocol_metrics(test.join(truth, S.SAMPLE_ID))

@@ -1091,9 +1091,13 @@ def _calibration_row(r, group_cols: tuple, score_col: str, label_col: str) -> di
 
 # -------------------------------------------------------------------------------------------------- paper protocol
 
+ORACLE_RUN = "oracle"          # protocol_metrics(oracle=True): the true probabilities' run id
+_TRUE_CTCVR = "__true_ctcvr"
+
+
 def protocol_metrics(pred_df: DataFrame, truth_df: DataFrame | None, runs: dict, *, own_ctr=("ctr", "esmm", "esmm_ns"),
                      on_one_class: str = "nan", num_partitions: int | None = None,
-                     refs: dict | None = None) -> tuple[list[dict], dict, dict]:
+                     refs: dict | None = None, oracle: bool = False) -> tuple[list[dict], dict, dict]:
     """The paper's protocol for the runs of one prediction table, with DeLong's covariance, in a few passes.
 
     ``runs``: ``{run_id: method}`` of the table (``schemas.dataset.PREDICTION_SCHEMA``, one row per test impression
@@ -1114,6 +1118,12 @@ def protocol_metrics(pred_df: DataFrame, truth_df: DataFrame | None, runs: dict,
     table's size sets it, and every shuffle's, for the call (``_sized_shuffles``: ~ROWS_PER_TASK prediction rows per
     partition, at most ``spark.sql.shuffle.partitions``).
 
+    ``oracle`` (with ``truth_df``): the true probabilities take part as one more model, ``ORACLE_RUN``, in the
+    ``ctr``, ``cvr``, ``ctcvr`` and ``cvr_entire`` tasks of the same passes (pCTR = true_ctr, pCVR = true_cvr, pCTCVR
+    their product), instead of a pass of their own (``oracle_protocol_metrics``, whose rows these equal: a test
+    checks it). Its rows come last, with ``run_id`` ``ORACLE_RUN`` and the AUC's DeLong standard error ``auc_se``;
+    every impression must then have its truth row.
+
     Returns ``(rows, {task: DeLongResult}, {task: {run_id: run_id it shares scores with}})``; ``rows`` are the dicts
     of ``task_metrics``/``entire_space_cvr_metrics`` (``run_id, task, auc, logloss, calibration, n, positives``), and
     equal theirs (a test checks it).
@@ -1121,9 +1131,15 @@ def protocol_metrics(pred_df: DataFrame, truth_df: DataFrame | None, runs: dict,
     if num_partitions is None:
         with _sized_shuffles(pred_df.sparkSession, pred_df.count()) as k:
             return protocol_metrics(pred_df, truth_df, runs, own_ctr=own_ctr, on_one_class=on_one_class,
-                                    num_partitions=k, refs=refs)
-    names = sorted(runs)
-    col = {(r, o): f"__m_{o}_{i}" for i, r in enumerate(names) for o in ("ctr", "cvr", "ctcvr")}
+                                    num_partitions=k, refs=refs, oracle=oracle)
+    if ORACLE_RUN in runs:
+        raise MetricError(f"protocol metrics: a run may not be called {ORACLE_RUN!r} (the true probabilities' name)")
+    oracle = oracle and truth_df is not None
+    scored = sorted(runs)
+    names = scored + ([ORACLE_RUN] if oracle else [])
+    col = {(r, o): f"__m_{o}_{i}" for i, r in enumerate(scored) for o in ("ctr", "cvr", "ctcvr")}
+    if oracle:
+        col.update({(ORACLE_RUN, "ctr"): TRUE_CTR, (ORACLE_RUN, "cvr"): TRUE_CVR, (ORACLE_RUN, "ctcvr"): _TRUE_CTCVR})
     ref = next((r for r in names if runs[r] == "ctr"), None)
     n_parts = num_partitions
     run = F.col(RUN_ID)
@@ -1131,20 +1147,25 @@ def protocol_metrics(pred_df: DataFrame, truth_df: DataFrame | None, runs: dict,
     users = [F.max(USER_KEY).alias(USER_KEY)] if has_users else []
     wide = (pred_df.repartition(n_parts, SAMPLE_ID).groupBy(SAMPLE_ID)
             .agg(F.count(F.lit(1)).alias(_NROWS), F.max(CLICK).alias(CLICK), F.max(CONVERSION).alias(CONVERSION),
-                 *users, *[F.max(F.when(run == r, F.col(src))).alias(col[(r, o)]) for r in names
+                 *users, *[F.max(F.when(run == r, F.col(src))).alias(col[(r, o)]) for r in scored
                            for o, src in (("ctr", P_CTR), ("cvr", P_CVR), ("ctcvr", P_CTCVR))]))
     if truth_df is not None:
-        wide = wide.join(truth_df.select(SAMPLE_ID, WOULD_CONVERT, TRUE_CVR), SAMPLE_ID, "left")
+        truth_cols = [SAMPLE_ID, WOULD_CONVERT, TRUE_CVR] + ([TRUE_CTR] if oracle else [])
+        wide = wide.join(truth_df.select(*truth_cols), SAMPLE_ID, "left")
+        if oracle:
+            wide = wide.withColumn(_TRUE_CTCVR, F.col(TRUE_CTR).cast("double") * F.col(TRUE_CVR).cast("double"))
     wide = wide.persist(CACHE)
     try:
         y, z = F.col(CLICK), F.col(CONVERSION)
-        cvr_runs = [r for r in names if runs[r] != "ctr"]
-        ctr_runs = [r for r in names if ref is None or runs[r] in own_ctr]
-        tasks = [("ctr", None, y, "ctr", ctr_runs), ("cvr", y == 1, z, "cvr", cvr_runs),
-                 ("ctcvr", None, y * z, "ctcvr", cvr_runs)]
+        cvr_runs = [r for r in scored if runs[r] != "ctr"]
+        ctr_runs = [r for r in scored if ref is None or runs[r] in own_ctr]
+        with_oracle = [ORACLE_RUN] if oracle else []
+        tasks = [("ctr", None, y, "ctr", ctr_runs + with_oracle), ("cvr", y == 1, z, "cvr", cvr_runs + with_oracle),
+                 ("ctcvr", None, y * z, "ctcvr", cvr_runs + with_oracle)]
         if truth_df is not None:
             w = F.col(WOULD_CONVERT)
-            tasks += [("cvr_entire", None, w, "cvr", cvr_runs), ("cvr_entire_clicked", y == 1, w, "cvr", cvr_runs)]
+            tasks += [("cvr_entire", None, w, "cvr", cvr_runs + with_oracle),
+                      ("cvr_entire_clicked", y == 1, w, "cvr", cvr_runs)]
         parts = []
         for task, cond, label, out, members in tasks:
             part = wide if cond is None else wide.where(cond)
@@ -1157,10 +1178,15 @@ def protocol_metrics(pred_df: DataFrame, truth_df: DataFrame | None, runs: dict,
             stacked = stacked.unionByName(p)
         stacked = stacked.persist(CACHE)
         try:
-            bad = stacked.where(F.col(_NROWS) != len(names)).count()
+            bad = stacked.where(F.col(_NROWS) != len(scored)).count()
             if bad:
                 raise MetricError(f"protocol metrics: {bad} task rows come from impressions that are not scored by "
-                                  f"exactly the {len(names)} runs {names}")
+                                  f"exactly the {len(scored)} runs {scored}")
+            if oracle:
+                untrue = wide.where(F.col(TRUE_CTR).isNull() | F.col(TRUE_CVR).isNull()).count()
+                if untrue:
+                    raise MetricError(f"protocol metrics: {untrue} test impressions have no ground-truth row, so the "
+                                      "oracle cannot be scored on the same rows as the runs")
             scols = {r: f"__m_s{i}" for i, r in enumerate(names)}
             work = _fewer_tasks(stacked, stacked.count())
             dl = delong_wide(work, scols, _Y, (TASK,), on_one_class=on_one_class, cache=False)
@@ -1187,8 +1213,9 @@ def protocol_metrics(pred_df: DataFrame, truth_df: DataFrame | None, runs: dict,
                 continue
             c = ll[(task, src)]
             rows.append({RUN_ID: r, TASK: task, "auc": float(res.auc[res.index(src)]), **c,
-                         **_gauc_fields(ga, task, src), **(ece.get(src, {}) if task == "cvr_entire" else {})})
-    rows.sort(key=lambda d: (d[RUN_ID], order.index(d[TASK])))
+                         **_gauc_fields(ga, task, src), **(ece.get(src, {}) if task == "cvr_entire" else {}),
+                         **({"auc_se": res.se(r)} if r == ORACLE_RUN else {})})
+    rows.sort(key=lambda d: (d[RUN_ID] == ORACLE_RUN, d[RUN_ID], order.index(d[TASK])))
     return rows, {t: dl[(t,)] for t in order if (t,) in dl}, aliases
 
 

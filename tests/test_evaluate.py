@@ -263,10 +263,27 @@ def test_protocol_metrics_equal_the_per_task_metrics_and_carry_delong(spark, tra
     saved = spark.conf.get(key)
     spark.conf.set(key, "64")       # a cluster-sized setting: the call sizes its shuffles to the table, then restores it
     try:
-        rows, dl, aliases = protocol_metrics(pred, truth, {m: m for m in ("base", "division", "esmm", "ctr")})
+        rows, dl, aliases = protocol_metrics(pred, truth, {m: m for m in ("base", "division", "esmm", "ctr")},
+                                             oracle=True)
         assert spark.conf.get(key) == "64"
     finally:
         spark.conf.set(key, saved)
+    # the true probabilities measured in the same passes equal their own pass (oracle_protocol_metrics) on the rows
+    from esmm.metrics import ORACLE_RUN, MetricError, oracle_protocol_metrics
+    oracle = [r for r in rows if r[S.RUN_ID] == ORACLE_RUN]
+    rows = [r for r in rows if r[S.RUN_ID] != ORACLE_RUN]
+    test = spark.read.parquet(os.path.join(ds, S.TEST)).drop(S.FEAT_IDS, S.FEAT_WTS, S.SAMPLE_TIER)
+    alone = {r["task"]: r for r in oracle_protocol_metrics(test.join(
+        truth.select(S.SAMPLE_ID, S.TRUE_CTR, S.TRUE_CVR, S.WOULD_CONVERT), S.SAMPLE_ID))}
+    assert [r["task"] for r in oracle] == ["ctr", "cvr", "ctcvr", "cvr_entire"] == list(alone)
+    for r in oracle:
+        want = alone[r["task"]]
+        assert set(r) - {S.RUN_ID} == set(want) - {S.METHOD}, r["task"]
+        for k, v in want.items():
+            if k != S.METHOD:
+                assert r[k] == pytest.approx(v, rel=1e-12, abs=1e-15), (r["task"], k)
+    with pytest.raises(MetricError, match="may not be called 'oracle'"):
+        protocol_metrics(pred, truth, {"oracle": "esmm"}, oracle=True)
     ref = task_metrics(pred, group_cols=(S.RUN_ID,), on_one_class="nan")
     ref += entire_space_cvr_metrics(pred, truth, group_cols=(S.RUN_ID,), on_one_class="nan")
     key = lambda r: (r[S.RUN_ID], r["task"])  # noqa: E731
@@ -279,8 +296,8 @@ def test_protocol_metrics_equal_the_per_task_metrics_and_carry_delong(spark, tra
         assert r["logloss"] == pytest.approx(want["logloss"], rel=1e-9)
         assert r["calibration"] == pytest.approx(want["calibration"], rel=1e-9)
     # single-task methods score CTR with the reference network: they share its CTR row, aliased in the DeLong record
-    assert dl["ctr"].models == ("ctr", "esmm") and aliases["ctr"] == {"base": "ctr", "division": "ctr"}
-    assert dl["cvr"].models == ("base", "division", "esmm") and dl["cvr"].positives == ref[("esmm", "cvr")]["positives"]
+    assert dl["ctr"].models == ("ctr", "esmm", ORACLE_RUN) and aliases["ctr"] == {"base": "ctr", "division": "ctr"}
+    assert dl["cvr"].models == ("base", "division", "esmm", ORACLE_RUN) and dl["cvr"].positives == ref[("esmm", "cvr")]["positives"]
     for task, res in dl.items():
         assert np.all(np.diag(res.cov) > 0) and np.allclose(res.cov, res.cov.T), task
     # GAUC of CTR, CVR and CTCVR: the ETL's user keys carried through scoring, against a per-user sklearn computation
