@@ -210,10 +210,10 @@ def markdown(rows: dict, repeats: int, const: float | None = None) -> str:
             cells.append(f"{c['mean']:+.2f} [{c['ci'][0]:+.2f}, {c['ci'][1]:+.2f}], higher in {c['positive']} of "
                          f"{c['n']}")
         lv, ex = d["levels"], d["extrapolation"]
-        lines.append(f"| {m.upper()} | " + " | ".join(f"{min(lv[x]):.3f} - {max(lv[x]):.3f}" for x in rows) + " | "
-                     + " / ".join(_yes(d["in_goal"][x]) for x in rows) + " | "
-                     + " | ".join(f"{min(ex[x]):.3f} - {max(ex[x]):.3f}" for x in rows) + " | "
-                     + "".join(c + " | " for c in cells).rstrip())
+        lines.append((f"| {m.upper()} | " + " | ".join(f"{min(lv[x]):.3f} - {max(lv[x]):.3f}" for x in rows) + " | "
+                      + " / ".join(_yes(d["in_goal"][x]) for x in rows) + " | "
+                      + " | ".join(f"{min(ex[x]):.3f} - {max(ex[x]):.3f}" for x in rows) + " | "
+                      + "".join(c + " | " for c in cells)).rstrip())
     lines += ["", (f"AUC change: after - before in AUC points, mean over the {repeats} paired seeds with a 95% "
                    "t-interval of the per-seed differences, and in how many seeds it is positive. "
                    if "before" in rows else "") + "Entire / clicked level: a model's "
