@@ -519,16 +519,31 @@ def _delong_passes(df: DataFrame, cols: list, names: list, label_col: str, group
             .where(F.col(_GID).isNotNull()))
     plan = {"minority": minority, "present": present, "vcols": vcols}
     # pass A: distinct scores of the minority class, per (group, model); at most DELONG_BROADCAST_SCORES of them
-    # reach the driver, more go the sorted way (memory flat in the rows)
-    mins = (data.mapInArrow(_make_minority_scores(plan), _GKT_SCHEMA)
-            .groupBy(_GID, _MIDX, _S).agg(F.sum(_POS).alias(_POS)).limit(DELONG_BROADCAST_SCORES + 1).toArrow())
-    if mins.num_rows > DELONG_BROADCAST_SCORES:
-        log.info("DeLong: more than %d distinct minority scores: placements by a range-partitioned sort and a join",
-                 DELONG_BROADCAST_SCORES)
-        aucs, acc = _delong_sorted(data.withColumn(_RID, F.monotonically_increasing_id()), plan, groups,
-                                   len(cols), group_cols)
-    else:
+    # reach the driver, the groups whose scores do not fit go the sorted way (memory flat in the rows)
+    scores = (data.mapInArrow(_make_minority_scores(plan), _GKT_SCHEMA)
+              .groupBy(_GID, _MIDX, _S).agg(F.sum(_POS).alias(_POS)))
+    mins = scores.limit(DELONG_BROADCAST_SCORES + 1).toArrow()
+    if mins.num_rows <= DELONG_BROADCAST_SCORES:
         aucs, acc = _delong_broadcast(data, plan, mins, groups)
+    else:
+        sizes = {r[_GID]: r["n"] for r in scores.groupBy(_GID).agg(F.count(F.lit(1)).alias("n")).collect()}
+        small = _broadcast_groups(sizes, DELONG_BROADCAST_SCORES)
+        big = sorted(set(range(len(groups))) - set(small))
+        log.info("DeLong: %d distinct minority scores over %d groups, more than %d: %d group(s) by broadcast, %d by "
+                 "a range-partitioned sort and a join", sum(sizes.values()), len(groups), DELONG_BROADCAST_SCORES,
+                 len(small), len(big))
+        aucs, acc = {}, {}
+        if small:
+            in_small = F.col(_GID).isin(*small)
+            a, c = _delong_broadcast(data.where(in_small), plan, scores.where(in_small).toArrow(),
+                                     _only_groups(groups, small))
+            aucs.update(a)
+            acc.update(c)
+        if big:
+            a, c = _delong_sorted(data.where(F.col(_GID).isin(*big)).withColumn(_RID, F.monotonically_increasing_id()),
+                                  plan, _only_groups(groups, big), len(cols), group_cols)
+            aucs.update(a)
+            acc.update(c)
     out = {}
     for gid, (key, idx, poss, negs) in enumerate(groups):
         k = len(idx)
@@ -546,6 +561,26 @@ def _delong_passes(df: DataFrame, cols: list, names: list, label_col: str, group
             cov += (q - np.outer(s, s) / n) / (n - 1) / n if n > 1 else np.full((k, k), math.nan)
         out[key] = _delong_result(tuple(names[i] for i in idx), auc_values, (cov + cov.T) / 2, poss, negs)
     return out
+
+
+def _broadcast_groups(sizes: dict, bound: int) -> list:
+    """The groups whose minority scores go the broadcast way when all of them together do not fit: the smallest
+    first, as many as fit within ``bound`` distinct scores in all (``sizes``: {gid: distinct minority scores}). A
+    task with few positives (CVR's conversions) then keeps the fast path while a large one (CTR's clicks) is
+    sorted, instead of every task taking the sorted path."""
+    out, total = [], 0
+    for g in sorted(sizes, key=lambda g: (sizes[g], g)):
+        if total + sizes[g] > bound:
+            break
+        out.append(g)
+        total += sizes[g]
+    return sorted(out)
+
+
+def _only_groups(groups: list, gids: list) -> list:
+    """``groups`` with the models of every group outside ``gids`` taken out (their indices, hence every gid, kept)."""
+    keep = set(gids)
+    return [g if i in keep else (g[0], [], g[2], g[3]) for i, g in enumerate(groups)]
 
 
 def _delong_broadcast(data: DataFrame, plan: dict, mins, groups: list) -> tuple[dict, dict]:

@@ -69,12 +69,13 @@ CASES = {"hand": _hand_scores(),
          "medium": _medium_scores()}
 
 
-@pytest.fixture(scope="module", params=["broadcast", "sorted"])
+@pytest.fixture(scope="module", params=["broadcast", "sorted", "mixed"])
 def stacked(spark, request):
     """All cases as groups of one DataFrame (plus a one-class group and a null group value holding the hand case),
     evaluated in one delong call with 4 range partitions/buckets and 16-row Arrow batches, so bucket offsets and
     batch-spanning tie runs are exercised; once with the minority scores broadcast, once by the distributed sort
-    (DELONG_BROADCAST_SCORES = 0, 4 shuffle partitions)."""
+    (DELONG_BROADCAST_SCORES = 0, 4 shuffle partitions), once mixed (a bound of 30 scores: the small groups
+    broadcast, the others sorted, in the same call)."""
     rows = [r for name, (scores, labels) in CASES.items() for r in _long_rows(name, scores, labels)]
     rows += _long_rows("one", {"a": [0.1, 0.2], "b": [0.3, 0.4]}, [0, 0])
     rows += _long_rows(None, *CASES["hand"])
@@ -90,8 +91,8 @@ def _delong_path(spark, path: str, batch: int):
     import esmm.metrics as M
     saved = (M.DELONG_BROADCAST_SCORES, spark.conf.get("spark.sql.shuffle.partitions"))
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(batch))
-    if path == "sorted":
-        M.DELONG_BROADCAST_SCORES = 0
+    if path in ("sorted", "mixed"):
+        M.DELONG_BROADCAST_SCORES = 0 if path == "sorted" else 30
         spark.conf.set("spark.sql.shuffle.partitions", "4")
     try:
         yield
@@ -221,7 +222,7 @@ def test_swapped_labels_raise_and_bad_values_raise(spark):
         delong(base.withColumn("y", base.y * 0), "s", "y", "m", "k", num_partitions=2)
 
 
-@pytest.mark.parametrize("path", ["broadcast", "sorted"])
+@pytest.mark.parametrize("path", ["broadcast", "sorted", "mixed"])
 def test_wide_rows_majority_positive_groups_and_model_subsets(spark, path):
     # delong_wide: one row per key. Group "flip" has more positives than negatives (the minority class is then the
     # negatives: scores are negated internally); group "sub" has no scores for model c (it does not take part).
@@ -257,6 +258,34 @@ def test_protocol_metrics_refuses_impressions_not_scored_by_every_run(spark):
                                      "p_ctcvr float, method string, run_id string")
     with pytest.raises(MetricError, match=r"not scored by exactly the 2 runs \['a', 'b'\]"):
         protocol_metrics(df, None, {"a": "base", "b": "base"})
+
+
+def test_groups_that_fit_stay_on_the_broadcast_path_when_others_do_not(spark, monkeypatch):
+    """Two groups (a few distinct minority scores, and many): with a bound between them the small one goes the
+    broadcast way and the large one the sorted way in the same call, and both equal the direct computation."""
+    import esmm.metrics as M
+    few, y_few = _random_scores(11, 40, ["a", "b"], 1)              # one decimal: few distinct scores
+    many, y_many = _random_scores(12, 300, ["a", "b"], 6)           # six decimals: nearly all distinct
+    rows = [{"g": "few", "y": int(y_few[i]), "a": float(few["a"][i]), "b": float(few["b"][i])} for i in range(40)]
+    rows += [{"g": "many", "y": int(y_many[i]), "a": float(many["a"][i]), "b": float(many["b"][i])}
+             for i in range(300)]
+    df = spark.createDataFrame(pd.DataFrame(rows), "g string, y int, a double, b double")
+    went = {}
+    for name in ("_delong_broadcast", "_delong_sorted"):
+        orig = getattr(M, name)
+
+        def spy(data, plan, *rest, _orig=orig, _name=name):
+            groups = rest[1] if _name == "_delong_broadcast" else rest[0]
+            went[_name] = sorted(str(g[0]) for g in groups if g[1])
+            return _orig(data, plan, *rest)
+        monkeypatch.setattr(M, name, spy)
+    monkeypatch.setattr(M, "DELONG_BROADCAST_SCORES", 60)
+    got = delong_wide(df, {"m_a": "a", "m_b": "b"}, "y", ["g"])
+    assert went == {"_delong_broadcast": ["('few',)"], "_delong_sorted": ["('many',)"]}
+    for g, (scores, labels) in (("few", (few, y_few)), ("many", (many, y_many))):
+        ref_auc, ref_cov = _reference(scores, labels)
+        np.testing.assert_allclose(got[(g,)].auc, ref_auc, rtol=0, atol=EXACT, err_msg=g)
+        np.testing.assert_allclose(got[(g,)].cov, ref_cov, rtol=0, atol=EXACT, err_msg=g)
 
 
 def test_the_sorted_path_collects_and_broadcasts_nothing_that_grows_with_the_rows(spark, monkeypatch):
