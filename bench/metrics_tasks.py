@@ -1,7 +1,7 @@
 """``protocol_metrics``'s task counts: two pairs of variants timed on one prediction table in one Spark session.
 
     .venv/bin/python bench/metrics_tasks.py --exp DIR [--unit r0-rate1.0] [--truth RAW/ground_truth] \
-        [--compare coalesce|sizing] [--shuffle-partitions 200] [--repeat 1]
+        [--compare coalesce|sizing|split] [--oracle] [--shuffle-partitions 200] [--repeat 1]
 
 At ``spark.sql.shuffle.partitions: 200`` (conf/default.yaml) the pivot has 200 partitions and its five task filters
 1,000; every DeLong pass is a Python ``mapInArrow`` over them, so a small unit pays for 1,000 tasks per pass.
@@ -9,6 +9,10 @@ At ``spark.sql.shuffle.partitions: 200`` (conf/default.yaml) the pivot has 200 p
 - ``--compare coalesce``: with and without coalescing the cached rows to ~``ROWS_PER_TASK`` rows per task.
 - ``--compare sizing``: the pivot and every shuffle at the configured ``spark.sql.shuffle.partitions`` (an explicit
   ``num_partitions``, the behaviour before ``_sized_shuffles``) against the default, sized to the table.
+- ``--compare split``: DeLong with every task sorted once the minority scores of all tasks together exceed
+  ``DELONG_BROADCAST_SCORES`` (the behaviour before the split) against the default, where the tasks that fit keep
+  the broadcast path. ``--oracle`` adds the true probabilities as a model (``protocol_metrics(oracle=True)``, as an
+  experiment's first evaluation does; needs ``--truth``).
 
 ``--unit`` names a table under ``DIR/predictions`` (units scored together are joined by ``+``; their runs are
 ``unit/name`` and each names its unit's reference CTR network). Both variants run interleaved, ``--repeat`` times,
@@ -34,8 +38,12 @@ def main():
     p.add_argument("--truth", default=None)
     p.add_argument("--shuffle-partitions", type=int, default=200)
     p.add_argument("--repeat", type=int, default=1)
-    p.add_argument("--compare", choices=("coalesce", "sizing"), default="coalesce")
+    p.add_argument("--compare", choices=("coalesce", "sizing", "split"), default="coalesce")
+    p.add_argument("--oracle", action="store_true")
     a = p.parse_args()
+    import logging
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("esmm.metrics").setLevel(logging.INFO)   # which DeLong path each call takes
     os.environ["PYSPARK_PYTHON"] = sys.executable
     os.environ["PYTHONPATH"] = os.pathsep.join(x for x in (ROOT, os.environ.get("PYTHONPATH")) if x)
     from pyspark.sql import SparkSession
@@ -53,25 +61,28 @@ def main():
     refs = {r: unit_ref[r.split("/")[0]] for r in runs if "/" in r} or None
     truth = spark.read.parquet(a.truth) if a.truth else None
     n = pred.count()
-    original = M._fewer_tasks
+    original, groups = M._fewer_tasks, M._broadcast_groups
     if a.compare == "coalesce":
         new, old = "coalesced", "all partitions"
-        setups = {new: (original, None), old: ((lambda df, rows: df), None)}
-    else:
+        setups = {new: (original, None, groups), old: ((lambda df, rows: df), None, groups)}
+    elif a.compare == "sizing":
         new, old = "sized", f"{a.shuffle_partitions} partitions"
-        setups = {new: (original, None), old: (original, a.shuffle_partitions)}
+        setups = {new: (original, None, groups), old: (original, a.shuffle_partitions, groups)}
+    else:
+        new, old = "split", "all sorted"
+        setups = {new: (original, None, groups), old: (original, None, lambda sizes, bound: [])}
     times = {new: [], old: []}
     results = {}
     for _ in range(a.repeat):
         for name in (old, new):
-            M._fewer_tasks, parts = setups[name]
+            M._fewer_tasks, parts, M._broadcast_groups = setups[name]
             t0 = time.time()
             rows, _, _ = M.protocol_metrics(pred, truth, runs, own_ctr=OWN_CTR_METHODS, refs=refs,
-                                            num_partitions=parts)
+                                            num_partitions=parts, oracle=a.oracle)
             times[name].append(time.time() - t0)
             results[name] = sorted((r["run_id"], r["task"], r["auc"]) for r in rows)
             print(f"{name:16s} {times[name][-1]:7.1f}s", flush=True)
-    M._fewer_tasks = original
+    M._fewer_tasks, M._broadcast_groups = original, groups
     diff = max((abs(x[2] - y[2]) for x, y in zip(results[new], results[old])
                 if not (math.isnan(x[2]) or math.isnan(y[2]))), default=0.0)
     same = [x[:2] for x in results[new]] == [y[:2] for y in results[old]] and diff < 1e-12
