@@ -1175,7 +1175,7 @@ def protocol_metrics(pred_df: DataFrame, truth_df: DataFrame | None, runs: dict,
     col = {(r, o): f"__m_{o}_{i}" for i, r in enumerate(scored) for o in ("ctr", "cvr", "ctcvr")}
     if oracle:
         col.update({(ORACLE_RUN, "ctr"): TRUE_CTR, (ORACLE_RUN, "cvr"): TRUE_CVR, (ORACLE_RUN, "ctcvr"): _TRUE_CTCVR})
-    ref = next((r for r in names if runs[r] == "ctr"), None)
+    ref = next((r for r in scored if runs[r] == "ctr"), None)
     n_parts = num_partitions
     run = F.col(RUN_ID)
     has_users = USER_KEY in pred_df.columns

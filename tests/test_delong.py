@@ -288,6 +288,19 @@ def test_groups_that_fit_stay_on_the_broadcast_path_when_others_do_not(spark, mo
         np.testing.assert_allclose(got[(g,)].cov, ref_cov, rtol=0, atol=EXACT, err_msg=g)
 
 
+def test_the_oracle_needs_a_truth_row_for_every_impression(spark):
+    # protocol_metrics(oracle=True) with ground truth for 5 of 6 impressions: a clear error, not an oracle row
+    # measured on other rows than the runs'
+    from esmm.metrics import protocol_metrics
+    rows = [(i, i % 2, int(i % 4 == 1), 0.1 * (i + 1), 0.2, 0.02, "esmm", "a") for i in range(6)]
+    df = spark.createDataFrame(rows, "sample_id long, click int, conversion int, p_ctr float, p_cvr float, "
+                                     "p_ctcvr float, method string, run_id string")
+    truth = spark.createDataFrame([(i, 0.1, 0.2, int(i % 3 == 0)) for i in range(5)],
+                                  "sample_id long, true_ctr float, true_cvr float, would_convert int")
+    with pytest.raises(MetricError, match="1 test impressions have no ground-truth row"):
+        protocol_metrics(df, truth, {"a": "esmm"}, oracle=True)
+
+
 def test_the_sorted_path_collects_and_broadcasts_nothing_that_grows_with_the_rows(spark, monkeypatch):
     """Every row a DeLong call brings to the driver (collect, toArrow) and every object it broadcasts, recorded at
     2,000 and 8,000 keys: the broadcast path's grow with the distinct minority scores, the sorted path's do not."""
