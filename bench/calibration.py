@@ -75,11 +75,12 @@ def unit_rows(exp: str) -> dict:
 CLICKED_GOAL = ("base",)   # judged on the clicked impressions it trains on; every other method over all impressions
 
 
-def level(unit: dict, method: str) -> float:
-    if method not in CLICKED_GOAL:
-        r = unit["metrics"][(method, "cvr_entire")]
-        return r["mean_pred"] / r["mean_true"]
-    return unit["metrics"][(method, "cvr")]["calibration"]
+def levels(unit: dict, method: str) -> dict:
+    """The method's level judged against the goal, its clicked level and its entire-space level."""
+    ce = unit["metrics"][(method, "cvr_entire")]
+    out = {"clicked_level": unit["metrics"][(method, "cvr")]["calibration"],
+           "entire_level": ce["mean_pred"] / ce["mean_true"]}
+    return {"level": out["clicked_level" if method in CLICKED_GOAL else "entire_level"], **out}
 
 
 def methods_of(units: dict) -> list[str]:
@@ -106,10 +107,7 @@ def per_seed(units: dict) -> list[dict]:
         for m in methods_of(units):
             v = u["train"][m].get("validation") or {}
             best = v.get("best") or {}
-            ce = u["metrics"][(m, "cvr_entire")]
-            rows.append({"repeat": rep, "method": m, "level": level(u, m),
-                         "clicked_level": u["metrics"][(m, "cvr")]["calibration"],
-                         "entire_level": ce["mean_pred"] / ce["mean_true"], "exported_step": u["train"][m].get(
+            rows.append({"repeat": rep, "method": m, **levels(u, m), "exported_step": u["train"][m].get(
                 "exported_step", v.get("best_step")), "steps": u["train"][m]["steps"],
                 "val_logloss": best.get("logloss"), "val_calibration": best.get("calibration"),
                 **{f"{t}_auc": u["metrics"][(m, t)]["auc"] * 100 for t in TASKS}})

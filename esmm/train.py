@@ -147,7 +147,7 @@ def lr_at(t, base_lr: float, step: int, total: int) -> float:
     takes the same rates)."""
     if t.lr_schedule == "constant" or total <= 0:
         return base_lr
-    start = total * (1.0 - t.lr_decay_share)
+    start = _cooldown_start(t, total)
     if step <= start:
         return base_lr
     return base_lr * (1.0 - (1.0 - t.lr_final) * min((step - start) / (total - start), 1.0))
@@ -159,7 +159,12 @@ def choice_start(t, total: int) -> int:
     run's last step is never before it, so its final evaluation is always a candidate."""
     if t.choose_from == "any" or t.lr_schedule == "constant" or total <= 0:
         return 0
-    return min(math.ceil(total * (1.0 - t.lr_decay_share) - 1e-9), total)
+    return min(math.ceil(_cooldown_start(t, total) - 1e-9), total)
+
+
+def _cooldown_start(t, total: int) -> float:
+    """The step count after which the linear schedule's rate falls (``lr_at`` and ``choice_start`` share it)."""
+    return total * (1.0 - t.lr_decay_share)
 
 
 def set_lr(state: TrainState, lr: float) -> None:
