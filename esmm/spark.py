@@ -10,17 +10,26 @@ from pyspark.sql import SparkSession
 
 log = logging.getLogger(__name__)
 
+# The Python workers are forked by esmm.spark_daemon: pyspark.daemon without Python 3.11's per-task re-read of every
+# zip archive on the path (about 80 ms of CPU per task; see that module)
+DAEMON_MODULE_KEY, DAEMON_MODULE = "spark.python.daemon.module", "esmm.spark_daemon"
+
 
 def get_spark(spark_cfg, app_name: str | None = None) -> SparkSession:
     """Get or create the session. Under spark-submit the master comes from the submit command; otherwise from config.
+    Its Python workers are forked by :mod:`esmm.spark_daemon` unless spark-submit names another
+    ``spark.python.daemon.module``.
 
     Local Python workers (and the Horovod workers they start) are this interpreter with :func:`code_root` on their
     PYTHONPATH, so the code they import is the driver's: a checkout or an installed package alike."""
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     with_code_root()
     builder = SparkSession.builder.appName(app_name or spark_cfg.app_name)
-    if "spark.master" not in _submit_conf():
+    submitted = _submit_conf()
+    if "spark.master" not in submitted:
         builder = builder.master(spark_cfg.master).config("spark.driver.memory", spark_cfg.driver_memory)
+    if DAEMON_MODULE_KEY not in submitted:   # a module given to spark-submit wins
+        builder = builder.config(DAEMON_MODULE_KEY, DAEMON_MODULE)
     spark = (builder
              .config("spark.sql.shuffle.partitions", str(spark_cfg.shuffle_partitions))
              .config("spark.ui.showConsoleProgress", "false")

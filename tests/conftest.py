@@ -19,6 +19,8 @@ warnings.filterwarnings("ignore", category=FutureWarning, module="pyarrow")
 def spark(tmp_path_factory):
     """One real local[2] Spark session for the whole test run (UI off, temp dirs under pytest's tmp)."""
     from pyspark.sql import SparkSession
+
+    from esmm.spark import DAEMON_MODULE, DAEMON_MODULE_KEY
     local = tmp_path_factory.mktemp("spark-local")
     s = (SparkSession.builder.master("local[2]").appName("esmm-tests")
          .config("spark.ui.enabled", "false")
@@ -29,6 +31,7 @@ def spark(tmp_path_factory):
          .config("spark.sql.warehouse.dir", str(local / "wh"))
          .config("spark.driver.memory", "2g")
          .config("spark.sql.execution.arrow.pyspark.enabled", "true")
+         .config(DAEMON_MODULE_KEY, DAEMON_MODULE)                     # as every session of the project (esmm.spark)
          # This JVM lives for the whole run: it keeps the default compilers and collector (tests/spark-conf's
          # flags are for the short-lived jobs), and evaluates expressions without generating classes. Each new query
          # otherwise compiles fresh Java classes that the JIT then compiles again for a handful of tiny batches: 71
