@@ -69,7 +69,9 @@ def parse(p: argparse.ArgumentParser, argv=None) -> tuple[argparse.Namespace, Co
 
 def release_on_sigterm() -> None:
     """Turn SIGTERM (a scheduler's kill, a preemption) into ``SystemExit(143)`` in the main thread, so that every
-    ``with`` block unwinds: output locks are released and unfinished staging is removed."""
+    ``with`` block unwinds: output locks are released and unfinished staging is removed. A blocked signal mask is
+    inherited across exec: a job started by a parent that blocks SIGTERM (a thread of a test runner or an agent)
+    would never see it, so SIGTERM is unblocked here too."""
     import signal
     import threading
     if threading.current_thread() is not threading.main_thread():
@@ -79,6 +81,7 @@ def release_on_sigterm() -> None:
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, stop)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
 
 
 def exit_code(error: BaseException) -> int:

@@ -290,11 +290,14 @@ def test_a_killed_holders_lock_is_taken_over_by_exactly_one_of_many_racers(tmp_p
                 p.kill()
 
 
-def test_sigterm_releases_the_lock(tmp_path):
+@pytest.mark.parametrize("blocked", [False, True], ids=["default", "sigterm-blocked-by-the-parent"])
+def test_sigterm_releases_the_lock(tmp_path, blocked):
+    """Also when the job inherits a signal mask that blocks SIGTERM (as from a runner's thread)."""
     out = str(tmp_path / "ds")
     code = ("import sys, time\nfrom esmm import cli\nfrom esmm.outputs import Lock\ncli.release_on_sigterm()\n"
             "with Lock(sys.argv[1], 'etl'):\n    print('locked', flush=True); time.sleep(60)\n")
-    p = subprocess.Popen([sys.executable, "-c", code, out], stdout=subprocess.PIPE, text=True,
+    block = (lambda: signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})) if blocked else None
+    p = subprocess.Popen([sys.executable, "-c", code, out], stdout=subprocess.PIPE, text=True, preexec_fn=block,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
         assert p.stdout.readline().strip() == "locked"
