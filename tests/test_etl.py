@@ -289,17 +289,29 @@ def dirty_raw(tmp_path):
     return raw, expect, 7                                                   # 1, 2, 8, 9; 12, 13 (CR); 100
 
 
+@pytest.fixture(scope="module")
+def dirty_etls(spark, tmp_path_factory):
+    """The dirty raw log through both parser/writer pairs, once for the tests below: {parser: (manifest, out dir)},
+    with (raw dir, expected quarantine, good skeleton lines)."""
+    root = tmp_path_factory.mktemp("dirty")
+    raw, expect, n_good = dirty_raw(root)
+    outs = {}
+    for parser, writer in (("arrow", "arrow"), ("native", "spark")):
+        cfg = load_config(None, ["etl.max_quarantine_share=1.0", f"etl.max_line_bytes={MAX_LINE}",
+                                 f"etl.parser={parser}", f"etl.writer={writer}"])
+        outs[parser] = (run_etl(spark, cfg, str(raw), str(root / parser)), root / parser)
+    return outs, expect, n_good
+
+
 @pytest.mark.parametrize("parser", ["arrow", "native"])
-def test_dirty_bytes_are_quarantined_never_raised(spark, tmp_path, parser):
-    raw, expect, n_good = dirty_raw(tmp_path)
-    cfg = load_config(None, ["etl.max_quarantine_share=1.0", f"etl.max_line_bytes={MAX_LINE}",
-                             f"etl.parser={parser}"])
-    m = run_etl(spark, cfg, str(raw), str(tmp_path / "out"))
+def test_dirty_bytes_are_quarantined_never_raised(spark, dirty_etls, parser):
+    outs, expect, n_good = dirty_etls
+    m, out = outs[parser]
     r = m["rows"]
     assert r["written"] == n_good
     assert r["skeleton_read"] == r["written"] + r["skeleton_quarantined"] == n_good + len(expect["skeleton"])
     assert r["common_read"] == 5 + 2 and r["common_quarantined"] == len(expect["common"])
-    q = spark.read.parquet(str(tmp_path / "out" / S.QUARANTINE)).collect()
+    q = spark.read.parquet(str(out / S.QUARANTINE)).collect()
     for kind in ("skeleton", "common"):
         got = {bytes(row[S.Q_RAW]): row for row in q if row[S.Q_KIND] == kind}
         assert sorted(got) == sorted(expect[kind])                  # each rejected line, byte for byte (or its cut)
@@ -311,22 +323,17 @@ def test_dirty_bytes_are_quarantined_never_raised(spark, tmp_path, parser):
     assert len(long_row[S.Q_RAW]) == MAX_LINE and long_row[S.Q_LINE].endswith("\ufffd")
     assert m["unknown_fields"] == {"skeleton": 2, "common": 3}
     assert m["unknown_field_ids"] == {"skeleton": {"777": 1, "999": 1}, "common": {"999": 2, "888": 1}}
-    train = sorted(row[S.SAMPLE_ID] for row in spark.read.parquet(str(tmp_path / "out" / "train")).collect())
+    train = sorted(row[S.SAMPLE_ID] for row in spark.read.parquet(str(out / "train")).collect())
     assert train == [1, 2, 8, 9, 12, 13]
 
 
-def test_dirty_bytes_both_parsers_agree(spark, tmp_path):
-    raw, _, _ = dirty_raw(tmp_path)
-    outs = {}
-    for parser, writer in (("arrow", "arrow"), ("native", "spark")):
-        cfg = load_config(None, ["etl.max_quarantine_share=1.0", f"etl.max_line_bytes={MAX_LINE}",
-                                 f"etl.parser={parser}", f"etl.writer={writer}"])
-        outs[parser] = run_etl(spark, cfg, str(raw), str(tmp_path / parser))
-    a, n = outs["arrow"], outs["native"]
+def test_dirty_bytes_both_parsers_agree(spark, dirty_etls):
+    outs, _, _ = dirty_etls
+    (a, a_out), (n, n_out) = outs["arrow"], outs["native"]
     assert a["rows"] == n["rows"] and a["splits"] == n["splits"]
     assert (a["unknown_fields"], a["unknown_field_ids"]) == (n["unknown_fields"], n["unknown_field_ids"])
     assert a["quarantine_reasons"] == n["quarantine_reasons"]
-    assert _rows(spark, tmp_path / "arrow") == _rows(spark, tmp_path / "native")
+    assert _rows(spark, a_out) == _rows(spark, n_out)
 
 
 def test_output_ownership_lock_and_stale_staging(spark, etl_out, tmp_path):

@@ -61,6 +61,7 @@ def test_truncated_checkpoint_falls_back_to_the_previous_one(ctx):
     _assert_same_parameters(ctx.path("train-1w-ref"), ctx.path("train-1w-cut"))
 
 
+@pytest.mark.slow   # the behaviour is make test's (test_train_faults.py, NaN under horovodrun); this is the bench's run of it
 def test_nan_stops_both_ranks_with_the_same_error_and_writes_nothing(ctx):
     r = F.train_nan(ctx, steps=STEPS)
     assert r["ok"], r
