@@ -4,6 +4,8 @@ PY := .venv/bin/python
 CONF ?= conf/demo.yaml
 SETS ?=
 PYTEST := $(PY) -m pytest -q --durations=15
+# make test's workers (pytest-xdist; each file runs whole on one worker, its module fixtures built once); 0: one process
+TEST_WORKERS ?= 2
 
 .PHONY: install demo test test-slow test-all bench clean distclean
 
@@ -15,7 +17,7 @@ demo: install
 
 # the contributor's loop: everything but the `slow`-marked tests (README, "Tests and benchmarks")
 test: install
-	$(PYTEST) -m "not slow" tests
+	$(PYTEST) -n $(TEST_WORKERS) --dist loadfile -m "not slow" tests
 
 # the slow profile alone (the Airflow DAG runs, the archive-shipping cluster run, ...); .ci/run runs both
 test-slow: install

@@ -32,12 +32,12 @@ def spark(tmp_path_factory):
          .config("spark.driver.memory", "2g")
          .config("spark.sql.execution.arrow.pyspark.enabled", "true")
          .config(DAEMON_MODULE_KEY, DAEMON_MODULE)                     # as every session of the project (esmm.spark)
-         # This JVM lives for the whole run: it keeps the default compilers and collector (tests/spark-conf's
-         # flags are for the short-lived jobs), and evaluates expressions without generating classes. Each new query
-         # otherwise compiles fresh Java classes that the JIT then compiles again for a handful of tiny batches: 71
-         # of its 172 CPU-seconds went to the JIT over test_etl.py and test_evaluate.py; interpreted, 137 in all
-         # (161 s -> 140 s wall). The jobs the tests start as processes keep Spark's code generation.
-         .config("spark.driver.extraJavaOptions", "")
+         # The suite runs on 2 pytest-xdist workers (Makefile), each with this session, and is CPU-bound there: this
+         # JVM takes tests/spark-conf's flags as well (C1 compiler, serial GC) and evaluates expressions without
+         # generating classes (each new query otherwise compiles Java classes that the JIT compiles again for a few
+         # tiny batches). Measured on make test's suite, 2 workers, quiet: 775 -> 673 CPU-s, 399 s -> 353 s wall
+         # for the flags. (Run alone, one pytest process, the default compilers finish sooner: C2 then works on the
+         # idle core.) The jobs the tests start as processes keep Spark's code generation.
          .config("spark.sql.codegen.wholeStage", "false")
          .config("spark.sql.codegen.factoryMode", "NO_CODEGEN")
          .getOrCreate())
