@@ -2,9 +2,9 @@
 
 Faults are injected through the data or the files, never through mocks: a dataset copy whose tier-0 file holds NaN
 feature weights, a copy whose tier-0 file is empty, truncated or bit-flipped checkpoint files, a foreign directory, a
-held lock. The multi-rank tests run this file as a script under ``horovodrun -np 2`` (see ``_rank_main`` at the
-bottom): each rank runs ``jobs/train.py`` and records what it raised, so a test sees every rank's error; a rank left
-waiting in a collective would show as a timeout.
+held lock. The multi-rank tests share one run of this file as a script under ``horovodrun -np 2`` (``_rank_main``
+at the bottom): each rank runs ``jobs/train.py`` for every scenario in turn and records what it raised, so a test sees
+every rank's error; a rank left waiting in a collective would show as a timeout.
 """
 import glob
 import json
@@ -91,14 +91,43 @@ def rebuilt_dataset(tiny_dataset, tmp_path_factory):
 
 # ------------------------------------------------------------------------------------------------ horovodrun
 
-def _every_rank(tmp_path, dataset, out, *sets, np_=2) -> list[dict]:
-    """``jobs/train.py`` under ``horovodrun -np 2``: what each rank returned or raised."""
+def _every_rank(tmp_path, scenarios: dict, np_=2) -> dict[str, list[dict]]:
+    """``jobs/train.py`` under one ``horovodrun -np 2`` for every scenario in turn (``{name: (dataset, out, sets)}``):
+    {name: what each rank returned or raised}. One launch for all of them: each scenario ends with the same error on
+    both ranks, so the ranks meet the next one in step, as two jobs launched one after another would."""
+    spec = tmp_path / "scenarios.json"
+    spec.write_text(json.dumps({name: ["--conf", str(CONF), "--dataset", dataset, "--out", str(out)]
+                                + [a for s in sets for a in ("--set", s)]
+                                for name, (dataset, out, sets) in scenarios.items()}))
     prefix = str(tmp_path / "result")
-    argv = ["--conf", str(CONF), "--dataset", dataset, "--out", str(out)] + [a for s in sets for a in ("--set", s)]
-    cmd = [str(VENV_BIN / "horovodrun"), "-np", str(np_), "--gloo", sys.executable, __file__, prefix] + argv
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    cmd = [str(VENV_BIN / "horovodrun"), "-np", str(np_), "--gloo", sys.executable, __file__, prefix, str(spec)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return [json.loads(Path(f"{prefix}.rank{k}.json").read_text()) for k in range(np_)]
+    return {name: [json.loads(Path(f"{prefix}.{name}.rank{k}.json").read_text()) for k in range(np_)]
+            for name in scenarios}
+
+
+@pytest.fixture(scope="module")
+def two_ranks(nan_dataset, empty_shard_dataset, tiny_dataset, tmp_path_factory):
+    """The multi-rank fault scenarios of this file, run by one horovodrun: {name: (run dir, every rank's result)}."""
+    root = tmp_path_factory.mktemp("two-ranks")
+    ds = tiny_dataset[1]
+    # no valid checkpoint: a run stopped at step 5 (checkpoints at steps 2 and 4), one cut short and one bit-flipped
+    ckpt = ("train.method=esmm", "train.checkpoint_every=2")
+    train(_cfg(*ckpt), ds, str(root / "no-valid-checkpoint"), stop_at_step=5)
+    (_, p4), (_, p2) = list_checkpoints(str(root / "no-valid-checkpoint"))
+    Path(p4).write_bytes(Path(p4).read_bytes()[:100])
+    flipped = bytearray(Path(p2).read_bytes())
+    flipped[len(flipped) // 2] ^= 0xFF                                 # same size, one bit pattern changed
+    Path(p2).write_bytes(bytes(flipped))
+    scenarios = {
+        "nan-esmm": (nan_dataset, ("train.sampling_rate=0.1", "train.method=esmm")),
+        "nan-base": (nan_dataset, ("train.sampling_rate=0.1", "train.method=base")),
+        "rank-without-data": (empty_shard_dataset, ("train.sampling_rate=0.1",)),
+        "no-valid-checkpoint": (ds, ckpt),
+    }
+    results = _every_rank(root, {name: (d, root / name, sets) for name, (d, sets) in scenarios.items()})
+    return {name: (root / name, results[name]) for name in scenarios}
 
 
 def _same_error_on_every_rank(results: list[dict], kind: str, pattern: str) -> str:
@@ -129,9 +158,8 @@ def test_boundary_optimizer_settings_are_accepted():
 # ------------------------------------------------------------------------------------------------ non-finite values
 
 @pytest.mark.parametrize("method", ["esmm", "base"])  # the flag rides alone (esmm) or on the weight allreduce (base)
-def test_nan_in_a_batch_stops_both_ranks_with_nothing_written(nan_dataset, tmp_path, method):
-    run = tmp_path / "run"
-    results = _every_rank(tmp_path, nan_dataset, run, "train.sampling_rate=0.1", f"train.method={method}")
+def test_nan_in_a_batch_stops_both_ranks_with_nothing_written(two_ranks, method):
+    run, results = two_ranks[f"nan-{method}"]
     _same_error_on_every_rank(results, "TrainError", r"non-finite loss at step 1 on rank\(s\) \[[01]\] of 2")
     assert sorted(os.listdir(run)) == [MARKER]                      # no export, summary or checkpoint
 
@@ -166,9 +194,8 @@ def test_nonfinite_parameters_are_a_collective_error(tiny_dataset):
 
 # ------------------------------------------------------------------------------------------------ data
 
-def test_rank_without_data_stops_both_ranks_before_training(empty_shard_dataset, tmp_path):
-    run = tmp_path / "run"
-    results = _every_rank(tmp_path, empty_shard_dataset, run, "train.sampling_rate=0.1")
+def test_rank_without_data_stops_both_ranks_before_training(two_ranks):
+    run, results = two_ranks["rank-without-data"]
     msg = _same_error_on_every_rank(results, "TrainError", r"no training data on rank\(s\) \[[01]\] of 2")
     assert "read no rows" in msg
     assert sorted(os.listdir(run)) == [MARKER]
@@ -204,17 +231,8 @@ def test_truncated_checkpoint_falls_back_to_the_previous_one(tiny_dataset, tmp_p
     assert not glob.glob(f"{cut}/*.tmp-*")                              # partial writes removed
 
 
-def test_no_valid_checkpoint_is_one_clear_error_on_both_ranks(tiny_dataset, tmp_path):
-    _, ds = tiny_dataset
-    sets = ("train.method=esmm", "train.checkpoint_every=2")
-    run = tmp_path / "run"
-    train(_cfg(*sets), ds, str(run), stop_at_step=5)                 # checkpoints at steps 2 and 4
-    (_, p4), (_, p2) = list_checkpoints(str(run))
-    Path(p4).write_bytes(Path(p4).read_bytes()[:100])
-    flipped = bytearray(Path(p2).read_bytes())
-    flipped[len(flipped) // 2] ^= 0xFF                                 # same size, one bit pattern changed
-    Path(p2).write_bytes(bytes(flipped))
-    results = _every_rank(tmp_path, ds, run, *sets)
+def test_no_valid_checkpoint_is_one_clear_error_on_both_ranks(two_ranks):
+    run, results = two_ranks["no-valid-checkpoint"]                # checkpoint 4 cut to 100 bytes, 2 bit-flipped
     msg = _same_error_on_every_rank(results, "TrainError", r"no valid checkpoint in ")
     assert "checkpoint-000000004.pt: 100 bytes" in msg and "checkpoint-000000002.pt: sha256 mismatch" in msg
     assert "--overwrite" in msg
@@ -291,15 +309,17 @@ def test_second_training_into_a_locked_run_dir_fails_fast(tiny_dataset, tmp_path
 
 # ------------------------------------------------------------------------------------------------ rank worker
 
-def _rank_main(prefix: str, *argv: str) -> None:
-    """Under horovodrun: run ``jobs/train.py`` and record this rank's summaries or error in ``prefix.rank<r>.json``."""
+def _rank_main(prefix: str, spec: str) -> None:
+    """Under horovodrun: run ``jobs/train.py`` for each scenario of ``spec`` in turn and record this rank's summaries
+    or error in ``prefix.<scenario>.rank<r>.json``."""
     from jobs.train import main
     rank = int(os.environ.get("HOROVOD_RANK", "0"))
-    try:
-        out = {"ok": main(list(argv))}
-    except Exception as e:  # noqa: BLE001  (the test compares every rank's error)
-        out = {"error": type(e).__name__, "message": str(e)}
-    Path(f"{prefix}.rank{rank}.json").write_text(json.dumps(out, default=str))
+    for name, argv in json.loads(Path(spec).read_text()).items():
+        try:
+            out = {"ok": main(list(argv))}
+        except Exception as e:  # noqa: BLE001  (the test compares every rank's error)
+            out = {"error": type(e).__name__, "message": str(e)}
+        Path(f"{prefix}.{name}.rank{rank}.json").write_text(json.dumps(out, default=str))
 
 
 if __name__ == "__main__":
