@@ -1,6 +1,6 @@
 """The jobs' scheduler contract (esmm/cli.py): exit codes, one-line errors, and the ``_SUCCESS`` marker of every
-finished output. The subprocess tests run ``python jobs/<job>.py`` as a scheduler would; all but one of them fail
-before a JVM starts."""
+finished output. The subprocess tests run ``python jobs/<job>.py`` as a scheduler would; they fail before a JVM
+starts."""
 import json
 import logging
 import os
@@ -91,6 +91,23 @@ def test_job_name_is_the_jobs_file_name():
     assert (cli.job_name(etl.main), cli.job_name(train.main)) == ("esmm-etl", "esmm-train")
 
 
+def test_quarantine_gate_exits_3(spark, tmp_path, capsys, restore_log_level):
+    """A Spark job: the ETL's data-quality gate, on a raw log whose lines are mostly bad. In this process, on the
+    test session (a job as a process with a JVM exits non-zero in tests/test_cluster.py's refused-path probe)."""
+    from jobs import etl
+    from test_etl import write_raw
+    raw = write_raw(tmp_path)                                          # 10 of 13 skeleton lines are bad
+    out = tmp_path / "dataset"
+    code = cli.run(etl.main, ["--conf", CONF, "--raw", str(raw), "--out", str(out),
+                              "--set", "etl.max_quarantine_share=0.5"])
+    err = capsys.readouterr().err
+    assert code == 3, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("esmm-etl: error: ") and "Traceback" not in err
+    assert "76.92% of skeleton lines were quarantined (> etl.max_quarantine_share=50.00%)" in last
+    assert not out.exists() and not list(tmp_path.glob(f"dataset.tmp-*/{SUCCESS}"))   # staging kept, unmarked
+
+
 # ------------------------------------------------------------------------------------------------ subprocesses
 
 @pytest.mark.parametrize("name", JOBS)
@@ -145,54 +162,16 @@ def test_locked_output_is_refused_with_4(tmp_path):
     assert not run.exists()
 
 
-def test_quarantine_gate_exits_3(tmp_path):
-    """A Spark job: the ETL's data-quality gate, on a raw log whose lines are mostly bad."""
-    from test_etl import write_raw
-    raw = write_raw(tmp_path)                                          # 10 of 13 skeleton lines are bad
-    out = tmp_path / "dataset"
-    r = job("etl", "--raw", str(raw), "--out", str(out), "--set", "etl.max_quarantine_share=0.5")
-    assert r.returncode == 3, r.stderr[-3000:]
-    assert "76.92% of skeleton lines were quarantined (> etl.max_quarantine_share=50.00%)" in error_line(r, "etl")
-    assert not out.exists() and not list(tmp_path.glob(f"dataset.tmp-*/{SUCCESS}"))   # staging kept, unmarked
-
-
 # ------------------------------------------------------------------------------------------------ _SUCCESS
 
-def test_every_finished_output_carries_success(spark, tiny_dataset, tmp_path, monkeypatch):
-    from esmm import evaluate as E
+def test_reused_raw_log_and_dataset_keep_their_success(spark, tiny_dataset):
+    """Every finished output carries ``_SUCCESS``; a re-run that reuses one keeps it. (The experiment's, its training
+    runs' and an evaluation's: tests/test_evaluate.py, on the outputs that file builds anyway.)"""
     from esmm.config import load_config
     from esmm.etl import run_etl
-    from esmm.evaluate import evaluate_runs
-    from esmm.experiment import run_experiment
     from esmm.generator import generate
     raw, ds = tiny_dataset
     assert os.path.isfile(os.path.join(raw, SUCCESS)) and os.path.isfile(os.path.join(ds, SUCCESS))
     cfg = load_config(CONF)
     assert generate(spark, cfg, raw)["skipped"] and run_etl(spark, cfg, raw, ds)["run_id"]    # reused: kept
     assert os.path.isfile(os.path.join(raw, SUCCESS)) and os.path.isfile(os.path.join(ds, SUCCESS))
-
-    exp = str(tmp_path / "exp")
-    cfg = load_config(CONF, ["experiment.methods=[esmm]", "experiment.figure_rates=[1.0]", "train.workers=1"])
-    run_experiment(spark, cfg, ds, exp, None)
-    runs = [os.path.join(exp, "runs", "r0-rate1.0", m) for m in ("ctr", "esmm")]
-    for d in [exp] + runs:                                             # the experiment and its training runs
-        assert os.path.isfile(os.path.join(d, SUCCESS)), d
-    run_experiment(spark, cfg, ds, exp, None)                          # resumed: everything reused
-    assert os.path.isfile(os.path.join(exp, SUCCESS))
-
-    out = str(tmp_path / "evaluation")
-    first = evaluate_runs(spark, ds, runs[1:], runs[0], out)
-    assert os.path.isfile(os.path.join(out, "metrics.json")) and os.path.isfile(os.path.join(out, SUCCESS))
-    stamp = os.stat(os.path.join(out, "metrics.json")).st_mtime_ns
-    again = evaluate_runs(spark, ds, runs[1:], runs[0], out)             # same exports and dataset: reused
-    assert again["predictions"] == first["predictions"] and len(again["metrics"]) == len(first["metrics"])
-    assert os.stat(os.path.join(out, "metrics.json")).st_mtime_ns == stamp
-
-    def interrupted(*a, **k):
-        raise RuntimeError("killed while scoring")
-    monkeypatch.setattr(E, "score_to_parquet", interrupted)            # a re-run replacing it, stopped half-way
-    with pytest.raises(RuntimeError, match="killed while scoring"):
-        evaluate_runs(spark, ds, runs[1:], runs[0], out, overwrite=True)
-    from esmm.outputs import is_committed
-    assert is_committed(out) and os.path.isfile(os.path.join(out, SUCCESS))   # the previous one, still whole
-    assert [p for p in os.listdir(tmp_path) if p.startswith("evaluation.")] == []   # its staging removed

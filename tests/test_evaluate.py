@@ -16,6 +16,7 @@ from esmm.evaluate import EvaluateError, ScoredRun, score_to_parquet
 from esmm.experiment import ExperimentError, run_experiment
 from esmm.methods import predict
 from esmm.artifacts import EXPORT, load_export, read_manifest
+from esmm.outputs import SUCCESS
 from esmm.train import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -229,6 +230,37 @@ def test_tiny_experiment_end_to_end_and_resume(spark, tiny_dataset, tmp_path):
     fresh = run_experiment(spark, changed, ds, exp, None, overwrite=True)
     assert [r["model"] for r in fresh["table2"]] == ["ESMM"]
     assert sorted(os.listdir(os.path.join(exp, "metrics"))) == ["r0-rate1.0.json"]
+    # every finished output carries _SUCCESS: the experiment and its training runs, also after a re-run reusing them
+    runs = [os.path.join(exp, "runs", "r0-rate1.0", m) for m in ("ctr", "esmm")]
+    for d in [exp] + runs:
+        assert os.path.isfile(os.path.join(d, SUCCESS)), d
+    resumed = run_experiment(spark, changed, ds, exp, None)["table2"]                   # resumed: all reused
+    assert [(r["model"], r["cvr_auc"], r["ctcvr_auc"]) for r in resumed] == \
+        [(r["model"], r["cvr_auc"], r["ctcvr_auc"]) for r in fresh["table2"]]
+    assert all(os.path.isfile(os.path.join(d, SUCCESS)) for d in [exp] + runs)
+
+
+def test_an_evaluation_carries_success_is_reused_and_a_stopped_rerun_keeps_the_old_one(spark, trained, tmp_path,
+                                                                                       monkeypatch):
+    from esmm.evaluate import evaluate_runs
+    from esmm.outputs import is_committed
+    ds, root, _ = trained
+    esmm, ctr = [str(root / "esmm")], str(root / "ctr")
+    out = str(tmp_path / "evaluation")
+    first = evaluate_runs(spark, ds, esmm, ctr, out)
+    assert os.path.isfile(os.path.join(out, "metrics.json")) and os.path.isfile(os.path.join(out, SUCCESS))
+    stamp = os.stat(os.path.join(out, "metrics.json")).st_mtime_ns
+    again = evaluate_runs(spark, ds, esmm, ctr, out)                      # same exports and dataset: reused
+    assert again["predictions"] == first["predictions"] and len(again["metrics"]) == len(first["metrics"])
+    assert os.stat(os.path.join(out, "metrics.json")).st_mtime_ns == stamp
+
+    def interrupted(*a, **k):
+        raise RuntimeError("killed while scoring")
+    monkeypatch.setattr(E, "score_to_parquet", interrupted)            # a re-run replacing it, stopped half-way
+    with pytest.raises(RuntimeError, match="killed while scoring"):
+        evaluate_runs(spark, ds, esmm, ctr, out, overwrite=True)
+    assert is_committed(out) and os.path.isfile(os.path.join(out, SUCCESS))   # the previous one, still whole
+    assert [p for p in os.listdir(tmp_path) if p.startswith("evaluation.")] == []   # its staging removed
 
 
 def test_exports_of_another_layout_and_foreign_outputs_are_refused(spark, trained, tmp_path):
