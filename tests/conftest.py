@@ -54,13 +54,25 @@ def cfg():
 
 @pytest.fixture(scope="session")
 def tiny_dataset(spark, cfg, tmp_path_factory):
-    """Generated raw log (conf/test.yaml) -> ETL dataset, built once per test session. Returns (raw, dataset)."""
+    """Generated raw log (conf/test.yaml) -> ETL dataset, built once per test run. Returns (raw, dataset).
+
+    Under pytest-xdist the workers share one copy (in the run's common temp directory): the first to need it builds
+    it while holding a file lock, the others wait for it and read it. Tests only read it (a test that changes a
+    dataset copies it first), so one copy serves every worker."""
+    import fcntl
+
     from esmm.etl import run_etl
     from esmm.generator import generate
-    root = tmp_path_factory.mktemp("tiny")
+    from esmm.outputs import is_committed
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "tiny"
+    root.mkdir(exist_ok=True)
     raw, ds = str(root / "raw"), str(root / "dataset")
-    generate(spark, cfg, raw)
-    run_etl(spark, cfg, raw, ds)
+    with open(root.parent / "tiny.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)                   # released when the file closes, or the holder dies
+        if not (is_committed(raw) and is_committed(ds)):
+            generate(spark, cfg, raw)
+            run_etl(spark, cfg, raw, ds)
     return raw, ds
 
 
