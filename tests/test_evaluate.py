@@ -129,6 +129,33 @@ def test_worker_cache_holds_only_the_current_pass(trained, tmp_path):
         E._MODEL_CACHE.clear()
 
 
+def test_an_evicted_model_is_freed_without_the_cycle_collector(tiny_dataset, tmp_path):
+    """The worker cache's eviction relies on reference counting (no gc.collect per task): every method's network,
+    loaded from its export as a worker loads it, is freed as soon as the cache drops it, with the collector off."""
+    import gc
+    import weakref
+
+    from esmm.artifacts import export_model, layout_from_manifest
+    from esmm.methods import METHODS, build_model
+    cfg = load_config(CONF)
+    layout = layout_from_manifest(read_manifest(tiny_dataset[1]))
+    E._MODEL_CACHE.clear()
+    gc.disable()
+    try:
+        for method in METHODS:
+            path = str(tmp_path / f"{method}.pt")
+            export_model(build_model(method, layout, cfg.model), method, cfg, layout, path)
+            digest = E._digest(path)
+            (net,) = E._load_models({digest: path}).values()
+            refs = [weakref.ref(t) for t in net.parameters()] + [weakref.ref(net)]
+            del net
+            E._retain_models(set())
+            assert not E._MODEL_CACHE and all(r() is None for r in refs), method
+    finally:
+        gc.enable()
+        E._MODEL_CACHE.clear()
+
+
 def test_pass_plan_and_run_ids(trained):
     assert [list(r) for r in E.plan_passes(5, 2)] == [[0, 1], [2, 3], [4]]
     assert [list(r) for r in E.plan_passes(2, 100)] == [[0, 1]]
