@@ -81,3 +81,27 @@ def recommit(path, run_id=None) -> None:
     from esmm import outputs as O
     O.recommit(str(path), run_id)
 
+
+
+# make test's files, slowest first (their time on 2 xdist workers, `--durations`): with `--dist loadfile` xdist hands
+# out whole files, largest number of tests first, so a slow file with few tests (the standalone cluster's) started
+# last and ran alone at the end. Handing the slowest out first lets the quick files fill the other worker's tail.
+# Only the order changes, never what runs; a file not listed goes after these, in xdist's order.
+SLOWEST_FIRST = ("tests/test_cluster.py", "tests/test_evaluate.py", "tests/test_train.py", "tests/test_etl.py",
+                 "tests/test_train_faults.py", "tests/test_delong.py", "tests/test_pipeline.py", "tests/test_predict.py",
+                 "tests/test_fuzz.py", "tests/test_gauc.py", "tests/test_validation.py")
+
+
+def pytest_xdist_make_scheduler(config, log):
+    if config.getoption("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class SlowestFirst(LoadFileScheduling):
+        def _assign_work_unit(self, node):
+            rank = {f: i for i, f in enumerate(SLOWEST_FIRST)}
+            for scope in sorted(self.workqueue, key=lambda s: rank.get(s, len(rank))):   # stable: xdist's order next
+                self.workqueue.move_to_end(scope)
+            super()._assign_work_unit(node)
+
+    return SlowestFirst(config, log)
