@@ -13,11 +13,6 @@ Installed by :func:`esmm.spark.get_spark` (and the test session) as ``spark.pyth
 ``python -m esmm.spark_daemon pyspark.worker``, which patches ``zipimport`` and runs ``pyspark.daemon`` as its main
 module; the workers it forks inherit the patch. (``spark.python.worker.module`` cannot carry it: the daemon only
 imports worker modules named ``pyspark*``.) Without the daemon (``spark.python.use.daemon=false``) nothing changes.
-
-The daemon also imports the libraries the project's tasks use (numpy, pyarrow, pandas, torch; ``ESMM_DAEMON_PRELOAD``,
-comma-separated, empty for none) before it forks: each worker it forks then starts with them loaded instead of
-importing them again, about 2 CPU-seconds a worker (torch alone 1.2). The daemon runs none of their code, so it
-starts no thread pools a child would inherit half-made; a library that is missing is skipped.
 """
 from __future__ import annotations
 
@@ -46,24 +41,6 @@ if sys.version_info < (3, 12) and not getattr(zipimport.zipimporter.invalidate_c
     _invalidate_if_changed._esmm = True
     zipimport.zipimporter.invalidate_caches = _invalidate_if_changed
 
-PRELOAD = "numpy,pyarrow,pandas,torch"
-
-
-def preload(names: str) -> list[str]:
-    """Import the comma-separated modules ``names``; returns those imported (a missing one is skipped)."""
-    import importlib
-    done = []
-    for name in filter(None, (n.strip() for n in names.split(","))):
-        try:
-            importlib.import_module(name)
-            done.append(name)
-        except ImportError:
-            pass
-    return done
-
-
 if __name__ == "__main__":
     import runpy
-    # the workers inherit what was loaded before they were forked (tests/test_spark_daemon.py reads it in a task)
-    os.environ["ESMM_DAEMON_PRELOADED"] = ",".join(preload(os.environ.get("ESMM_DAEMON_PRELOAD", PRELOAD)))
     runpy.run_module("pyspark.daemon", run_name="__main__", alter_sys=True)

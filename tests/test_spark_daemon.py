@@ -49,19 +49,3 @@ def test_workers_reread_only_changed_zip_archives(spark, tmp_path):
     if patched:
         assert unchanged == []                           # pyspark.zip, py4j's zip, spark-core's jar: not re-read
         assert changed == ["probe.zip"]                  # read again once, by the one importer of that archive
-
-
-def test_workers_start_with_the_preloaded_libraries(spark):
-    """The daemon imported numpy, pyarrow, pandas and torch before forking the worker that runs this task."""
-    def run(_):
-        import os
-        import sys
-        done = os.environ.get("ESMM_DAEMON_PRELOADED")
-        yield done, [m for m in ("numpy", "pyarrow", "pandas", "torch") if m in sys.modules]
-    ((done, loaded),) = spark.sparkContext.parallelize([0], 1).mapPartitions(run).collect()
-    assert done == "numpy,pyarrow,pandas,torch" and loaded == ["numpy", "pyarrow", "pandas", "torch"]
-
-
-def test_preload_skips_a_missing_module():
-    from esmm.spark_daemon import preload
-    assert preload(" json, esmm_no_such_module ,,csv") == ["json", "csv"]
