@@ -125,6 +125,9 @@ def test_pipeline_on_standalone_cluster(cluster, tmp_path, shipped):
     cmd = [os.path.join(ROOT, "spark-submit.sh"), "--master", cluster["url"], os.path.join(ROOT, "jobs", "train.py"),
            "--conf", os.path.join(ROOT, "conf", "test.yaml"), "--dataset", str(job_dir / "data" / "dataset"),
            "--out", str(cluster["private"] / "run"), "--set", "train.workers=2", "--set", "train.method=esmm"]
+    # one executor is enough to see that the path is not shared (each worker's scratch is its own): the probe's
+    # application asks for one core, so the cluster starts one executor JVM for it, not two
+    env = dict(env, SPARK_SUBMIT_OPTS=env.get("SPARK_SUBMIT_OPTS", "") + " -Dspark.cores.max=1")
     run = subprocess.run(cmd, cwd=job_dir, capture_output=True, text=True, timeout=600, env=env)
     assert run.returncode == 2, run.stderr[-3000:]
     said = run.stdout + run.stderr                                      # spark-submit passes the driver's stderr on
