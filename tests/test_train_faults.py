@@ -1,4 +1,6 @@
 """Training faults and run-directory identity, on the tiny dataset, with real Horovod processes where ranks matter.
+(Also the two 2-rank ``jobs/train.py`` runs that succeed, an export and an early stop: they ride on the same
+``horovodrun`` launch instead of two of their own.)
 
 Faults are injected through the data or the files, never through mocks: a dataset copy whose tier-0 file holds NaN
 feature weights, a copy whose tier-0 file is empty, truncated or bit-flipped checkpoint files, a foreign directory, a
@@ -27,7 +29,8 @@ from esmm.config import ConfigError, load_config  # noqa: E402
 from conftest import recommit  # noqa: E402
 from esmm.outputs import MARKER, Lock, OutputError, read_marker  # noqa: E402
 from esmm.artifacts import EXPORT, SUMMARY, layout_from_manifest, load_export, read_manifest  # noqa: E402
-from esmm.train import TrainError, build_state, check_finite_parameters, list_checkpoints, train  # noqa: E402
+from esmm.train import (TENSORBOARD, TrainError, build_state, check_finite_parameters, list_checkpoints,  # noqa: E402
+                        train)
 
 VENV_BIN = Path(sys.executable).parent
 CONF = ROOT / "conf" / "test.yaml"
@@ -125,6 +128,10 @@ def two_ranks(nan_dataset, empty_shard_dataset, tiny_dataset, tmp_path_factory):
         "nan-base": (nan_dataset, ("train.sampling_rate=0.1", "train.method=base")),
         "rank-without-data": (empty_shard_dataset, ("train.sampling_rate=0.1",)),
         "no-valid-checkpoint": (ds, ckpt),
+        # two jobs that succeed, for tests/test_train.py's and tests/test_validation.py's questions (below)
+        "esmm-ns-exports": (ds, ("train.method=esmm_ns",)),
+        "early-stop": (ds, ("train.method=esmm", "train.lr=1.0e-30", "train.eval_every=1", "train.patience=2",
+                            "train.epochs=2", "train.choose_from=any")),
     }
     results = _every_rank(root, {name: (d, root / name, sets) for name, (d, sets) in scenarios.items()})
     return {name: (root / name, results[name]) for name in scenarios}
@@ -136,6 +143,27 @@ def _same_error_on_every_rank(results: list[dict], kind: str, pattern: str) -> s
     assert len({r["message"] for r in results}) == 1, results   # the same verdict everywhere
     assert re.search(pattern, results[0]["message"]), results[0]["message"]
     return results[0]["message"]
+
+
+# ------------------------------------------------------------------------------------------------ 2 ranks that succeed
+
+def test_horovodrun_job_trains_and_exports(two_ranks):
+    """``horovodrun -np 2 ... jobs/train.py``: both ranks return, rank 0 wrote the export and the summary."""
+    run, results = two_ranks["esmm-ns-exports"]
+    assert all("ok" in r for r in results), results
+    model, blob = load_export(str(run / EXPORT))
+    assert blob["method"] == "esmm_ns"
+    assert json.loads((run / SUMMARY).read_text())["world_size"] == 2
+
+
+def test_two_horovod_ranks_stop_early_at_the_same_step(two_ranks):
+    """Rank 0 evaluates, both ranks stop at its decision (a rank left training would hang in the next allreduce)."""
+    run, results = two_ranks["early-stop"]
+    assert all("ok" in r for r in results), results
+    s = json.loads((run / SUMMARY).read_text())
+    assert s["world_size"] == 2 and s["stopped_early"] and s["steps"] == 3
+    assert [e["step"] for e in s["validation"]["evals"]] == [1, 2, 3]
+    assert (run / TENSORBOARD).is_dir() and (run / EXPORT).exists()
 
 
 # ------------------------------------------------------------------------------------------------ config
