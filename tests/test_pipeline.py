@@ -14,7 +14,7 @@ def test_pipeline_main_job(spark, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(cwd)
     url = f"file://{tmp_path}"
     sets = [f"paths.raw={url}/raw", f"paths.dataset={url}/ds", f"paths.runs={url}/runs",
-            "experiment.parallel_runs=2", "experiment.methods=[base, division, esmm]", "experiment.figure_rates=[1.0]",
+            "experiment.parallel_runs=2", "experiment.methods=[base, esmm]", "experiment.figure_rates=[1.0]",
             f"tracking.mlflow_uri={url}/mlruns"]
     argv = ["--conf", os.path.join(ROOT, "conf", "test.yaml")]
     for s in sets:
@@ -23,7 +23,7 @@ def test_pipeline_main_job(spark, tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "rows read 6,000 = written 6,000 + quarantined 0" in out
     assert "| ESMM |" in out and "| ORACLE (true probabilities) |" in out
-    assert [r["model"] for r in report["table2"]][:3] == ["BASE", "DIVISION", "ESMM"]
+    assert [r["model"] for r in report["table2"]][:2] == ["BASE", "ESMM"]
     summary = os.path.join(tmp_path, "runs", "experiment", "runs", "r0-rate1.0", "esmm", "train_summary.json")
     assert '"world_size": 1' in open(summary).read()        # side by side: one worker per run, in Spark tasks
 
@@ -34,14 +34,14 @@ def test_pipeline_main_job(spark, tmp_path, capsys, monkeypatch):
     (run,) = client.search_runs([exp.experiment_id])
     esmm = next(r for r in report["table2"] if r["variant"] == "esmm")
     assert abs(run.data.metrics["esmm.cvr_auc"] - esmm["cvr_auc"]) < 1e-9
-    assert run.data.params["experiment.parallel_runs"] == "2" and run.data.params["experiment.methods"] == "['base', 'division', 'esmm']"
+    assert run.data.params["experiment.parallel_runs"] == "2" and run.data.params["experiment.methods"] == "['base', 'esmm']"
     assert {"table2.md", "table2.json", "figure3.png"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
 
     # the entire-space pCVR calibration against the generator's true pCVR, on every CVR run's cvr_entire row
     import json
     unit = json.load(open(os.path.join(tmp_path, "runs", "experiment", "metrics", "r0-rate1.0.json")))
     ece = [r for r in unit["metrics"] if r["task"] == "cvr_entire"]
-    assert {r["run_id"] for r in ece} == {"base", "division", "esmm"}
+    assert {r["run_id"] for r in ece} == {"base", "esmm"}
     assert all(0 <= r["ece"] < 1 and 0 < r["mean_true"] < 1 and r["ece_bins"] >= 1 for r in ece)
 
     # every output committed at its URL; a prediction with URL paths lands at its URL too; nothing under the cwd
