@@ -26,11 +26,13 @@ def _master_state(webui: str) -> dict:
 
 
 def _submit_env(cluster) -> dict:
-    """Two executors of one machine read each other's shuffle files from disk (host-local reads); with private
-    scratch they cannot, as on two hosts, so the application turns host-local reads off (scripts/local-cluster.sh)."""
+    """The cluster's Spark configuration (``_production_strategies``). Two executors of one machine read each other's
+    shuffle files from disk (host-local reads); with private scratch they cannot, as on two hosts, so the application
+    turns host-local reads off (scripts/local-cluster.sh)."""
+    env = dict(os.environ, SPARK_CONF_DIR=cluster["conf"])
     if cluster["private"] is None:
-        return dict(os.environ)
-    return dict(os.environ, SPARK_SUBMIT_OPTS="-Dspark.shuffle.readHostLocalDisk=false")
+        return env
+    return dict(env, SPARK_SUBMIT_OPTS="-Dspark.shuffle.readHostLocalDisk=false")
 
 
 def _can_unshare() -> bool:
@@ -41,12 +43,28 @@ def _can_unshare() -> bool:
         return False
 
 
+def _production_strategies(conf_dir) -> str:
+    """The test run's Spark configuration (SPARK_CONF_DIR, tests/conftest.py) without its ``spark.sql.*`` execution
+    strategies (interpreted expressions, no adaptive execution): the cluster's applications plan and run their
+    queries as users' jobs do, with generated code and AQE. The JVM flags and the daemons' options stay."""
+    src = os.environ.get("SPARK_CONF_DIR") or os.path.join(ROOT, "tests", "spark-conf")
+    os.makedirs(conf_dir, exist_ok=True)
+    for name in os.listdir(src):
+        with open(os.path.join(src, name)) as f:
+            lines = f.readlines()
+        if name == "spark-defaults.conf":
+            lines = [x for x in lines if not x.startswith("spark.sql.")]
+        with open(os.path.join(conf_dir, name), "w") as f:
+            f.writelines(lines)
+    return str(conf_dir)
+
+
 @pytest.fixture
 def cluster(tmp_path):
     """A started local standalone cluster; always stopped afterwards (also when the start or the test fails)."""
     run = tmp_path / "cluster"
     private = tmp_path / "private"
-    env = dict(os.environ, ESMM_CLUSTER_DIR=str(run))
+    env = dict(os.environ, ESMM_CLUSTER_DIR=str(run), SPARK_CONF_DIR=_production_strategies(tmp_path / "spark-conf"))
     if _can_unshare():   # each worker in its own mount namespace with a private scratch tmpfs, as on separate hosts
         env["ESMM_CLUSTER_PRIVATE"] = str(private)
     try:
@@ -54,7 +72,7 @@ def cluster(tmp_path):
         assert start.returncode == 0, f"local-cluster.sh start failed:\n{start.stdout}\n{start.stderr}"
         url = start.stdout.strip().splitlines()[-1]
         assert url.startswith("spark://127.0.0.1:") and (run / "master-url").read_text().strip() == url
-        yield {"url": url, "webui": (run / "webui-url").read_text().strip(), "dir": run,
+        yield {"url": url, "webui": (run / "webui-url").read_text().strip(), "dir": run, "conf": env["SPARK_CONF_DIR"],
                "private": private if "ESMM_CLUSTER_PRIVATE" in env else None}
     finally:
         stop = subprocess.run(["bash", SCRIPT, "stop"], env=env, capture_output=True, text=True, timeout=300)
@@ -74,6 +92,8 @@ def test_pipeline_on_standalone_cluster(cluster, tmp_path, shipped):
         env.pop("ESMM_EXECUTOR_VENV", None)
     state = _master_state(cluster["webui"])
     assert state["status"] == "ALIVE" and state["aliveworkers"] == 2 and state["cores"] == 2
+    with open(os.path.join(cluster["conf"], "spark-defaults.conf")) as f:   # Spark's own execution strategies
+        assert not [x for x in f if x.startswith("spark.sql.")]
 
     job_dir = tmp_path / "job"
     job_dir.mkdir()
