@@ -82,7 +82,6 @@ def recommit(path, run_id=None) -> None:
     O.recommit(str(path), run_id)
 
 
-
 # make test's files, slowest first (their time on 2 xdist workers, `--durations`): with `--dist loadfile` xdist hands
 # out whole files, largest number of tests first, so a slow file with few tests (the standalone cluster's) started
 # last and ran alone at the end. Handing the slowest out first lets the quick files fill the other worker's tail.
@@ -90,6 +89,7 @@ def recommit(path, run_id=None) -> None:
 SLOWEST_FIRST = ("tests/test_cluster.py", "tests/test_evaluate.py", "tests/test_train.py", "tests/test_etl.py",
                  "tests/test_train_faults.py", "tests/test_delong.py", "tests/test_pipeline.py", "tests/test_predict.py",
                  "tests/test_fuzz.py", "tests/test_gauc.py", "tests/test_validation.py")
+_RANK = {f: i for i, f in enumerate(SLOWEST_FIRST)}
 
 
 def pytest_xdist_make_scheduler(config, log):
@@ -99,8 +99,7 @@ def pytest_xdist_make_scheduler(config, log):
 
     class SlowestFirst(LoadFileScheduling):
         def _assign_work_unit(self, node):
-            rank = {f: i for i, f in enumerate(SLOWEST_FIRST)}
-            for scope in sorted(self.workqueue, key=lambda s: rank.get(s, len(rank))):   # stable: xdist's order next
+            for scope in sorted(self.workqueue, key=lambda s: _RANK.get(s, len(_RANK))):   # stable: xdist's order next
                 self.workqueue.move_to_end(scope)
             super()._assign_work_unit(node)
 
