@@ -200,6 +200,9 @@ class TrainConfig:
     threads: int = 1                 # torch threads per worker
     shuffle_buffer: int = 20_000     # rows
     reader_workers: int = 1          # petastorm reader threads (1 = deterministic row-group order)
+    prefetch: int = 4                # batches made ahead in a background thread (reader's Arrow -> numpy, shuffle,
+                                     # batching off the training thread); 0 = made in the training thread. Same
+                                     # batches, same order either way
     checkpoint_every: int = 500      # steps
     log_every: int = 50              # steps
     seed: int = 7
@@ -229,6 +232,7 @@ class TrainConfig:
         _check(0 < self.aman_rate <= 1, f"{key}.aman_rate", "must be in (0, 1]")
         _check(0 < self.unbias_min_ctr < 1, f"{key}.unbias_min_ctr", "must be in (0, 1)")
         _check(self.shuffle_buffer >= 0, f"{key}.shuffle_buffer", "must be >= 0")
+        _check(self.prefetch >= 0, f"{key}.prefetch", "must be >= 0 (0 = no background thread)")
         _check(0 <= self.validation_share < 1, f"{key}.validation_share",
                f"must be in [0, 1) (0 = no validation split), got {self.validation_share}")
         for name in ("escm2_cf_weight", "escm2_ctcvr_weight", "aitm_alpha"):

@@ -15,6 +15,10 @@ The stream is deterministic for a given seed, rank and world size when ``reader_
 pool returns row groups in completion order when it has more than one worker), which is also what makes resuming
 exact: a restarted run replays the stream and skips the batches it had already trained on.
 
+Prefetch (``train.prefetch``): the whole stream (Petastorm's Arrow -> numpy conversion, the shuffle buffer, the
+``Batch`` gather) runs in a background thread that keeps up to that many batches ready, so the training thread only
+trains; the batches and their order are the same as without it (``Prefetch`` only moves where they are made).
+
 Validation (``esmm.validation``): with a cut, every chunk drops its rows with ``sample_id >= cut`` (a vectorized mask
 as the row group arrives, at every tier), so the validation part never reaches a training batch; ``rows`` is then
 the subset's rows before the cut (``esmm.validation.train_rows``). Without a cut the stream is unchanged.
@@ -23,6 +27,8 @@ from __future__ import annotations
 
 import logging
 import math
+import queue
+import threading
 import warnings
 from typing import Iterator
 
@@ -145,15 +151,79 @@ def _passes(path: str, tier: int, rank: int, world: int, seed: int, workers: int
         p += 1
 
 
+class Prefetch:
+    """Iterate ``source`` in a background thread, up to ``depth`` items ahead of the consumer.
+
+    The items and their order are the source's; an exception the source raises (a ``DataError``, a pinned dataset
+    that changed) is raised by the consumer's ``next`` at the same position, and the stream ends there. ``close()``
+    stops the thread and closes the source in that thread (a generator cannot be closed from another thread while
+    it runs). The thread is a daemon, so a consumer that dies without closing never holds the process open.
+    """
+
+    _POLL_S = 0.05
+
+    def __init__(self, source: Iterator, depth: int, name: str = "esmm-prefetch"):
+        if depth < 1:
+            raise ValueError(f"prefetch depth must be >= 1, got {depth}")
+        self._source = source
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._ended = False
+        self._thread = threading.Thread(target=self._produce, name=name, daemon=True)
+        self._thread.start()
+
+    def _produce(self) -> None:
+        try:
+            for item in self._source:
+                if not self._put((True, item)):
+                    return
+            self._put((False, None))
+        except BaseException as e:  # noqa: BLE001  (handed to the consumer, raised there)
+            self._put((False, e))
+        finally:
+            close = getattr(self._source, "close", None)
+            if close is not None:
+                close()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=self._POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> "Prefetch":
+        return self
+
+    def __next__(self):
+        if self._ended:
+            raise StopIteration
+        ok, item = self._queue.get()
+        if ok:
+            return item
+        self._ended = True
+        if item is None:
+            raise StopIteration
+        raise item
+
+    def close(self) -> None:
+        self._ended = True
+        self._stop.set()
+        self._thread.join()
+
+
 def train_stream(path: str, manifest: dict, rate: float, rank: int, world: int, batch_size: int,
                  buffer_rows: int, seed: int, reader_workers: int = 1, cut: int | None = None,
-                 pin: tuple | None = None) -> Iterator[Batch]:
+                 pin: tuple | None = None, prefetch: int = 0) -> Iterator[Batch]:
     """Endless stream of this rank's training batches (see module docs for the epoch contract); with ``cut``, rows
-    with ``sample_id >= cut`` (the validation part) are left out. Close it (``.close()``) when done so the reader
-    thread stops."""
+    with ``sample_id >= cut`` (the validation part) are left out; with ``prefetch`` > 0 they are made in a background
+    thread, that many ahead (``Prefetch``). Close it (``.close()``) when done so the reader threads stop."""
     tier = tier_for_rate(manifest, rate)
     chunks = _passes(path, tier, rank, world, seed, reader_workers, cut, pin)
-    return shuffled_batches(chunks, batch_size, buffer_rows, seed=seed * 1000 + rank)
+    batches = shuffled_batches(chunks, batch_size, buffer_rows, seed=seed * 1000 + rank)
+    return Prefetch(batches, prefetch) if prefetch > 0 else batches
 
 
 def scan(path: str, batch_size: int, tier: int | None = None, rank: int = 0, world: int = 1) -> Iterator[Batch]:

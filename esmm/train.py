@@ -418,7 +418,7 @@ def _train(cfg: Config, dataset: str, out_dir: str, dist: D.Dist, stop_at_step: 
     stream = train_stream(storage.join(dataset, TRAIN), manifest, t.sampling_rate, dist.rank, dist.size,
                           t.batch_size, t.shuffle_buffer, t.seed, t.reader_workers,
                           cut=split["cut_sample_id"] if split is not None else None,
-                          pin=(dataset, manifest["run_id"]))
+                          pin=(dataset, manifest["run_id"]), prefetch=t.prefetch)
     if dist.is_main:
         log.info("training %s on %d rows (rate %s) x %d epochs: %d steps/epoch of %d x %d workers, from step %d%s",
                  t.method, rows, t.sampling_rate, t.epochs, per_epoch, t.batch_size, dist.size, state.step,

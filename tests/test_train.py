@@ -11,7 +11,7 @@ import torch
 
 import schemas as S
 from esmm.config import load_config
-from esmm.data import _chunks, shuffled_batches, steps_per_epoch, subset_rows, tier_for_rate
+from esmm.data import Prefetch, _chunks, shuffled_batches, steps_per_epoch, subset_rows, tier_for_rate, train_stream
 from esmm.artifacts import EXPORT, SUMMARY, load_export, read_manifest
 from esmm import storage
 from esmm.train import launch, list_checkpoints, train
@@ -59,6 +59,60 @@ def test_shuffle_buffer_keeps_every_row_once_and_mixes():
     assert not np.array_equal(ids, np.arange(700))                     # and get mixed
     again = torch.cat([b.sample_id for b in shuffled_batches(iter(chunks), 64, 150, seed=1)]).numpy()
     assert np.array_equal(ids, again)
+
+
+def test_prefetch_makes_the_same_batches_in_the_same_order(tiny_dataset):
+    """``train.prefetch`` moves where batches are made (a background thread), not which: the stream of the real
+    Petastorm reader, over more than one pass, is the same with and without it, row for row."""
+    _, ds = tiny_dataset
+    m = read_manifest(ds)
+    n = 2 * -(-subset_rows(m, "train", 1.0) // 64) + 3               # past the end of the second pass
+
+    def first(prefetch):
+        stream = train_stream(f"{ds}/train", m, 1.0, 0, 1, 64, 100, seed=5, prefetch=prefetch)
+        try:
+            return [next(stream) for _ in range(n)]
+        finally:
+            stream.close()
+    plain, ahead = first(0), first(3)
+    assert len(plain) == len(ahead) == n
+    for a, b in zip(plain, ahead):
+        assert torch.equal(a.sample_id, b.sample_id) and torch.equal(a.ids, b.ids) and torch.equal(a.wts, b.wts)
+        assert torch.equal(a.click, b.click) and torch.equal(a.conversion, b.conversion)
+
+
+def test_prefetch_raises_the_sources_error_in_place_and_closes_the_source():
+    closed = []
+
+    def source(fail_at):
+        try:
+            for i in range(10):
+                if i == fail_at:
+                    raise ValueError(f"bad row group {i}")
+                yield i
+        finally:
+            closed.append(fail_at)
+
+    p = Prefetch(source(3), depth=2)
+    assert [next(p), next(p), next(p)] == [0, 1, 2]
+    with pytest.raises(ValueError, match="bad row group 3"):
+        next(p)
+    with pytest.raises(StopIteration):                               # the stream ends at the error
+        next(p)
+    p.close()
+    assert closed == [3] and not p._thread.is_alive()
+
+    p = Prefetch(source(None), depth=2)                              # a source that ends: every item, then the end
+    assert list(p) == list(range(10))
+    p.close()
+    assert closed == [3, None]
+
+    p = Prefetch(source(99), depth=1)                                # closed while its thread waits on a full queue
+    assert next(p) == 0
+    p.close()
+    assert closed == [3, None, 99] and not p._thread.is_alive()
+    with pytest.raises(ValueError, match="depth must be >= 1"):
+        Prefetch(iter([]), depth=0)
 
 
 def test_fixed_steps_per_epoch():
