@@ -81,6 +81,39 @@ def test_prefetch_makes_the_same_batches_in_the_same_order(tiny_dataset):
         assert torch.equal(a.click, b.click) and torch.equal(a.conversion, b.conversion)
 
 
+def test_list_columns_come_as_petastorm_makes_them_without_its_per_row_step(tiny_dataset, tmp_path):
+    """``_ColumnResults`` (flat values reshaped) gives the arrays, dtypes and order of Petastorm's own conversion
+    (``to_pandas`` + ``np.vstack``) on the real reader; a list column of uneven widths is a DataError naming it."""
+    import warnings
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from petastorm import make_batch_reader
+
+    from esmm.data import READ_COLUMNS, DataError, dataset_url
+    _, ds = tiny_dataset
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        with make_batch_reader(dataset_url(f"{ds}/train"), schema_fields=READ_COLUMNS, shuffle_row_groups=True,
+                               seed=3, num_epochs=1, workers_count=1, reader_pool_type="thread") as reader:
+            stock = [{c: getattr(ch, c) for c in READ_COLUMNS} for ch in reader]
+    ours = list(_chunks(f"{ds}/train", None, 0, 1, seed=3, workers=1, num_epochs=1))
+    assert len(stock) == len(ours) > 1
+    for a, b in zip(stock, ours):
+        for c in READ_COLUMNS:
+            assert a[c].dtype == b[c].dtype and a[c].shape == b[c].shape and np.array_equal(a[c], b[c]), c
+    assert ours[0][S.FEAT_IDS].ndim == 2
+
+    bad = tmp_path / "ragged"
+    bad.mkdir()
+    pq.write_table(pa.table({S.SAMPLE_ID: [1, 2], S.CLICK: [0, 1], S.CONVERSION: [0, 0],
+                             S.FEAT_IDS: [[1, 2, 3], [4, 5]], S.FEAT_WTS: [[1.0, 1.0, 1.0], [1.0, 1.0]]}),
+                   bad / "part-0.parquet")
+    with pytest.raises(DataError, match=r"column 'feat_(ids|wts)': every row must hold a list of one width "
+                                        r"\(widths 2 to 3"):
+        list(_chunks(str(bad), None, 0, 1, seed=3, workers=1, num_epochs=1))
+
+
 def test_prefetch_raises_the_sources_error_in_place_and_closes_the_source():
     closed = []
 
