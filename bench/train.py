@@ -9,6 +9,8 @@ reports samples/s over its training loop and its peak RSS:
   (a) in-memory: the same model, optimizers and train_step, batches sliced from numpy arrays already in memory;
   (b) pipeline, 1 worker: esmm.train.train (Petastorm reader -> shuffle buffer -> Batch), Horovod size 1;
   (c) pipeline, 2 workers: the same under horovodrun -np 2 (Gloo), 1 torch thread per worker like (a) and (b);
+  (c0) the same as (c) with Horovod's own wait (ESMM_HOROVOD_WAIT=spin: a waiting rank spins in sched_yield
+      instead of sleeping between polls, esmm.distributed._wait_without_spinning);
   (d) the machine's own bound for two processes: two independent (b) processes started together (no Horovod
       between them), their samples/s summed. On 2 cores (d)/(b) says how much a second process can add at all
       (memory bandwidth, the Petastorm reader threads, the OS), and (c)/(d) how much of that Horovod's exchange keeps.
@@ -106,13 +108,13 @@ def variant_pipeline(args) -> dict:
     return {}
 
 
-def run_variant(args, name: str, np_: int = 1) -> dict:
+def run_variant(args, name: str, np_: int = 1, **extra_env) -> dict:
     base = [sys.executable, os.path.abspath(__file__), "--variant", name, "--dataset", args.dataset,
             "--workdir", args.workdir, "--method", args.method, "--batch", str(args.batch),
             "--epochs", str(args.epochs), "--buffer", str(args.buffer)]
     cmd = base if np_ == 1 else [os.path.join(os.path.dirname(sys.executable), "horovodrun"), "-np", str(np_),
                                  "--gloo"] + base
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", **extra_env)
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [ln.split("RESULT ", 1)[1] for ln in r.stdout.splitlines() if "RESULT " in ln]
     if r.returncode != 0 or not lines:
@@ -161,19 +163,23 @@ def main():
         return
     os.makedirs(args.workdir, exist_ok=True)
     args.dataset = args.dataset or prepare(args.workdir)
-    results = [run_variant(args, "a"), run_variant(args, "b"), run_variant(args, "c", 2), run_pair(args)]
+    head = [run_variant(args, "a"), run_variant(args, "b"), run_variant(args, "c", 2)]
+    spin = run_variant(args, "c", 2, ESMM_HOROVOD_WAIT="spin")     # right after (c): the pair meets one machine state
+    spin["variant"] = "c0 2 workers, spinning wait"
+    results = head + [run_pair(args), spin]
     print(f"\nESMM, embedding 18, towers 200-80-1, batch {args.batch} per worker, 1 torch thread per worker, "
           f"{args.epochs} epoch(s) of {args.dataset}")
     print(f"{'variant':28s} {'steps':>6s} {'samples':>9s} {'seconds':>8s} {'samples/s':>10s} {'peak RSS MB':>12s}")
     for r in results:
         print(f"{r['variant']:28s} {r['steps']:6d} {r['samples']:9d} {r['seconds']:8.1f} {r['samples_per_s']:10.0f} "
               f"{r['peak_rss_mb']:12.0f}")
-    a, b, c, d = (r["samples_per_s"] for r in results)
+    a, b, c, d, c0 = (r["samples_per_s"] for r in results)
     print(f"\n(b)/(a) = {b / a:.2f}  (target >= 0.9)")
     print(f"(c)/(b) = {c / b:.2f}  (target >= 1.4; 2 workers on 2 cores)")
     print(f"(d)/(b) = {d / b:.2f}  (two independent processes: what a second process can add on this machine; "
           f"each {' / '.join(f'{x:.0f}' for x in results[3]['each_samples_per_s'])} samples/s)")
     print(f"(c)/(d) = {c / d:.2f}  (the share of that bound 2 Horovod workers reach)")
+    print(f"(c)/(c0) = {c / c0:.2f}  (waiting by sleeping between polls against Horovod's spinning wait)")
     with open(os.path.join(args.workdir, "results.json"), "w") as f:
         json.dump({"argv": sys.argv, "results": results}, f, indent=1)
 

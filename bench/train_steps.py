@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -62,6 +63,7 @@ def measure(args) -> dict:
     for s in range(args.steps + warm):
         if s == warm:
             spent, start, cpu0 = dict.fromkeys(PHASES, 0.0), time.perf_counter(), time.process_time()
+            main0 = resource.getrusage(resource.RUSAGE_THREAD)
         idx = order[(s * b) % n:(s * b) % n + b]
         batch = method.prepare(Batch.from_numpy(ids[idx], wts[idx], click[idx], conv[idx]), cfg.train, gen, None)
         if s < warm:
@@ -81,9 +83,12 @@ def measure(args) -> dict:
         for k, v in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
             spent[k] += v
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu0
+    main1 = resource.getrusage(resource.RUSAGE_THREAD)
+    main_user, main_sys = main1.ru_utime - main0.ru_utime, main1.ru_stime - main0.ru_stime
     res = {"rank": dist.rank, "size": dist.size, "ms": {k: 1000 * v / args.steps for k, v in spent.items()},
            "step_ms": 1000 * wall / args.steps, "samples_per_s": b * dist.size * args.steps / wall,
-           "cpu_per_wall": cpu / wall, "distinct_rows": float(np.mean(distinct)),
+           "cpu_per_wall": cpu / wall, "main_user_ms": 1000 * main_user / args.steps,
+           "main_sys_ms": 1000 * main_sys / args.steps, "other_threads_ms": 1000 * (cpu - main_user - main_sys) / args.steps, "distinct_rows": float(np.mean(distinct)),
            "embedding_dim": int(cfg.model.embedding_dim), "slots": int(ids.shape[1])}
     if dist.size > 1:
         import horovod.torch as hvd
@@ -135,13 +140,15 @@ def main():
     rows = [("1 process", one, one["samples_per_s"]), ("2 independent", pair[0], sum(r["samples_per_s"] for r in pair)),
             ("2 Horovod ranks", ranks[0], ranks[0]["samples_per_s"])]
     print(f"\nESMM, batch {args.batch} per process, 1 torch thread, {args.steps} steps after 20 warm-up, "
-          f"{args.rows} rows of {args.dataset}; ms per step (the first process / rank 0)")
+          f"{args.rows} rows of {args.dataset}; ms per step (the first process / rank 0);\nmain usr/sys: the training thread's CPU per step in user "
+          f"and kernel mode, others: every other thread's (Horovod's background thread, Gloo's, the allocator's)")
     print(f"{'run':18s} {'forward':>8s} {'backward':>9s} {'sparse':>7s} {'dense':>6s} {'step':>6s} {'cpu/wall':>9s} "
-          f"{'samples/s':>10s}")
+          f"{'samples/s':>10s} {'main usr':>9s} {'main sys':>9s} {'others':>7s}")
     for name, r, rate in rows:
         m = r["ms"]
         print(f"{name:18s} {m['forward']:8.1f} {m['backward']:9.1f} {m['sparse_step']:7.1f} {m['dense_step']:6.1f} "
-              f"{r['step_ms']:6.1f} {r['cpu_per_wall']:9.2f} {rate:10.0f}")
+              f"{r['step_ms']:6.1f} {r['cpu_per_wall']:9.2f} {rate:10.0f} {r['main_user_ms']:9.1f} {r['main_sys_ms']:9.1f} "
+              f"{r['other_threads_ms']:7.1f}")
     pr, rk = rows[1][2], rows[2][2]
     print(f"\nembedding gradient rows per step after coalescing: {one['distinct_rows']:.0f} of "
           f"{args.batch * one['slots']} slots; an allgather of that many rows x {one['embedding_dim'] + 2} float32 "

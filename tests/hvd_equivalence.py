@@ -1,11 +1,15 @@
 """Run under horovodrun (or alone): train K steps on fixed global batches, each rank taking its slice.
 
 usage: hvd_equivalence.py DATASET CONF OUT_PREFIX GLOBAL_BATCH STEPS METHOD[,METHOD...]
-Writes OUT_PREFIX.<method>.rank<r>.pt with the final parameters of each rank (and OUT_PREFIX.<method>.init.pt), one
+First, OUT_PREFIX.wait.json: the wall and CPU seconds rank 0's thread spent in a collective that rank 1 joins 0.5 s
+late (Horovod's own wait spins; ``esmm.distributed`` makes it sleep between polls). Then writes
+OUT_PREFIX.<method>.rank<r>.pt with the final parameters of each rank (and OUT_PREFIX.<method>.init.pt), one
 method after the other in one process (a horovodrun start costs more than the steps). A method that needs the
 reference CTR network's pCTR (UNBIAS) gets a CTR network initialized from a fixed seed, the same in every process.
 """
+import json
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -25,8 +29,20 @@ from esmm.train import build_state, train_step  # noqa: E402
 
 def main(dataset, conf, out, global_batch, steps, methods):
     dist = D.init(1)
+    waited = time_a_late_collective(dist)
+    if dist.rank == 0:
+        Path(f"{out}.wait.json").write_text(json.dumps(waited))
     for method in methods.split(","):
         run(dataset, conf, f"{out}.{method}", int(global_batch), int(steps), method, dist)
+
+
+def time_a_late_collective(dist):
+    D.allreduce_sum([0.0], "wait.sync")
+    if dist.rank == 1:
+        time.sleep(0.5)
+    wall, cpu = time.perf_counter(), time.thread_time()
+    D.allreduce_sum([1.0], "wait.late")
+    return {"wall_s": time.perf_counter() - wall, "cpu_s": time.thread_time() - cpu, "size": dist.size}
 
 
 def run(dataset, conf, out, global_batch, steps, method, dist):

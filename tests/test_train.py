@@ -263,6 +263,10 @@ def test_two_horovod_processes_match_one_process_on_the_same_global_batches(tiny
     _horovodrun(2, [script, ds, str(conf), str(tmp_path / "two"), "256", "6", methods])
     subprocess.run([sys.executable, script, ds, str(conf), str(tmp_path / "one"), "256", "6", methods],
                    check=True, capture_output=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    waited = json.loads((tmp_path / "two.wait.json").read_text())
+    # a rank waiting for a late one sleeps between polls instead of spinning a core (Horovod's own wait: about its
+    # whole wall time in CPU), and the training below equals the 1-process run with that wait in place
+    assert waited["size"] == 2 and waited["wall_s"] > 0.4 and waited["cpu_s"] < 0.25 * waited["wall_s"], waited
     for method in names:
         r0 = torch.load(tmp_path / f"two.{method}.rank0.pt")
         r1 = torch.load(tmp_path / f"two.{method}.rank1.pt")
