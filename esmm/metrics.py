@@ -102,6 +102,9 @@ ROWS_PER_TASK = 2_000_000
 # the placements come from a distributed sort and join instead (``_delong_sorted``), and nothing that grows with the
 # rows reaches the driver or a broadcast.
 DELONG_BROADCAST_SCORES = 4_000_000
+# The minority scores' aggregate is persisted (CACHE) while the placements are computed: over the bound it is read
+# three times. ``bench/metrics_tasks.py --compare persist`` turns this off for its comparison.
+_PERSIST_SCORES = True
 
 
 @contextmanager
@@ -522,28 +525,13 @@ def _delong_passes(df: DataFrame, cols: list, names: list, label_col: str, group
     # reach the driver, the groups whose scores do not fit go the sorted way (memory flat in the rows)
     scores = (data.mapInArrow(_make_minority_scores(plan), _GKT_SCHEMA)
               .groupBy(_GID, _MIDX, _S).agg(F.sum(_POS).alias(_POS)))
-    mins = scores.limit(DELONG_BROADCAST_SCORES + 1).toArrow()
-    if mins.num_rows <= DELONG_BROADCAST_SCORES:
-        aucs, acc = _delong_broadcast(data, plan, mins, groups)
-    else:
-        sizes = {r[_GID]: r["n"] for r in scores.groupBy(_GID).agg(F.count(F.lit(1)).alias("n")).collect()}
-        small = _broadcast_groups(sizes, DELONG_BROADCAST_SCORES)
-        big = sorted(set(range(len(groups))) - set(small))
-        log.info("DeLong: %d distinct minority scores over %d groups, more than %d: %d group(s) by broadcast, %d by "
-                 "a range-partitioned sort and a join", sum(sizes.values()), len(groups), DELONG_BROADCAST_SCORES,
-                 len(small), len(big))
-        aucs, acc = {}, {}
-        if small:
-            in_small = F.col(_GID).isin(*small)
-            a, c = _delong_broadcast(data.where(in_small), plan, scores.where(in_small).toArrow(),
-                                     _only_groups(groups, small))
-            aucs.update(a)
-            acc.update(c)
-        if big:
-            a, c = _delong_sorted(data.where(F.col(_GID).isin(*big)).withColumn(_RID, F.monotonically_increasing_id()),
-                                  plan, _only_groups(groups, big), len(cols), group_cols)
-            aucs.update(a)
-            acc.update(c)
+    if _PERSIST_SCORES:  # over the bound they are read three times (bound check, sizes, the broadcast groups' scores)
+        scores = scores.persist(CACHE)
+    try:
+        aucs, acc = _delong_placements(data, scores, plan, groups, cols, group_cols)
+    finally:
+        if _PERSIST_SCORES:
+            scores.unpersist()
     out = {}
     for gid, (key, idx, poss, negs) in enumerate(groups):
         k = len(idx)
@@ -561,6 +549,34 @@ def _delong_passes(df: DataFrame, cols: list, names: list, label_col: str, group
             cov += (q - np.outer(s, s) / n) / (n - 1) / n if n > 1 else np.full((k, k), math.nan)
         out[key] = _delong_result(tuple(names[i] for i in idx), auc_values, (cov + cov.T) / 2, poss, negs)
     return out
+
+
+def _delong_placements(data: DataFrame, scores: DataFrame, plan: dict, groups: list, cols: list,
+                       group_cols: tuple) -> tuple[dict, dict]:
+    """Passes B and C: the AUCs and placement sums of every group, by broadcast when all the minority scores fit
+    ``DELONG_BROADCAST_SCORES``, else the groups that fit by broadcast and the rest by a sort and a join."""
+    mins = scores.limit(DELONG_BROADCAST_SCORES + 1).toArrow()
+    if mins.num_rows <= DELONG_BROADCAST_SCORES:
+        return _delong_broadcast(data, plan, mins, groups)
+    sizes = {r[_GID]: r["n"] for r in scores.groupBy(_GID).agg(F.count(F.lit(1)).alias("n")).collect()}
+    small = _broadcast_groups(sizes, DELONG_BROADCAST_SCORES)
+    big = sorted(set(range(len(groups))) - set(small))
+    log.info("DeLong: %d distinct minority scores over %d groups, more than %d: %d group(s) by broadcast, %d by "
+             "a range-partitioned sort and a join", sum(sizes.values()), len(groups), DELONG_BROADCAST_SCORES,
+             len(small), len(big))
+    aucs, acc = {}, {}
+    if small:
+        in_small = F.col(_GID).isin(*small)
+        a, c = _delong_broadcast(data.where(in_small), plan, scores.where(in_small).toArrow(),
+                                 _only_groups(groups, small))
+        aucs.update(a)
+        acc.update(c)
+    if big:
+        a, c = _delong_sorted(data.where(F.col(_GID).isin(*big)).withColumn(_RID, F.monotonically_increasing_id()),
+                              plan, _only_groups(groups, big), len(cols), group_cols)
+        aucs.update(a)
+        acc.update(c)
+    return aucs, acc
 
 
 def _broadcast_groups(sizes: dict, bound: int) -> list:
