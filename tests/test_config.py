@@ -101,6 +101,7 @@ def test_overrides_are_parsed_as_yaml():
     ("train.batch_size", "expected key=value"),
     ("train.escm2_max_weight=0.5", "train.escm2_max_weight: must be a finite number >= 1"),
     ("experiment.parallel_runs=0", "experiment.parallel_runs: must be >= 1"),
+    ("train.prefetch=-1", "train.prefetch: must be >= 0"),
     ("experiment.units_per_evaluation=0", "experiment.units_per_evaluation: must be >= 1"),
     ("train.workers=2", "experiment.parallel_runs: 2 runs side by side train each run with one worker, but "
                         "train.workers is 2"),
