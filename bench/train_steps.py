@@ -88,7 +88,9 @@ def measure(args) -> dict:
     res = {"rank": dist.rank, "size": dist.size, "ms": {k: 1000 * v / args.steps for k, v in spent.items()},
            "step_ms": 1000 * wall / args.steps, "samples_per_s": b * dist.size * args.steps / wall,
            "cpu_per_wall": cpu / wall, "main_user_ms": 1000 * main_user / args.steps,
-           "main_sys_ms": 1000 * main_sys / args.steps, "other_threads_ms": 1000 * (cpu - main_user - main_sys) / args.steps, "distinct_rows": float(np.mean(distinct)),
+           "main_sys_ms": 1000 * main_sys / args.steps,
+           "other_threads_ms": 1000 * (cpu - main_user - main_sys) / args.steps,
+           "distinct_rows": float(np.mean(distinct)),
            "embedding_dim": int(cfg.model.embedding_dim), "slots": int(ids.shape[1])}
     if dist.size > 1:
         import horovod.torch as hvd
@@ -140,15 +142,16 @@ def main():
     rows = [("1 process", one, one["samples_per_s"]), ("2 independent", pair[0], sum(r["samples_per_s"] for r in pair)),
             ("2 Horovod ranks", ranks[0], ranks[0]["samples_per_s"])]
     print(f"\nESMM, batch {args.batch} per process, 1 torch thread, {args.steps} steps after 20 warm-up, "
-          f"{args.rows} rows of {args.dataset}; ms per step (the first process / rank 0);\nmain usr/sys: the training thread's CPU per step in user "
-          f"and kernel mode, others: every other thread's (Horovod's background thread, Gloo's, the allocator's)")
+          f"{args.rows} rows of {args.dataset}; ms per step (the first process / rank 0);\n"
+          "main usr/sys: the training thread's CPU per step in user and kernel mode, others: every other thread's "
+          "(Horovod's background thread, Gloo's, the allocator's)")
     print(f"{'run':18s} {'forward':>8s} {'backward':>9s} {'sparse':>7s} {'dense':>6s} {'step':>6s} {'cpu/wall':>9s} "
           f"{'samples/s':>10s} {'main usr':>9s} {'main sys':>9s} {'others':>7s}")
     for name, r, rate in rows:
         m = r["ms"]
         print(f"{name:18s} {m['forward']:8.1f} {m['backward']:9.1f} {m['sparse_step']:7.1f} {m['dense_step']:6.1f} "
-              f"{r['step_ms']:6.1f} {r['cpu_per_wall']:9.2f} {rate:10.0f} {r['main_user_ms']:9.1f} {r['main_sys_ms']:9.1f} "
-              f"{r['other_threads_ms']:7.1f}")
+              f"{r['step_ms']:6.1f} {r['cpu_per_wall']:9.2f} {rate:10.0f} {r['main_user_ms']:9.1f} "
+              f"{r['main_sys_ms']:9.1f} {r['other_threads_ms']:7.1f}")
     pr, rk = rows[1][2], rows[2][2]
     print(f"\nembedding gradient rows per step after coalescing: {one['distinct_rows']:.0f} of "
           f"{args.batch * one['slots']} slots; an allgather of that many rows x {one['embedding_dim'] + 2} float32 "

@@ -58,8 +58,8 @@ def _wait_without_spinning() -> None:
     thread. Here the wait sleeps between polls (``time.sleep``, which also releases the GIL for the batch-making
     thread), from ``POLL_S[0]`` doubling up to ``POLL_S[1]``: a short wait stays short, a long one costs a few
     thousand polls a second instead of a core. Then it releases the handle through the original call, which returns
-    at once and raises the operation's error as before. ``ESMM_HOROVOD_WAIT=spin`` keeps Horovod's own wait (for comparison,
-    ``bench/train.py``)."""
+    at once and raises the operation's error as before. ``ESMM_HOROVOD_WAIT=spin`` keeps Horovod's own wait (for
+    comparison, ``bench/train.py``)."""
     if os.environ.get("ESMM_HOROVOD_WAIT") == "spin":
         return
     from horovod.torch import mpi_ops
