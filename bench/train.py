@@ -57,13 +57,31 @@ def bench_config(args):
         f"train.shuffle_buffer={args.buffer}"])
 
 
+def in_memory_arrays(dataset: str, rows: int | None = None) -> tuple:
+    """The train split's (ids, wts, click, conversion) as numpy arrays in the trainer's dtypes; the first ``rows``
+    rows when given."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    import schemas as S
+    t = pq.read_table(os.path.join(dataset, S.TRAIN), columns=[S.CLICK, S.CONVERSION, S.FEAT_IDS, S.FEAT_WTS])
+    if rows is not None:
+        t = t.slice(0, rows)
+    return (np.stack(t[S.FEAT_IDS].to_numpy(zero_copy_only=False)).astype(np.int64),
+            np.stack(t[S.FEAT_WTS].to_numpy(zero_copy_only=False)).astype(np.float32),
+            t[S.CLICK].to_numpy().astype(np.float32), t[S.CONVERSION].to_numpy().astype(np.float32))
+
+
+def result_lines(stdout: str) -> list[dict]:
+    """The ``RESULT {json}`` lines a variant process printed (one per process; horovodrun prefixes them)."""
+    return [json.loads(ln.split("RESULT ", 1)[1]) for ln in stdout.splitlines() if "RESULT " in ln]
+
+
 def variant_in_memory(args) -> dict:
     """(a): no reader; the loop of esmm.train on arrays already in memory."""
     import numpy as np
-    import pyarrow.parquet as pq
     import torch
 
-    import schemas as S
     from esmm import distributed as D
     from esmm.batch import Batch
     from esmm.methods import get_method
@@ -71,11 +89,7 @@ def variant_in_memory(args) -> dict:
     from esmm.train import build_state, train_step
     cfg = bench_config(args)
     dist = D.init(1)
-    t = pq.read_table(os.path.join(args.dataset, S.TRAIN), columns=[S.CLICK, S.CONVERSION, S.FEAT_IDS, S.FEAT_WTS])
-    ids = np.stack(t[S.FEAT_IDS].to_numpy(zero_copy_only=False)).astype(np.int64)
-    wts = np.stack(t[S.FEAT_WTS].to_numpy(zero_copy_only=False)).astype(np.float32)
-    click = t[S.CLICK].to_numpy().astype(np.float32)
-    conv = t[S.CONVERSION].to_numpy().astype(np.float32)
+    ids, wts, click, conv = in_memory_arrays(args.dataset)
     state = build_state(cfg, layout_from_manifest(read_manifest(args.dataset)), dist)
     method, gen = get_method(args.method), torch.Generator()
     n, b = len(click), args.batch
@@ -116,10 +130,10 @@ def run_variant(args, name: str, np_: int = 1, **extra_env) -> dict:
                                  "--gloo"] + base
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", **extra_env)
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    lines = [ln.split("RESULT ", 1)[1] for ln in r.stdout.splitlines() if "RESULT " in ln]
-    if r.returncode != 0 or not lines:
+    res = result_lines(r.stdout)
+    if r.returncode != 0 or not res:
         raise SystemExit(f"variant {name} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
-    return json.loads(lines[0])
+    return res[0]
 
 
 def run_pair(args) -> dict:
@@ -134,10 +148,10 @@ def run_pair(args) -> dict:
     outs = [p.communicate() for p in procs]
     res = []
     for p, (out, err) in zip(procs, outs):
-        lines = [ln.split("RESULT ", 1)[1] for ln in out.splitlines() if "RESULT " in ln]
+        lines = result_lines(out)
         if p.returncode != 0 or not lines:
             raise SystemExit(f"variant d failed:\n{out[-3000:]}\n{err[-3000:]}")
-        res.append(json.loads(lines[0]))
+        res.append(lines[0])
     return {"variant": "d 2 independent (b)", "steps": sum(r["steps"] for r in res),
             "samples": sum(r["samples"] for r in res), "seconds": max(r["seconds"] for r in res),
             "samples_per_s": sum(r["samples_per_s"] for r in res), "peak_rss_mb": sum(r["peak_rss_mb"] for r in res),

@@ -29,15 +29,15 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from train import in_memory_arrays, result_lines  # noqa: E402  (bench/train.py; bench/ is on sys.path as a script)
+
 PHASES = ("forward", "backward", "sparse_step", "dense_step")
 
 
 def measure(args) -> dict:
     import numpy as np
-    import pyarrow.parquet as pq
     import torch
 
-    import schemas as S
     from esmm import distributed as D
     from esmm.artifacts import layout_from_manifest, read_manifest
     from esmm.batch import Batch
@@ -47,13 +47,8 @@ def measure(args) -> dict:
     cfg = load_config(os.path.join(ROOT, "conf", "demo.yaml"), ["train.method=esmm", "train.threads=1",
                                                                 f"train.batch_size={args.batch}"])
     dist = D.init(1)
-    t = pq.read_table(os.path.join(args.dataset, S.TRAIN), columns=[S.CLICK, S.CONVERSION, S.FEAT_IDS, S.FEAT_WTS])
-    n = min(args.rows, t.num_rows)
-    t = t.slice(0, n)
-    ids = np.stack(t[S.FEAT_IDS].to_numpy(zero_copy_only=False)).astype(np.int64)
-    wts = np.stack(t[S.FEAT_WTS].to_numpy(zero_copy_only=False)).astype(np.float32)
-    click = t[S.CLICK].to_numpy().astype(np.float32)
-    conv = t[S.CONVERSION].to_numpy().astype(np.float32)
+    ids, wts, click, conv = in_memory_arrays(args.dataset, args.rows)
+    n = len(click)
     state = build_state(cfg, layout_from_manifest(read_manifest(args.dataset)), dist)
     D.broadcast_parameters(state.model)
     method, gen, b, warm = get_method("esmm"), torch.Generator(), args.batch, 20
@@ -104,10 +99,6 @@ def measure(args) -> dict:
     return res
 
 
-def _results(out: str) -> list[dict]:
-    return [json.loads(ln.split("RESULT ", 1)[1]) for ln in out.splitlines() if "RESULT " in ln]
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="/tmp/esmm-bench-train/dataset",
@@ -128,7 +119,7 @@ def main():
 
     def run(cmd):
         r = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        res = _results(r.stdout)
+        res = result_lines(r.stdout)
         if r.returncode != 0 or not res:
             raise SystemExit(f"{' '.join(cmd)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
         return res
@@ -136,7 +127,7 @@ def main():
     one = run(me)[0]
     procs = [subprocess.Popen(me, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
              for _ in range(2)]
-    pair = [_results(pr.communicate()[0])[0] for pr in procs]
+    pair = [result_lines(pr.communicate()[0])[0] for pr in procs]
     ranks = sorted(run([os.path.join(os.path.dirname(sys.executable), "horovodrun"), "-np", "2", "--gloo"] + me),
                    key=lambda r: r["rank"])
     rows = [("1 process", one, one["samples_per_s"]), ("2 independent", pair[0], sum(r["samples_per_s"] for r in pair)),
